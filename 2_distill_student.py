@@ -1,0 +1,143 @@
+"""Stage 2: distil the fine-tuned teacher into a smaller student.
+
+Reads   models/teacher_model/ (1_train_teacher.py), data/sst2/ (download_model.py), and for the bert preset
+        models/pretrained_student/ (distilbert-base-uncased, from download_model.py)
+Writes  models/student_model/            (DISTILL=True, the default)
+        models/student_model_nodistill/  (DISTILL=False: same student on hard labels only, the ablation)
+        models/cache/                    teacher logits on the training set, reused while nothing changed
+
+Student: for `minilm`, a BERT with every other teacher layer (0, 2, 4) plus the teacher's embeddings,
+pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`, distilbert-base-uncased.
+Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy, optionally plus a cosine loss
+between student and teacher last hidden states (HIDDEN_COSINE_WEIGHT > 0; needs equal hidden sizes and
+runs the teacher live, so an epoch costs about twice as much). The best state by held-out accuracy is kept.
+
+Run:    python 2_distill_student.py
+Quick:  QUICK=1 python 2_distill_student.py
+Ablation: python 2_distill_student.py DISTILL=False
+Override any constant below as KEY=VALUE.
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common.config import apply_preset, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.data import encoded_splits, make_loader, model_inputs
+from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
+from common.modeling import count_parameters, load_model, load_tokenizer, save_model
+from common.paths import models_root, stage_dir
+from common.stage import StageError, logger, require_stage, run_main, set_seed, stage_output
+from common.training import evaluate, train
+
+# -----------------------------------------------------------------------------
+PRESET = env_preset()
+QUICK = env_flag("QUICK")
+STUDENT_LAYERS = (0, 2, 4)     # minilm preset: teacher layers the student starts from
+DISTILL = True                 # False: hard labels only, written to student_model_nodistill (ablation)
+TEMPERATURE = 2.0
+ALPHA = 0.5                    # weight of the soft-target loss; 1 - ALPHA on the hard labels
+HIDDEN_COSINE_WEIGHT = 0.0     # > 0 adds DistilBERT's cosine loss on last hidden states (off: no gain seen)
+EPOCHS = 1
+LR = 1e-4
+BATCH_SIZE = 32
+WEIGHT_DECAY = 0.01
+WARMUP_RATIO = 0.06
+EVALS_PER_EPOCH = 4
+MAX_LENGTH = 128
+TRAIN_LIMIT = 0                # 0 = all training sentences
+SEED = 42
+# -----------------------------------------------------------------------------
+PRESET_VALUES = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2}}
+QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2}
+
+
+def build_student(cfg, teacher):
+    if cfg.PRESET == "minilm":
+        return student_from_teacher_layers(teacher, cfg.STUDENT_LAYERS)
+    source = stage_dir("pretrained_student")
+    require_stage(source, "pretrained_student")
+    student = load_model(source)
+    if load_tokenizer(source).get_vocab() != load_tokenizer(stage_dir("teacher")).get_vocab():
+        raise StageError(f"{source} and the teacher use different vocabularies; distillation needs one tokenizer")
+    return student
+
+
+def hidden_cosine_loss_fn(teacher, teacher_logits, cfg):
+    """KD loss plus cosine distance between student and teacher last hidden states (non-pad tokens)."""
+
+    def loss_fn(model, batch):
+        inputs = model_inputs(batch)
+        out = model(**inputs, output_hidden_states=True)
+        with torch.no_grad():
+            teacher_hidden = teacher(**inputs, output_hidden_states=True).hidden_states[-1]
+        mask = inputs["attention_mask"].bool()
+        cosine = F.cosine_similarity(out.hidden_states[-1][mask], teacher_hidden[mask], dim=-1)
+        target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
+        loss = kd_loss(out.logits, target, batch["labels"], cfg.TEMPERATURE, cfg.ALPHA)
+        return loss + cfg.HIDDEN_COSINE_WEIGHT * (1.0 - cosine).mean()
+
+    return loss_fn
+
+
+def main(argv=None):
+    cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
+    apply_preset(cfg, PRESET_VALUES)
+    apply_quick(cfg, **QUICK_VALUES)
+    teacher_dir = stage_dir("teacher")
+    teacher_meta = require_stage(teacher_dir, "teacher")
+    made_for = teacher_meta.get("results", {}).get("preset")
+    if made_for and made_for != cfg.PRESET:
+        raise StageError(f"{teacher_dir} was trained for preset {made_for!r}, this run uses PRESET={cfg.PRESET!r}: "
+                         f"run `PRESET={cfg.PRESET} python 1_train_teacher.py` first")
+    set_seed(cfg.SEED)
+    tokenizer = load_tokenizer(teacher_dir)
+    data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
+    pad = tokenizer.pad_token_id
+    train_loader = make_loader(data["train"], cfg.BATCH_SIZE, shuffle=True, seed=cfg.SEED, pad_id=pad)
+    heldout_loader = make_loader(data["heldout"], 128, pad_id=pad)
+    validation_loader = make_loader(data["validation"], 128, pad_id=pad)
+    teacher = load_model(teacher_dir)
+    student = build_student(cfg, teacher)
+    logger.info(f"student: {type(student).__name__}, {count_parameters(student):,} parameters "
+                f"(teacher {count_parameters(teacher):,})")
+
+    if cfg.DISTILL:
+        logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache",
+                                    tokenization=data["tokenization"])
+        if cfg.HIDDEN_COSINE_WEIGHT > 0:
+            if student.config.hidden_size != teacher.config.hidden_size:
+                raise StageError("HIDDEN_COSINE_WEIGHT > 0 needs equal student and teacher hidden sizes")
+            loss_fn = hidden_cosine_loss_fn(teacher.to(next(student.parameters()).device), logits, cfg)
+        else:
+            loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA)
+        stage = "student"
+    else:
+        loss_fn = None
+        stage = "student_nodistill"
+
+    with stage_output(stage_dir(stage), stage, as_dict(cfg), cfg.SEED) as out:
+        out.add_upstream(teacher_dir, "teacher")
+        kwargs = {"loss_fn": loss_fn} if loss_fn else {}
+        result = train(student, train_loader, heldout_loader, epochs=cfg.EPOCHS, lr=cfg.LR,
+                       weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
+                       evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=stage, **kwargs)
+        save_model(student.cpu(), tokenizer, out.dir)
+        reloaded = load_model(out.dir)
+        accuracy = evaluate(reloaded, validation_loader)
+        teacher_accuracy = teacher_meta["results"]["validation_accuracy"]
+        logger.info(f"{stage} validation accuracy (reloaded from disk): {accuracy:.4f} "
+                    f"(teacher {teacher_accuracy:.4f}, gap {100 * (teacher_accuracy - accuracy):.2f} points)")
+        out.results = {"validation_accuracy": accuracy, "teacher_validation_accuracy": teacher_accuracy,
+                       "gap_points": round(100 * (teacher_accuracy - accuracy), 3),
+                       "heldout_accuracy": result.best_accuracy, "best_step": result.best_step,
+                       "history": result.history, "parameters": count_parameters(reloaded),
+                       "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
+                       "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
+                       "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None}
+    return out.results
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,260 @@
+"""SST-2: preparing it on disk, reading it back, tokenizing, and length-grouped batches.
+
+On disk (written by download_model.py into data/sst2/):
+  train.tsv, validation.tsv   GLUE format, header `sentence<TAB>label`, labels 0/1, no quoting
+  manifest.json               row counts, label balance, source, sha256 of each file
+
+Splits used by every stage:
+  train       train.tsv minus the held-out slice (what models learn from)
+  heldout     a fixed, seeded slice of train.tsv (HELDOUT_FRACTION, 2%) for model selection
+  validation  GLUE dev, 872 sentences: for reported numbers only, never for choosing a checkpoint
+"""
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common.paths import sst2_dir
+
+HELDOUT_FRACTION = 0.02
+HELDOUT_SEED = 0  # the held-out slice is the same whatever a stage's training seed
+MAX_LENGTH = 128
+SPLIT_FILES = {"train": "train.tsv", "validation": "validation.tsv"}
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message names the file (and line) and what to do."""
+
+
+def read_glue_tsv(path) -> list:
+    """Rows (sentence, label) of a GLUE-format TSV, validated line by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected a GLUE-format TSV with header 'sentence<TAB>label')")
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        header = f.readline().rstrip("\r\n")
+        if not header:
+            raise DataError(f"{path}: the file is empty (expected header 'sentence<TAB>label' and rows)")
+        if header.split("\t") != ["sentence", "label"]:
+            raise DataError(f"{path}, line 1: header is {header!r}, expected 'sentence<TAB>label'")
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for lineno, fields in enumerate(reader, start=2):
+            if not fields or fields == [""]:
+                continue
+            if len(fields) != 2:
+                raise DataError(
+                    f"{path}, line {lineno}: expected 2 tab-separated fields (sentence, label), got {len(fields)}"
+                )
+            sentence, label = fields
+            if label not in ("0", "1"):
+                raise DataError(f"{path}, line {lineno}: label {label!r} is not 0 or 1")
+            if not sentence.strip():
+                raise DataError(f"{path}, line {lineno}: empty sentence")
+            rows.append((sentence, int(label)))
+    if not rows:
+        raise DataError(f"{path}: no data rows after the header")
+    return rows
+
+
+def write_glue_tsv(path, rows) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("sentence\tlabel\n")
+        for sentence, label in rows:
+            if "\t" in sentence or "\n" in sentence:
+                raise DataError(f"sentence contains a tab or newline and cannot be written as TSV: {sentence!r}")
+            f.write(f"{sentence}\t{label}\n")
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_for(folder, source: str) -> dict:
+    manifest = {"name": "sst2", "source": source, "splits": {}}
+    for split, name in SPLIT_FILES.items():
+        rows = read_glue_tsv(Path(folder) / name)
+        positives = sum(label for _, label in rows)
+        manifest["splits"][split] = {
+            "file": name,
+            "rows": len(rows),
+            "negative": len(rows) - positives,
+            "positive": positives,
+            "sha256": sha256_file(Path(folder) / name),
+        }
+    return manifest
+
+
+def rows_from_glue_dir(folder) -> dict:
+    """train/validation rows from a GLUE-format folder (train.tsv, dev.tsv), as SST2_DIR points to."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"SST2_DIR={folder} is not a folder; point it at a GLUE SST-2 folder with train.tsv and dev.tsv")
+    return {"train": read_glue_tsv(folder / "train.tsv"), "validation": read_glue_tsv(folder / "dev.tsv")}
+
+
+def rows_from_hub() -> dict:
+    """GLUE sst2 from the Hugging Face Hub (needs network)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset("glue", "sst2")
+    out = {}
+    for split in ("train", "validation"):
+        out[split] = [(s.strip(), int(l)) for s, l in zip(dataset[split]["sentence"], dataset[split]["label"])]
+    return out
+
+
+def check_prepared(folder=None) -> dict:
+    """The manifest of the prepared data, after checking the files still match it."""
+    import json
+
+    folder = Path(folder) if folder else sst2_dir()
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"no prepared SST-2 at {folder}: run `python download_model.py` first")
+    manifest = json.loads(manifest_path.read_text())
+    for split, info in manifest["splits"].items():
+        path = folder / info["file"]
+        if not path.is_file() or sha256_file(path) != info["sha256"]:
+            raise DataError(
+                f"{path} is missing or changed since download_model.py wrote it (checksum mismatch): "
+                f"run `python download_model.py` again"
+            )
+    return manifest
+
+
+def load_sst2_splits(heldout_fraction: float = HELDOUT_FRACTION, seed: int = HELDOUT_SEED,
+                     train_limit: int = None, folder=None) -> dict:
+    """{"train", "heldout", "validation"}: lists of (sentence, label).
+
+    The held-out slice is a fixed seeded sample of train.tsv; `train_limit` (quick runs) keeps a seeded
+    sample of the remaining training rows.
+    """
+    folder = Path(folder) if folder else sst2_dir()
+    check_prepared(folder)
+    train = read_glue_tsv(folder / SPLIT_FILES["train"])
+    validation = read_glue_tsv(folder / SPLIT_FILES["validation"])
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_heldout = max(1, round(len(train) * heldout_fraction))
+    heldout = [train[i] for i in sorted(order[:n_heldout])]
+    rest = sorted(order[n_heldout:])
+    if train_limit and train_limit < len(rest):
+        rest = sorted(random.Random(seed + 1).sample(rest, train_limit))
+    return {"train": [train[i] for i in rest], "heldout": heldout, "validation": validation}
+
+
+@dataclass
+class Encoded(Dataset):
+    """Tokenized rows: input_ids (unpadded lists) and labels."""
+
+    input_ids: list
+    labels: torch.Tensor
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        return i
+
+    @property
+    def lengths(self):
+        return [len(ids) for ids in self.input_ids]
+
+
+def encode(tokenizer, rows, max_length: int = MAX_LENGTH) -> Encoded:
+    sentences = [s for s, _ in rows]
+    ids = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(input_ids=ids, labels=torch.tensor([l for _, l in rows], dtype=torch.long))
+
+
+class LengthGroupedSampler(Sampler):
+    """Batches of similar length (less padding); shuffled per epoch when `shuffle`, sorted otherwise.
+
+    Shuffling: random order, cut into chunks of 50 batches, each chunk sorted by length and cut into
+    batches, then the batches shuffled. Deterministic for a given seed and epoch.
+    """
+
+    def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self):
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = sorted(range(n), key=lambda i: self.lengths[i])
+            return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        order = list(range(n))
+        rng.shuffle(order)
+        chunk = self.batch_size * 50
+        batches = []
+        for start in range(0, n, chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: self.lengths[i])
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        yield from self._batches()
+        self.epoch += 1
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+def collate(encoded: Encoded, indices, pad_id: int = 0) -> dict:
+    width = max(len(encoded.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        ids = encoded.input_ids[i]
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    idx = torch.tensor(indices, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": encoded.labels[idx], "idx": idx}
+
+
+class _Collator:
+    def __init__(self, encoded, pad_id):
+        self.encoded, self.pad_id = encoded, pad_id
+
+    def __call__(self, indices):
+        return collate(self.encoded, indices, self.pad_id)
+
+
+def make_loader(encoded: Encoded, batch_size: int, shuffle: bool = False, seed: int = 0,
+                pad_id: int = 0) -> DataLoader:
+    sampler = LengthGroupedSampler(encoded.lengths, batch_size, shuffle, seed)
+    return DataLoader(encoded, batch_sampler=sampler, collate_fn=_Collator(encoded, pad_id))
+
+
+def model_inputs(batch: dict) -> dict:
+    """What a BERT or DistilBERT classifier takes (single sentences: no token_type_ids)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def encoded_splits(tokenizer, train_limit: int = 0, max_length: int = MAX_LENGTH, folder=None) -> dict:
+    """load_sst2_splits + encode: {"train", "heldout", "validation"} as Encoded, plus the tokenization
+    settings under "tokenization" (part of every cache key)."""
+    splits = load_sst2_splits(train_limit=train_limit or None, folder=folder)
+    out = {name: encode(tokenizer, rows, max_length) for name, rows in splits.items()}
+    out["tokenization"] = {"tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+                           "max_length": max_length, "train_limit": train_limit or None}
+    return out

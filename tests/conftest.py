@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny random BERT / DistilBERT classifiers with a tiny WordPiece tokenizer, tiny GLUE-format
+SST-2 data, and an isolated models/ and data/ root per test. Nothing here touches the network."""
+
+import os
+import random
+import runpy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_SST2 = REPO.parent / "shared" / "data" / "sst2"
+
+POSITIVE = ["good", "great", "fine", "fun", "moving", "charming", "brilliant", "warm", "smart", "lovely"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "flat", "tedious", "weak", "ugly", "stale", "messy"]
+FILLER = ["the", "film", "movie", "is", "a", "and", "story", "acting", "very", "quite", "plot", "it", "'s", "."]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+
+
+def make_tokenizer(folder: Path):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return BertTokenizer.from_pretrained(str(folder))
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_distilbert_config(**overrides):
+    from transformers import DistilBertConfig
+
+    kwargs = dict(vocab_size=len(VOCAB), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                  max_position_embeddings=64, num_labels=2)
+    kwargs.update(overrides)
+    return DistilBertConfig(**kwargs)
+
+
+def save_tiny(model, folder: Path) -> Path:
+    tokenizer = make_tokenizer(folder)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def tiny_bert():
+    """A random 2-layer BERT classifier (hidden 32, 4 heads, FFN 64), eval mode."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config()).eval()
+
+
+@pytest.fixture
+def tiny_distilbert():
+    from transformers import DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return DistilBertForSequenceClassification(tiny_distilbert_config()).eval()
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path, tiny_bert):
+    """A folder with a tiny random BERT classifier, its config and tokenizer (like a Hub checkpoint)."""
+    return save_tiny(tiny_bert, tmp_path / "tiny_bert")
+
+
+@pytest.fixture
+def tiny_distilbert_dir(tmp_path, tiny_distilbert):
+    return save_tiny(tiny_distilbert, tmp_path / "tiny_distilbert")
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    return make_tokenizer(tmp_path / "tokenizer")
+
+
+def tiny_sentences(n: int, seed: int):
+    """Learnable toy sentiment: label 1 iff the sentence holds a positive word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_glue_tsv(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("sentence\tlabel\n")
+        for sentence, label in rows:
+            f.write(f"{sentence}\t{label}\n")
+    return path
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    """A tiny GLUE-format SST-2 folder (train.tsv 400 rows, dev.tsv 60 rows), like SST2_DIR."""
+    folder = tmp_path / "glue_sst2"
+    write_glue_tsv(folder / "train.tsv", tiny_sentences(400, seed=1))
+    write_glue_tsv(folder / "dev.tsv", tiny_sentences(60, seed=2))
+    return folder
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Isolated models/ and data/ roots for a test (env MODELS_DIR, DATA_DIR)."""
+    models = tmp_path / "models"
+    data = tmp_path / "data"
+    monkeypatch.setenv("MODELS_DIR", str(models))
+    monkeypatch.setenv("DATA_DIR", str(data))
+    monkeypatch.setenv("PRESET", "minilm")
+    monkeypatch.delenv("QUICK", raising=False)
+    monkeypatch.delenv("SST2_DIR", raising=False)
+    return tmp_path
+
+
+def run_script(name: str, *args: str):
+    """Run a numbered stage script's main() in-process (they cannot be imported by name)."""
+    namespace = runpy.run_path(str(REPO / name), run_name="dpq_test")
+    return namespace["main"](list(args))
+
+
+@pytest.fixture
+def shared_sst2():
+    if not (SHARED_SST2 / "train.tsv").is_file():
+        pytest.skip(f"real SST-2 not found at {SHARED_SST2} (the shared data folder beside the checkout)")
+    return SHARED_SST2

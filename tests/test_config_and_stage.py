@@ -1,0 +1,86 @@
+"""Constants and overrides (common.config), atomic stage folders and metadata (common.stage)."""
+
+import json
+
+import pytest
+
+from common.config import ConfigError, apply_quick, as_dict, constants, parse_overrides
+from common.stage import StageError, is_stale, require_stage, stage_output
+
+DEFAULTS = {"EPOCHS": 2, "LR": 1e-4, "DISTILL": True, "PRESET": "minilm", "LAYERS": (0, 2, 4), "QUICK": False}
+
+
+def test_overrides_are_typed_and_reported():
+    cfg = parse_overrides(DEFAULTS, ["EPOCHS=3", "LR=5e-5", "DISTILL=False", "LAYERS=(1, 3)"], quiet=True)
+    assert (cfg.EPOCHS, cfg.LR, cfg.DISTILL, cfg.LAYERS) == (3, 5e-5, False, (1, 3))
+    assert cfg.OVERRIDDEN == {"EPOCHS", "LR", "DISTILL", "LAYERS"}
+    assert parse_overrides(DEFAULTS, ["LR=1"], quiet=True).LR == 1.0  # int accepted where a float is expected
+    assert "OVERRIDDEN" not in as_dict(cfg) and as_dict(cfg)["LAYERS"] == [1, 3]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("EPOCS=3", "unknown key 'EPOCS'"),
+    ("EPOCHS=three", "not a valid int"),
+    ("EPOCHS=2.5", "expected int"),
+    ("DISTILL=maybe", "expected a boolean"),
+    ("EPOCHS", "is not KEY=VALUE"),
+    ("PRESET=gpt", "not a preset"),
+])
+def test_bad_overrides_are_refused(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_overrides(DEFAULTS, [arg], quiet=True)
+
+
+def test_quick_values_never_undo_an_explicit_override():
+    cfg = parse_overrides(dict(DEFAULTS, QUICK=True), ["EPOCHS=5"], quiet=True)
+    apply_quick(cfg, EPOCHS=1, LR=1.0)
+    assert cfg.EPOCHS == 5 and cfg.LR == 1.0
+
+
+def test_constants_takes_upper_case_scalars_only():
+    ns = {"EPOCHS": 1, "QUICK_VALUES": {"EPOCHS": 1}, "helper": 3, "_PRIVATE": 2}
+    assert constants(ns) == {"EPOCHS": 1}
+
+
+def test_stage_output_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path):
+    final = tmp_path / "teacher_model"
+    with stage_output(final, "teacher", {"EPOCHS": 1}, seed=7) as out:
+        (out.dir / "weights.bin").write_text("v1")
+        out.results = {"accuracy": 0.5}
+    meta = require_stage(final, "teacher")
+    assert meta["seed"] == 7 and meta["results"] == {"accuracy": 0.5} and meta["config"] == {"EPOCHS": 1}
+    assert (final / "stage.log").read_text().strip()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_output(final, "teacher", {}, seed=7) as out:
+            (out.dir / "weights.bin").write_text("v2, half written")
+            raise RuntimeError("boom")
+    assert (final / "weights.bin").read_text() == "v1"            # the earlier output is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher_model"]  # no temporary folder left behind
+
+    with stage_output(final, "teacher", {}, seed=7) as out:
+        (out.dir / "weights.bin").write_text("v2")
+    assert (final / "weights.bin").read_text() == "v2"
+    assert require_stage(final, "teacher")["run_id"] != meta["run_id"]
+
+
+def test_require_stage_names_the_script_to_run(tmp_path):
+    with pytest.raises(StageError, match="run `python 1_train_teacher.py` first"):
+        require_stage(tmp_path / "teacher_model", "teacher")
+    half = tmp_path / "student_model"
+    half.mkdir()
+    with pytest.raises(StageError, match="did not finish.*2_distill_student.py"):
+        require_stage(half, "student")
+
+
+def test_downstream_notices_a_rebuilt_upstream(tmp_path):
+    teacher = tmp_path / "teacher_model"
+    with stage_output(teacher, "teacher", {}, seed=0):
+        pass
+    with stage_output(tmp_path / "student_model", "student", {}, seed=0) as out:
+        out.add_upstream(teacher, "teacher")
+    student_meta = json.loads((tmp_path / "student_model" / "metadata.json").read_text())
+    assert is_stale(student_meta) == []
+    with stage_output(teacher, "teacher", {}, seed=0):
+        pass
+    assert is_stale(student_meta) == [str(teacher)]
