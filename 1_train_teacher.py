@@ -16,7 +16,7 @@ Several GPUs: `accelerate launch 1_train_teacher.py`.
 import sys
 
 from common.config import apply_preset, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
-from common.data import encoded_splits, make_loader
+from common.data import encoded_splits, split_loaders
 from common.modeling import count_parameters, load_model, load_tokenizer, save_model
 from common.paths import stage_dir
 from common.stage import StageError, logger, require_stage, run_main, set_seed, stage_output
@@ -36,7 +36,7 @@ TRAIN_LIMIT = 0            # 0 = all training sentences
 SEED = 42
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"EPOCHS": 3, "LR": 2e-5, "EVALS_PER_EPOCH": 2}}
-QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2}
+QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}  # 2e-4: 81.3% vs 79.7% at 1e-4
 
 
 def check_preset(meta: dict, cfg, folder) -> None:
@@ -57,21 +57,19 @@ def main(argv=None):
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(source)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
-    pad = tokenizer.pad_token_id
-    train_loader = make_loader(data["train"], cfg.BATCH_SIZE, shuffle=True, seed=cfg.SEED, pad_id=pad)
-    heldout_loader = make_loader(data["heldout"], 128, pad_id=pad)
+    loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     model = load_model(source)
     logger.info(f"teacher: {type(model).__name__}, {count_parameters(model):,} parameters; "
                 f"{len(data['train'])} training / {len(data['heldout'])} held-out sentences")
 
     with stage_output(stage_dir("teacher"), "teacher", as_dict(cfg), cfg.SEED) as out:
         out.add_upstream(source, "pretrained_teacher")
-        result = train(model, train_loader, heldout_loader, epochs=cfg.EPOCHS, lr=cfg.LR,
+        result = train(model, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                        evals_per_epoch=cfg.EVALS_PER_EPOCH, desc="teacher")
         save_model(model.cpu(), tokenizer, out.dir)
         reloaded = load_model(out.dir)
-        accuracy = evaluate(reloaded, make_loader(data["validation"], 128, pad_id=pad))
+        accuracy = evaluate(reloaded, loaders["validation"])
         logger.info(f"teacher validation accuracy (reloaded from disk): {accuracy:.4f}")
         out.results = {"validation_accuracy": accuracy, "heldout_accuracy": result.best_accuracy,
                        "best_step": result.best_step, "history": result.history,

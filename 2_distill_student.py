@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import apply_preset, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
-from common.data import encoded_splits, make_loader, model_inputs
+from common.data import encoded_splits, model_inputs, split_loaders
 from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
 from common.modeling import count_parameters, load_model, load_tokenizer, save_model
 from common.paths import models_root, stage_dir
@@ -50,7 +50,7 @@ TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2}}
-QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2}
+QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}
 
 
 def build_student(cfg, teacher):
@@ -94,10 +94,7 @@ def main(argv=None):
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(teacher_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
-    pad = tokenizer.pad_token_id
-    train_loader = make_loader(data["train"], cfg.BATCH_SIZE, shuffle=True, seed=cfg.SEED, pad_id=pad)
-    heldout_loader = make_loader(data["heldout"], 128, pad_id=pad)
-    validation_loader = make_loader(data["validation"], 128, pad_id=pad)
+    loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     teacher = load_model(teacher_dir)
     student = build_student(cfg, teacher)
     logger.info(f"student: {type(student).__name__}, {count_parameters(student):,} parameters "
@@ -120,12 +117,12 @@ def main(argv=None):
     with stage_output(stage_dir(stage), stage, as_dict(cfg), cfg.SEED) as out:
         out.add_upstream(teacher_dir, "teacher")
         kwargs = {"loss_fn": loss_fn} if loss_fn else {}
-        result = train(student, train_loader, heldout_loader, epochs=cfg.EPOCHS, lr=cfg.LR,
+        result = train(student, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                        evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=stage, **kwargs)
         save_model(student.cpu(), tokenizer, out.dir)
         reloaded = load_model(out.dir)
-        accuracy = evaluate(reloaded, validation_loader)
+        accuracy = evaluate(reloaded, loaders["validation"])
         teacher_accuracy = teacher_meta["results"]["validation_accuracy"]
         logger.info(f"{stage} validation accuracy (reloaded from disk): {accuracy:.4f} "
                     f"(teacher {teacher_accuracy:.4f}, gap {100 * (teacher_accuracy - accuracy):.2f} points)")

@@ -258,3 +258,12 @@ def encoded_splits(tokenizer, train_limit: int = 0, max_length: int = MAX_LENGTH
     out["tokenization"] = {"tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer),
                            "max_length": max_length, "train_limit": train_limit or None}
     return out
+
+
+def split_loaders(data: dict, batch_size: int, seed: int, pad_id: int, eval_batch_size: int = 128) -> dict:
+    """Loaders for the splits of `encoded_splits`: shuffled length-grouped train batches, sorted eval ones."""
+    return {
+        "train": make_loader(data["train"], batch_size, shuffle=True, seed=seed, pad_id=pad_id),
+        "heldout": make_loader(data["heldout"], eval_batch_size, pad_id=pad_id),
+        "validation": make_loader(data["validation"], eval_batch_size, pad_id=pad_id),
+    }

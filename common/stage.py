@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,10 @@ def stage_output(final_dir, stage: str, config: dict, seed: int):
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
+    for leftover in final_dir.parent.glob(f".{final_dir.name}.partial-*"):
+        # left by a run that was killed outright (SIGKILL, power loss): never a usable output
+        logger.info(f"[{stage}] removing {leftover.name}, left by an interrupted run")
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp_dir = final_dir.parent / f".{final_dir.name}.partial-{run_id}"
     tmp_dir.mkdir()
     log_handler = logging.FileHandler(tmp_dir / LOG_FILE)
@@ -210,8 +215,15 @@ def run_main(main) -> None:
     from common.config import ConfigError
     from common.data import DataError
 
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)  # so a killed stage still removes its partial folder
     try:
         main()
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}): nothing was written over earlier outputs", file=sys.stderr)
+        sys.exit(130)
     except (StageError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

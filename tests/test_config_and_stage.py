@@ -6,6 +6,7 @@ import pytest
 
 from common.config import ConfigError, apply_quick, as_dict, constants, parse_overrides
 from common.stage import StageError, is_stale, require_stage, stage_output
+from conftest import REPO
 
 DEFAULTS = {"EPOCHS": 2, "LR": 1e-4, "DISTILL": True, "PRESET": "minilm", "LAYERS": (0, 2, 4), "QUICK": False}
 
@@ -84,3 +85,38 @@ def test_downstream_notices_a_rebuilt_upstream(tmp_path):
     with stage_output(teacher, "teacher", {}, seed=0):
         pass
     assert is_stale(student_meta) == [str(teacher)]
+
+
+def test_a_killed_stage_leaves_no_partial_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "stage_script.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from common.stage import run_main, stage_output\n"
+        "def main():\n"
+        f"    with stage_output({str(tmp_path / 'out')!r}, 'teacher', {{}}, 0) as out:\n"
+        "        (out.dir / 'w.bin').write_text('half')\n"
+        "        print('started', flush=True)\n"
+        "        time.sleep(60)\n"
+        "run_main(main)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the stage logs its start first
+        if line.strip() == "started":
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert list(tmp_path.glob(".out.partial-*")) == [] and not (tmp_path / "out").exists()
+
+    # a partial folder from a run killed outright (SIGKILL) is removed by the next run
+    leftover = tmp_path / ".out.partial-deadbeef"
+    leftover.mkdir()
+    with stage_output(tmp_path / "out", "teacher", {}, seed=0):
+        pass
+    assert not leftover.exists() and (tmp_path / "out" / "metadata.json").is_file()
