@@ -87,7 +87,7 @@ def load_model(folder, device=None):
     if getattr(config, QUANT_KEY, None):
         from common.quantization import load_quantized
 
-        model = load_quantized(folder)
+        model = load_quantized(folder, device=device)
     elif getattr(config, LAYOUT_KEY, None):
         from common.pruning import apply_layout
 

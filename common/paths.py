@@ -10,7 +10,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # stage name -> folder name under the models root. Sweep folders (pruned_model_s50, ...) come from
-# `pruned_sweep_folder` and `quantized_folder_for`.
+# `pruned_sweep_folder`; their 4-bit twins are named by 9_quantize_pruned_model.py (pruned_model_s50_quantized).
 STAGE_FOLDERS = {
     "pretrained_teacher": "pretrained_teacher",
     "pretrained_student": "pretrained_student",

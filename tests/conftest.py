@@ -13,6 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+# Tiny models run faster on one thread (thread hand-off costs more than their matmuls); the real-data test
+# raises it for the packaged MiniLM.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -143,3 +146,15 @@ def shared_sst2():
     if not (SHARED_SST2 / "train.tsv").is_file():
         pytest.skip(f"real SST-2 not found at {SHARED_SST2} (the shared data folder beside the checkout)")
     return SHARED_SST2
+
+
+def write_stage(model, folder, stage, upstream=(), results=None):
+    """A finished stage folder (weights, tokenizer, metadata.json) as the real stage would leave it."""
+    from common.stage import stage_output
+
+    with stage_output(folder, stage, {"SEED": 0}, 0) as out:
+        for up_folder, up_stage in upstream:
+            out.add_upstream(up_folder, up_stage)
+        save_tiny(model, out.dir)
+        out.results = results if results is not None else {"validation_accuracy": 0.5, "preset": "minilm"}
+    return folder

@@ -2,7 +2,10 @@
 actual stage scripts in QUICK mode (about 2,000 training sentences, one epoch), scored on the full GLUE
 validation set (872 sentences). Skipped with a reason where ../shared/data/sst2 is absent."""
 
+import os
+
 import pytest
+import torch
 
 from common.modeling import load_model
 from common.stage import read_metadata
@@ -22,9 +25,12 @@ def real_pipeline(tmp_path_factory):
     patch.setenv("SST2_DIR", str(SHARED_SST2))
     patch.setenv("PRESET", "minilm")
     patch.setenv("QUICK", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # a real-size model: use the cores
     run_script("download_model.py")
     results = {"teacher": run_script("1_train_teacher.py"), "student": run_script("2_distill_student.py")}
     yield root / "models", results
+    torch.set_num_threads(threads)
     patch.undo()
 
 

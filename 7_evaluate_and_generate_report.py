@@ -1,0 +1,124 @@
+"""Stage 7: measure every saved model and write the final report.
+
+Reads   models/teacher_model, student_model, student_model_nodistill (if present), distilled_quantized_student,
+        pruned_model, pruned_quantized_final, and every sweep folder pruned_model_sNN (+ its 4-bit twin);
+        data/sst2/ (download_model.py). Missing folders are skipped with a warning; half-made folders (no
+        metadata.json) and stale ones (upstream rebuilt since) are measured and marked.
+Writes  final_report.json, final_report.png, final_report.md at the repository root (OUTPUT_DIR or env
+        REPORT_DIR to write elsewhere).
+
+Every number is measured here, on the saved folder loaded through common.modeling.load_model: accuracy on
+SST-2 validation (and on each --eval-file), GFLOPs (fvcore, batch 1, seq 128; a 4-bit model through its
+fp32 twin) and mean GFLOPs per validation sentence at its real length, parameters, bytes on disk, CPU latency
+at batch 1 and 32 (median of LATENCY_RUNS timed runs after WARMUP_RUNS), layers / heads / FFN neurons kept.
+
+Run:    python 7_evaluate_and_generate_report.py
+        python 7_evaluate_and_generate_report.py --eval-file my_reviews.tsv   (GLUE TSV: sentence<TAB>label;
+                                                                               repeatable)
+Quick:  QUICK=1 python 7_evaluate_and_generate_report.py   (3 latency runs, first 200 validation sentences;
+                                                            the report says quick: true)
+Override any constant below as KEY=VALUE, e.g. `python 7_evaluate_and_generate_report.py LATENCY_RUNS=30`.
+"""
+
+import sys
+
+import torch
+
+from common.config import ConfigError, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.paths import models_root
+from common.stage import logger, run_main, set_seed, setup_logging
+
+# -----------------------------------------------------------------------------
+PRESET = env_preset()            # recorded in the report (the models decide what is measured)
+QUICK = env_flag("QUICK")        # smoke run: fewer latency runs, a validation slice (recorded in the report)
+SEED = 0                         # picks the sentences timed for latency
+EVAL_BATCH_SIZE = 128            # accuracy evaluation batch (does not change accuracy)
+MAX_LENGTH = 128                 # tokenization limit for accuracy, GFLOPs per sentence and latency inputs
+FLOPS_SEQ_LEN = 128              # sequence length of the headline GFLOPs figure (batch 1)
+LATENCY_BATCH_SIZES = (1, 32)    # batch sizes timed (the headline uses the largest)
+LATENCY_RUNS = 10                # timed forward passes per batch size; the median is reported (>= 10)
+WARMUP_RUNS = 3                  # untimed forward passes first
+THREADS = 0                      # torch CPU threads while measuring; 0 = torch's default (all cores).
+                                 # On a machine shared with other jobs, THREADS=1 avoids oversubscription
+VALIDATION_LIMIT = 0             # 0 = all 872 validation sentences; N = the first N (quick runs)
+MODELS = ""                      # comma-separated folder names to report on; "" = every model under models/
+OUTPUT_DIR = ""                  # "" = env REPORT_DIR, else the repository root
+# -----------------------------------------------------------------------------
+QUICK_VALUES = {"LATENCY_RUNS": 3, "WARMUP_RUNS": 1, "VALIDATION_LIMIT": 200}
+MIN_LATENCY_RUNS = 10
+
+
+def split_eval_files(argv):
+    """(eval file paths, the remaining KEY=VALUE arguments): `--eval-file PATH` / `--eval-file=PATH`."""
+    files, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--eval-file":
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError("--eval-file needs a path: --eval-file PATH (a GLUE TSV: sentence<TAB>label)")
+            files.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--eval-file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--") and "=" not in arg:
+            raise ConfigError(f"unknown flag {arg!r}: the only flag is --eval-file PATH; constants are KEY=VALUE")
+        else:
+            rest.append(arg)
+        i += 1
+    return files, rest
+
+
+def main(argv=None):
+    setup_logging()
+    eval_paths, rest = split_eval_files(sys.argv[1:] if argv is None else argv)
+    cfg = parse_overrides(constants(globals()), rest)
+    apply_quick(cfg, **QUICK_VALUES)
+    if cfg.LATENCY_RUNS < MIN_LATENCY_RUNS and not cfg.QUICK:
+        raise ConfigError(f"LATENCY_RUNS={cfg.LATENCY_RUNS}: a report times at least {MIN_LATENCY_RUNS} runs "
+                          f"(QUICK=1 allows fewer for a smoke run, and the report says so)")
+    if cfg.LATENCY_RUNS < 1 or cfg.WARMUP_RUNS < 0 or not cfg.LATENCY_BATCH_SIZES or min(cfg.LATENCY_BATCH_SIZES) < 1:
+        raise ConfigError("LATENCY_RUNS >= 1, WARMUP_RUNS >= 0 and LATENCY_BATCH_SIZES of positive sizes, please")
+
+    # Cheap checks first: extra eval files and the validation data, before any model is loaded.
+    from common import report
+    from common.data import load_sst2_splits
+
+    eval_files = report.load_eval_files(eval_paths)
+    validation = load_sst2_splits()["validation"]
+    n_full = len(validation)
+    if cfg.VALIDATION_LIMIT:
+        validation = validation[:cfg.VALIDATION_LIMIT]
+    set_seed(cfg.SEED)
+    dataset = {"name": "sst2", "split": "validation", "n": len(validation)}
+    if len(validation) < n_full:
+        dataset["sliced_from"] = n_full
+
+    settings = {
+        "batch_size": cfg.EVAL_BATCH_SIZE,
+        "max_length": cfg.MAX_LENGTH,
+        "flops_seq_len": cfg.FLOPS_SEQ_LEN,
+        "latency_batches": tuple(cfg.LATENCY_BATCH_SIZES),
+        "latency_runs": cfg.LATENCY_RUNS,
+        "warmup_runs": cfg.WARMUP_RUNS,
+        "seed": cfg.SEED,
+    }
+    logger.info(f"[report] {len(validation)} validation sentences, {len(eval_files)} extra eval file(s), "
+                f"{torch.get_num_threads()} torch threads")
+    threads_before = torch.get_num_threads()
+    if cfg.THREADS:
+        torch.set_num_threads(cfg.THREADS)
+    try:
+        return report.generate(
+            models_root(), validation=validation, dataset=dataset, eval_files=eval_files, settings=settings,
+            out_dir=report.report_dir(cfg.OUTPUT_DIR), preset=cfg.PRESET, quick=cfg.QUICK,
+            constants=as_dict(cfg), names=[n.strip() for n in cfg.MODELS.split(",") if n.strip()] or None,
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+if __name__ == "__main__":
+    run_main(main)

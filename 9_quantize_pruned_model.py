@@ -1,0 +1,200 @@
+"""Stage 9: real 4-bit weights (bitsandbytes NF4) for the final pruned model and for its unpruned baseline.
+
+Reads   models/pruned_model/ (8_pruning_with_finetuning.py), models/student_model/ (2_distill_student.py),
+        every sweep folder models/pruned_model_sNN/ present (8_pruning_with_finetuning.py PRUNE_TARGETS=...),
+        data/sst2/ (download_model.py)
+Writes  models/pruned_quantized_final/        4-bit pruned student: the final model
+        models/distilled_quantized_student/   4-bit unpruned student: the standard quantized model it is
+                                              compared against
+        models/pruned_model_sNN_quantized/    4-bit twin of each sweep folder
+        Each: model.safetensors (4-bit codes + statistics + the fp32 rest), config.json (settings under
+        `dpq_quantization`, pruned layout under `dpq_layout`), tokenizer, stage.log, and metadata.json with the
+        source folder, settings, bytes on disk, what precision each part is stored in, and the validation
+        accuracy measured after reloading the saved folder, next to its fp32 source's (measured in this run).
+
+Every Linear of the transformer blocks (and the pooler / pre_classifier) becomes a bitsandbytes Linear4bit, the
+word embeddings 8-bit, the 2-way classifier stays fp32 (details: common/quantization.py). The saved folder is
+reloaded through common.modeling.load_model, and its logits must equal those of the model before saving.
+Runs on CPU or CUDA with the same code (DEVICE). The 4-bit layers compute in bfloat16 where the hardware has
+native bf16 matmuls (COMPUTE_DTYPE=auto; recorded in metadata), which is where their CPU speed comes from:
+with COMPUTE_DTYPE=float32 they run ~2-10% slower than the fp32 model (dequantization on every forward).
+
+Run:    python 9_quantize_pruned_model.py
+Quick:  QUICK=1 python 9_quantize_pruned_model.py     (same work: this stage takes seconds per model)
+Only some inputs: python 9_quantize_pruned_model.py 'QUANTIZE=("student", "sweep")'   (e.g. after a sweep only)
+Override any constant below as KEY=VALUE, e.g. `python 9_quantize_pruned_model.py QUANT_TYPE=fp4 DOUBLE_QUANT=True`.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from common import paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
+from common.config import ConfigError, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.data import encode, load_sst2_splits, make_loader
+from common.modeling import count_parameters, load_model, load_tokenizer, weight_bytes
+from common.paths import models_root, stage_dir
+from common.pruning import get_layout, is_pruned
+from common.quantization import precision_map, quantize_model, save_quantized
+from common.stage import StageError, is_stale, logger, require_stage, run_main, set_seed, stage_output
+from common.training import predict_logits
+
+# -----------------------------------------------------------------------------
+PRESET = env_preset()
+QUICK = env_flag("QUICK")  # accepted for `make`/CI; changes nothing here (quantizing takes seconds)
+QUANTIZE = ("student", "pruned", "sweep")  # inputs: student_model, pruned_model, every pruned_model_sNN present
+QUANT_TYPE = "nf4"         # "nf4" (4-bit NormalFloat, QLoRA) | "fp4"
+DOUBLE_QUANT = False       # also quantize the per-block absmax to 8 bits (QLoRA's double quantization)
+BLOCKSIZE = 64             # weights per absmax; 32 | 64 | 128 | 256
+EMBEDDING_BITS = 8         # word embeddings: 8 (int8 rows), 4 (QUANT_TYPE, blockwise), 32 (left fp32)
+QUANTIZE_HEAD = True       # BERT pooler dense / DistilBERT pre_classifier in 4-bit too (the classifier stays fp32)
+COMPUTE_DTYPE = "auto"     # matmuls of the 4-bit layers (weights dequantized to it on the fly): float32 | bfloat16 |
+                           # auto = bfloat16 where the device has native bf16 matmuls (AVX512-BF16 CPU, GPU)
+DEVICE = "auto"            # where to quantize and evaluate: auto (cuda if available) | cpu | cuda
+EVAL_BATCH_SIZE = 128
+MAX_LENGTH = 128
+SEED = 42
+# -----------------------------------------------------------------------------
+_QUANTIZED_SUFFIX = "_quantized"  # models/pruned_model_s50 -> models/pruned_model_s50_quantized
+_INPUTS = ("student", "pruned", "sweep")
+
+
+def check_config(cfg) -> torch.device:
+    unknown = [q for q in cfg.QUANTIZE if q not in _INPUTS]
+    if unknown or not cfg.QUANTIZE:
+        raise ConfigError(f"QUANTIZE={cfg.QUANTIZE!r}: use a non-empty tuple of {_INPUTS}")
+    for key, allowed in (("QUANT_TYPE", quantization.QUANT_TYPES), ("EMBEDDING_BITS", quantization.EMBEDDING_BITS),
+                         ("BLOCKSIZE", quantization.BLOCKSIZES),
+                         ("COMPUTE_DTYPE", ("auto",) + tuple(quantization.COMPUTE_DTYPES))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
+    if cfg.DEVICE == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.DEVICE == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
+    if cfg.DEVICE not in ("cpu", "cuda"):
+        raise ConfigError(f"DEVICE={cfg.DEVICE!r}: use auto, cpu or cuda")
+    return torch.device(cfg.DEVICE)
+
+
+def sweep_folders() -> list:
+    """The fp32 sweep folders present (models/pruned_model_s20, ...), not their quantized twins."""
+    root = models_root()
+    if not root.is_dir():
+        return []
+    return sorted(f for f in root.glob("pruned_model_s*")
+                  if f.is_dir() and f.name[len("pruned_model_s"):].isdigit())  # not the *_quantized twins
+
+
+def quantized_folder_for(source: Path) -> Path:
+    return source.parent / f"{source.name}{_QUANTIZED_SUFFIX}"
+
+
+def plan(cfg) -> list:
+    """[(source folder, source stage, output folder, output stage)], after checking every input exists."""
+    jobs = []
+    sweep = sweep_folders() if "sweep" in cfg.QUANTIZE else []
+    if "student" in cfg.QUANTIZE:
+        jobs.append((stage_dir("student"), "student", stage_dir("student_quantized"), "student_quantized"))
+    if "pruned" in cfg.QUANTIZE:
+        if not stage_dir("pruned").is_dir() and sweep:
+            raise StageError(
+                f"{stage_dir('pruned')} does not exist (only sweep folders do): run `python "
+                f"8_pruning_with_finetuning.py` first, or quantize the sweep alone with "
+                f"'QUANTIZE=(\"student\", \"sweep\")'"
+            )
+        jobs.append((stage_dir("pruned"), "pruned", stage_dir("pruned_quantized"), "pruned_quantized"))
+    jobs += [(folder, "pruned", quantized_folder_for(folder), "pruned_quantized") for folder in sweep]
+    for source, stage, _, _ in jobs:
+        meta = require_stage(source, stage)
+        made_for = meta.get("results", {}).get("preset")
+        if made_for and made_for != cfg.PRESET:
+            raise StageError(f"{source} was made for preset {made_for!r}, this run uses PRESET={cfg.PRESET!r}: "
+                             f"set PRESET={made_for} or rebuild it")
+        stale = is_stale(meta)
+        if stale:
+            raise StageError(f"{source} was made from an earlier {', '.join(stale)} (rebuilt since): run "
+                             f"`python {paths.STAGE_SCRIPTS[stage]}` again first")
+    return jobs
+
+
+def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows, student_bytes) -> dict:
+    """Quantize one fp32 folder into `dest`, reload it from disk and measure it against its source."""
+    set_seed(cfg.SEED)
+    tokenizer = load_tokenizer(source)
+    loader = make_loader(encode(tokenizer, rows, cfg.MAX_LENGTH), cfg.EVAL_BATCH_SIZE, pad_id=tokenizer.pad_token_id)
+    labels = loader.dataset.labels
+    with stage_output(dest, dest_stage, as_dict(cfg), cfg.SEED) as out:
+        out.add_upstream(source, source_stage)
+        model = load_model(source).to(device)
+        parameters = count_parameters(model)
+        fp32_logits = predict_logits(model, loader)
+        fp32_accuracy = (fp32_logits.argmax(-1) == labels).float().mean().item()
+
+        quantize_model(model, quant_type=cfg.QUANT_TYPE, double_quant=cfg.DOUBLE_QUANT,
+                       compute_dtype=quantization.COMPUTE_DTYPES[compute_dtype], embedding_bits=cfg.EMBEDDING_BITS,
+                       quantize_head=cfg.QUANTIZE_HEAD, blocksize=cfg.BLOCKSIZE)
+        saved_logits = predict_logits(model, loader)
+        save_quantized(model.cpu(), tokenizer, out.dir)
+
+        reloaded = load_model(out.dir).to(device)
+        logits = predict_logits(reloaded, loader)
+        reload_diff = (logits - saved_logits).abs().max().item()
+        tolerance = 0.0 if device.type == "cpu" else 1e-4
+        if reload_diff > tolerance:
+            raise RuntimeError(f"{dest.name}: the reloaded 4-bit model differs from the one saved "
+                               f"(max |logit difference| {reload_diff:.3g})")
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        size = weight_bytes(out.dir)
+        results = {
+            "source_folder": str(source),
+            "quantization": reloaded.config.dpq_quantization,
+            "bytes_on_disk": size,
+            "folder_bytes": sum(f.stat().st_size for f in out.dir.iterdir() if f.is_file()),
+            "source_bytes_on_disk": weight_bytes(source),
+            "size_vs_source": round(size / weight_bytes(source), 4),
+            "size_vs_fp32_student": round(size / student_bytes, 4) if student_bytes else None,
+            "precision_map": precision_map(reloaded),
+            "parameters": parameters,
+            "validation_accuracy": accuracy,
+            "source_validation_accuracy": fp32_accuracy,
+            "accuracy_diff_points": round(100 * (accuracy - fp32_accuracy), 3),
+            "prediction_agreement": (logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean().item(),
+            "max_abs_logit_diff_vs_source": (logits - fp32_logits).abs().max().item(),
+            "reload_max_abs_logit_diff": reload_diff,
+            "layout": get_layout(reloaded) if is_pruned(reloaded) else None,
+            "model_class": type(reloaded).__name__,
+            "device": str(device),
+            "validation_sentences": len(rows),
+            "preset": cfg.PRESET,
+            "quick": cfg.QUICK,
+        }
+        logger.info(f"{dest.name}: validation accuracy (reloaded from disk) {accuracy:.4f} vs fp32 "
+                    f"{fp32_accuracy:.4f} ({results['accuracy_diff_points']:+.2f} points, predictions agree on "
+                    f"{100 * results['prediction_agreement']:.1f}%); {size / 2**20:.2f} MiB on disk = "
+                    f"{100 * results['size_vs_source']:.1f}% of {source.name}"
+                    + (f", {100 * results['size_vs_fp32_student']:.1f}% of the fp32 student" if student_bytes else ""))
+        out.results = results
+    return results
+
+
+def main(argv=None):
+    cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
+    device = check_config(cfg)
+    jobs = plan(cfg)
+    rows = load_sst2_splits()["validation"]
+    student_dir = stage_dir("student")
+    student_bytes = weight_bytes(student_dir) if student_dir.is_dir() else 0
+    compute_dtype = quantization.resolve_compute_dtype(cfg.COMPUTE_DTYPE, device)
+    logger.info(f"quantizing {len(jobs)} model(s) to {cfg.QUANT_TYPE} on {device}, {compute_dtype} compute: "
+                + ", ".join(f"{s.name} -> {d.name}" for s, _, d, _ in jobs))
+    results = {}
+    for source, source_stage, dest, dest_stage in jobs:
+        results[dest.name] = quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows,
+                                          student_bytes)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,993 @@
+"""The final report: every number measured on the saved model folders, then JSON, chart and markdown.
+
+For each model folder under the models root (`discover_models`), `measure_model` loads it through the
+project's one loader (`common.modeling.load_model`: plain, pruned or 4-bit) and measures:
+- accuracy on SST-2 validation (and on every extra GLUE-format TSV given), by running the loaded model;
+- GFLOPs (fvcore, batch 1, sequence length 128, attention counted; `common.flops`), and the mean GFLOPs per
+  validation sentence at its real tokenized length. fvcore cannot trace bitsandbytes 4-bit layers; a 4-bit
+  model runs the same matmuls as its fp32 twin, so the twin is counted and `gflops_source` says which;
+- logical parameter count (a packed 4-bit weight counts as its unpacked shape), bytes on disk, bits;
+- CPU latency at each batch size: median of N timed forward passes after warm-up, on real validation
+  sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model);
+- architecture counted from the modules themselves: layers, attention heads kept, FFN neurons kept.
+
+Then `build_report` assembles final_report.json (sorted keys, indented), `headline` compares the final model
+with the standard quantized student, `plot_report` draws final_report.png and `markdown_report` writes
+final_report.md.
+"""
+
+import json
+import logging
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from datetime import datetime, timezone
+from fractions import Fraction
+from math import prod
+from pathlib import Path
+
+import torch
+
+from common.flops import FLOPS_CONVENTION, count_flops
+from common.modeling import LAYOUT_KEY, QUANT_KEY, encoder_layers, load_model, load_tokenizer, weight_bytes
+from common.paths import REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS
+from common.stage import METADATA, StageError, git_commit, is_stale, json_dump, library_versions, read_metadata
+
+logger = logging.getLogger("dpq")
+
+REPORT_JSON = "final_report.json"
+REPORT_PNG = "final_report.png"
+REPORT_MD = "final_report.md"
+REPORT_DIR_ENV = "REPORT_DIR"  # tests (and users) can write the report somewhere other than the repo root
+
+BASELINE = STAGE_FOLDERS["student_quantized"]  # distilled_quantized_student
+FINAL = STAGE_FOLDERS["pruned_quantized"]  # pruned_quantized_final
+
+# Folders every full pipeline writes (a missing one is warned about), then optional ones (silently absent).
+EXPECTED = [STAGE_FOLDERS[s] for s in ("teacher", "student", "student_quantized", "pruned", "pruned_quantized")]
+OPTIONAL = [STAGE_FOLDERS["student_nodistill"]]
+SWEEP_RE = re.compile(r"^pruned_model_s(\d+)(.*)$")
+NOT_MODELS = {STAGE_FOLDERS["pretrained_teacher"], STAGE_FOLDERS["pretrained_student"]}
+
+
+class SkipModel(Exception):
+    """A folder that cannot be loaded; the report lists it under "skipped" with the reason."""
+
+
+def report_dir(override: str = "") -> Path:
+    """Where the report files go: the override, else env REPORT_DIR, else the repository root."""
+    return Path(override or os.environ.get(REPORT_DIR_ENV) or REPO_ROOT).resolve()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which folders
+
+
+def _order_key(name: str):
+    """Fixed reading order: teacher, students, final pipeline, then the sweep by target (fp32 before 4-bit)."""
+    fixed = ["teacher_model", "student_model", "student_model_nodistill", BASELINE, "pruned_model", FINAL]
+    if name in fixed:
+        return (0, fixed.index(name), 0, name)
+    match = SWEEP_RE.match(name)
+    if match:
+        return (1, int(match.group(1)), 1 if match.group(2) else 0, name)
+    return (2, 0, 0, name)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file()
+
+
+def discover_models(models_root, names=None):
+    """The model folders to report on, in reading order, and the warnings about expected ones missing.
+
+    `names` (optional) restricts the report to those folder names. Without it: the pipeline's stage folders,
+    every `pruned_model_s*` sweep folder (fp32 and quantized twins, whatever suffix the twin carries), and any
+    other folder holding a 4-bit model (a quantized twin named differently).
+    """
+    models_root = Path(models_root)
+    found, notes = {}, []
+    if names:
+        for name in names:
+            folder = models_root / name
+            if _is_model_folder(folder):
+                found[name] = folder
+            else:
+                notes.append(f"{name}: no model folder at {folder}; skipped")
+    else:
+        script = {folder: s for s, folder in STAGE_FOLDERS.items()}
+        for name in EXPECTED + OPTIONAL:
+            folder = models_root / name
+            if _is_model_folder(folder):
+                found[name] = folder
+            elif name in EXPECTED:
+                notes.append(
+                    f"{name}: not found in {models_root}; skipped (written by {STAGE_SCRIPTS[script[name]]})"
+                )
+        if models_root.is_dir():
+            for folder in sorted(models_root.iterdir()):
+                if folder.name in found or folder.name in NOT_MODELS or not _is_model_folder(folder):
+                    continue
+                if SWEEP_RE.match(folder.name) or _config_dict(folder).get(QUANT_KEY):
+                    found[folder.name] = folder
+    ordered = sorted(found, key=_order_key)
+    return [(name, found[name]) for name in ordered], notes
+
+
+def _config_dict(folder: Path) -> dict:
+    try:
+        with open(Path(folder) / "config.json") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def folder_status(folder: Path):
+    """(metadata or {}, warnings): half-made folders (no metadata.json) and stale ones (upstream rebuilt)."""
+    folder = Path(folder)
+    notes = []
+    if not (folder / METADATA).is_file():
+        return {}, [f"no {METADATA}: the stage that writes {folder.name} did not finish; numbers may be wrong"]
+    try:
+        meta = read_metadata(folder)
+    except (OSError, json.JSONDecodeError) as err:
+        return {}, [f"unreadable {METADATA} ({err})"]
+    stale = is_stale(meta)
+    if stale:
+        notes.append("stale: upstream rebuilt since this folder was made: " + ", ".join(stale))
+    return meta, notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Architecture and size, counted from the model itself
+
+
+def _out_features(linear) -> int:
+    if linear is None:
+        return 0
+    if hasattr(linear, "out_features"):  # nn.Linear and bitsandbytes Linear4bit alike
+        return int(linear.out_features)
+    return int(linear.weight.shape[0])
+
+
+def architecture(model) -> dict:
+    """Layers, attention heads kept and FFN neurons kept, counted from the modules (BERT or DistilBERT,
+    pruned or not, fp32 or 4-bit)."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads  # of the unpruned model; slicing keeps it
+    heads, ffn = [], []
+    for layer in encoder_layers(model):
+        if hasattr(layer, "intermediate"):  # BERT
+            attention = getattr(getattr(layer, "attention", None), "self", None)
+            query = getattr(attention, "query", None)
+            up = layer.intermediate.dense
+        else:  # DistilBERT
+            query = getattr(getattr(layer, "attention", None), "q_lin", None)
+            up = layer.ffn.lin1
+        heads.append(_out_features(query) // head_dim)
+        ffn.append(_out_features(up))
+    return {
+        "layers": len(heads),
+        "heads": sum(heads),
+        "ffn_neurons": sum(ffn),
+        "heads_per_layer": heads,
+        "ffn_per_layer": ffn,
+        "hidden_size": config.hidden_size,
+        "head_dim": head_dim,
+    }
+
+
+def architecture_signature(model_class: str, arch: dict) -> tuple:
+    """Two models with equal signatures run the same matmuls (embedding lookups are not counted by fvcore)."""
+    return (model_class, arch["hidden_size"], arch["head_dim"], tuple(arch["heads_per_layer"]),
+            tuple(arch["ffn_per_layer"]))
+
+
+def logical_parameters(model) -> int:
+    """Parameters as the model means them: a packed 4-bit weight counts as its original shape."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += prod(state.shape) if state is not None and getattr(state, "shape", None) else p.numel()
+    return int(total)
+
+
+def is_4bit(model) -> bool:
+    """Any bitsandbytes Linear4bit (or a subclass, like common.quantization's) in the model."""
+    return any(any(c.__name__ == "Linear4bit" for c in type(m).__mro__) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------
+# GFLOPs (a 4-bit model is counted through its fp32 twin)
+
+
+SAME_SHAPE_KEYS = ("model_type", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads",
+                   "n_heads", "intermediate_size", "hidden_dim", LAYOUT_KEY)
+
+
+FIT_LENGTHS = (8, 16, 32, 48, 12, 24)  # sequence lengths traced to get a model's FLOPs as a function of length
+
+
+class FlopsCurve:
+    """FLOPs of one architecture as a function of sequence length (batch 1).
+
+    Under fvcore's convention a BERT/DistilBERT forward is exactly quadratic in the length L: the Linears and
+    LayerNorms cost a*L, the attention matmuls b*L^2, the pooler and classifier a constant (embedding lookups
+    and element-wise ops are not counted). So three traced lengths give every length; the fit is checked
+    against a fourth trace (the reference length) and, if it ever disagrees, every length is traced instead.
+    """
+
+    def __init__(self, model_fn, ref_len: int):
+        self.model_fn = model_fn
+        self.traced = {}
+        self.points = [n for n in FIT_LENGTHS if n != ref_len][:3]
+        for n in self.points + [ref_len]:
+            self._trace(n)
+        self.exact = self._fit(ref_len) == self.traced[ref_len]
+        if not self.exact:
+            logger.warning(f"[report] FLOPs are not quadratic in length for this model: tracing each length")
+
+    def _trace(self, n: int) -> int:
+        if n not in self.traced:
+            self.traced[n] = count_flops(self.model_fn(), seq_len=n)
+        return self.traced[n]
+
+    def _fit(self, n: int) -> Fraction:
+        total = Fraction(0)
+        for i, xi in enumerate(self.points):
+            term = Fraction(self.traced[xi])
+            for j, xj in enumerate(self.points):
+                if i != j:
+                    term *= Fraction(n - xj, xi - xj)
+            total += term
+        return total
+
+    def gflops(self, n: int) -> float:
+        if n in self.traced:
+            return self.traced[n] / 1e9
+        return float(self._fit(n)) / 1e9 if self.exact else self._trace(n) / 1e9
+
+
+class FlopsCache:
+    """One FlopsCurve per architecture signature: each shape is traced a handful of times per report."""
+
+    def __init__(self, ref_len: int):
+        self.ref_len = ref_len
+        self.curves = {}
+
+    def curve(self, signature, model_fn) -> FlopsCurve:
+        if signature not in self.curves:
+            self.curves[signature] = FlopsCurve(model_fn, self.ref_len)
+        return self.curves[signature]
+
+
+def _upstream_twin(folder: Path, meta: dict, models_root: Path):
+    """The fp32 folder a 4-bit folder was made from, if its metadata names one that still matches: fresh
+    (same run_id as recorded), not 4-bit, same model type, width and pruning layout."""
+    mine = _config_dict(folder)
+    for record in meta.get("upstream", {}).values():
+        source = Path(record.get("folder", ""))
+        if not _is_model_folder(source):  # models moved: look for the same name under the current root
+            source = Path(models_root) / source.name
+        if not _is_model_folder(source) or source.resolve() == Path(folder).resolve():
+            continue
+        theirs = _config_dict(source)
+        if theirs.get(QUANT_KEY) or any(theirs.get(k) != mine.get(k) for k in SAME_SHAPE_KEYS):
+            continue
+        try:
+            if read_metadata(source).get("run_id") != record.get("run_id"):
+                continue  # rebuilt since: not the twin of this 4-bit model any more
+        except (OSError, json.JSONDecodeError):
+            continue
+        return source
+    return None
+
+
+def rebuild_fp32_twin(folder: Path):
+    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(folder))
+    for key in (QUANT_KEY, "quantization_config"):
+        if hasattr(config, key):
+            delattr(config, key)
+    model = AutoModelForSequenceClassification.from_config(config)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        from common.pruning import apply_layout
+
+        apply_layout(model, layout)
+    return model.eval()
+
+
+def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
+    """(description, model factory) of the fp32 twin whose FLOPs a 4-bit folder reports.
+
+    Prefers the fp32 source folder named in metadata.json "upstream" (fresh, same architecture); otherwise an
+    fp32 model rebuilt from the 4-bit folder's own config and layout.
+    """
+    signature = architecture_signature(model_class, arch)
+    source = _upstream_twin(folder, meta, models_root)
+    if source is not None:
+        twin = {}
+
+        def load_source():
+            if "model" not in twin:
+                twin["model"] = load_model(source)
+                twin_sig = architecture_signature(type(twin["model"]).__name__, architecture(twin["model"]))
+                if twin_sig != signature:
+                    raise StageError(f"{source.name} does not have the layout of {folder.name}")
+            return twin["model"]
+
+        return f"fp32 twin {source.name} (upstream of this 4-bit model)", load_source
+    twin = {}
+
+    def rebuild():
+        if "model" not in twin:
+            twin["model"] = rebuild_fp32_twin(folder)
+        return twin["model"]
+
+    return f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)", rebuild
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency
+
+
+def latency_indices(sentences, batch_size: int, seed: int):
+    """Row indices of the sentences timed at this batch size: the same for every model.
+
+    A seeded permutation; batch b takes its first b rows (cycling when the data is smaller than b); batch 1
+    takes the median-length sentence (in characters, so independent of the tokenizer) of the first 32 rows,
+    so a single very short or very long sentence does not decide the batch-1 number.
+    """
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    if batch_size == 1:
+        pool = sorted(order[:32], key=lambda i: (len(sentences[i]), i))
+        return [pool[len(pool) // 2]]
+    return [order[i % len(order)] for i in range(batch_size)]
+
+
+def latency_inputs(tokenizer, sentences, max_length: int) -> dict:
+    """Real sentences, padded to the longest in the batch (no token_type_ids: DistilBERT has none)."""
+    enc = tokenizer(list(sentences), padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.no_grad()
+def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
+    """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds."""
+    model.eval()
+    for _ in range(warmup):
+        model(**inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(**inputs)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": runs,
+        "warmup": warmup,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "batch_size": int(inputs["input_ids"].shape[0]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def load_eval_files(paths) -> dict:
+    """Read and validate every --eval-file before any model is loaded: {path as given: rows}."""
+    from common.data import DataError, read_glue_tsv
+
+    rows = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"--eval-file {path}: no such file (expected a GLUE-format TSV: sentence<TAB>label)")
+        rows[str(path)] = read_glue_tsv(path)
+        if not rows[str(path)]:
+            raise DataError(f"--eval-file {path}: no rows to evaluate")
+    return rows
+
+
+def accuracy_on(model, tokenizer, rows, batch_size: int, max_length: int):
+    """(accuracy, tokenized lengths) of `rows` [(sentence, label)] through the project's data and eval code."""
+    from common.data import encode, make_loader
+    from common.training import evaluate
+
+    encoded = encode(tokenizer, rows, max_length=max_length)
+    loader = make_loader(encoded, batch_size, shuffle=False, pad_id=tokenizer.pad_token_id or 0)
+    return float(evaluate(model, loader)), [len(ids) for ids in encoded.input_ids]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One model
+
+
+def family(name: str, config: dict, meta: dict) -> str:
+    """teacher | student | pruned: from the folder name when it is one of the pipeline's, else from the stage
+    recorded in metadata.json and the config's pruning layout."""
+    if name == STAGE_FOLDERS["teacher"]:
+        return "teacher"
+    if name.startswith("pruned") or config.get(LAYOUT_KEY):
+        return "pruned"
+    if name in (STAGE_FOLDERS["student"], STAGE_FOLDERS["student_nodistill"], BASELINE):
+        return "student"
+    stage = meta.get("stage") or ""
+    return "teacher" if stage == "teacher" else "pruned" if stage.startswith("pruned") else "student"
+
+
+def sweep_target(name: str):
+    match = SWEEP_RE.match(name)
+    return int(match.group(1)) / 100 if match else None
+
+
+def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root) -> dict:
+    """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len,
+    latency_batches, latency_runs, warmup_runs, seed."""
+    folder = Path(folder)
+    meta, notes = folder_status(folder)
+    config = _config_dict(folder)
+    started = time.time()
+    logger.info(f"[report] {name}: loading {folder}")
+    try:
+        model = load_model(folder)
+        tokenizer = load_tokenizer(folder)
+    except Exception as err:  # a half-made or corrupt folder: skip it, say why; measuring errors still raise
+        raise SkipModel(f"could not be loaded: {type(err).__name__}: {err}" + (f" ({notes[0]})" if notes else ""))
+    arch = architecture(model)
+    model_class = type(model).__name__
+    bits = 4 if (config.get(QUANT_KEY) or is_4bit(model)) else 32
+
+    layout = config.get(LAYOUT_KEY)
+    if layout and (list(layout.get("heads", [])) != arch["heads_per_layer"]
+                   or list(layout.get("ffn", [])) != arch["ffn_per_layer"]):
+        notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
+                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
+
+    sentences = [s for s, _ in validation]
+    accuracy, lengths = accuracy_on(model, tokenizer, validation, settings["batch_size"], settings["max_length"])
+    file_accuracy = {
+        path: accuracy_on(model, tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
+        for path, rows in eval_files.items()
+    }
+
+    signature = architecture_signature(model_class, arch)
+    if bits == 4:
+        gflops_source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
+    else:
+        gflops_source, model_fn = "measured on this model", (lambda: model)
+    curve = flops_cache.curve(signature, model_fn)
+    gflops = curve.gflops(flops_cache.ref_len)
+    per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
+    gflops_per_sentence = sum(per_length[n] for n in lengths) / len(lengths)
+
+    latency, latency_detail = {}, {}
+    for batch in settings["latency_batches"]:
+        rows = latency_indices(sentences, batch, settings["seed"])
+        inputs = latency_inputs(tokenizer, [sentences[i] for i in rows], settings["max_length"])
+        detail = time_forward(model, inputs, settings["latency_runs"], settings["warmup_runs"])
+        latency[f"batch_{batch}"] = round(detail["median_ms"], 3)
+        latency_detail[f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
+                                            for k, v in detail.items()}
+
+    size = weight_bytes(folder)
+    record = {
+        "accuracy": round(accuracy, 6),
+        "eval_files": {p: round(a, 6) for p, a in file_accuracy.items()},
+        "gflops": round(gflops, 6),
+        "gflops_per_sentence": round(gflops_per_sentence, 6),
+        "gflops_source": gflops_source,
+        "gflops_length_fit_exact": curve.exact,
+        "params": logical_parameters(model),
+        "size_bytes": size,
+        "size_mb": round(size / 2**20, 3),
+        "bits": bits,
+        "latency_ms": latency,
+        "latency_detail": latency_detail,
+        "torch_threads": torch.get_num_threads(),
+        "layers": arch["layers"],
+        "heads": arch["heads"],
+        "ffn_neurons": arch["ffn_neurons"],
+        "heads_per_layer": arch["heads_per_layer"],
+        "ffn_per_layer": arch["ffn_per_layer"],
+        "label": display_label(name),
+        "model_class": model_class,
+        "family": family(name, config, meta),
+        "stage": meta.get("stage"),
+        "run_id": meta.get("run_id"),
+        "upstream": sorted(Path(r.get("folder", "")).name for r in meta.get("upstream", {}).values()),
+        "folder": str(folder),
+        "stale": any(n.startswith("stale") for n in notes),
+        "complete": bool(meta),
+        "warnings": notes,
+        "measure_time_s": round(time.time() - started, 1),
+    }
+    if config.get(QUANT_KEY):
+        record["quantization"] = config[QUANT_KEY]
+    if sweep_target(name) is not None:
+        record["sweep_target"] = sweep_target(name)
+    for note in notes:
+        logger.warning(f"[report] {name}: {note}")
+    logger.info(
+        f"[report] {name}: acc {accuracy:.4f}, {gflops:.3f} GFLOPs ({gflops_source}), {record['size_mb']:.1f} MiB, "
+        f"{bits}-bit, latency {latency}, {arch['layers']} layers / {arch['heads']} heads / "
+        f"{arch['ffn_neurons']} FFN neurons"
+    )
+    del model
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Assembly
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_busy(load) -> str:
+    """A warning when other processes compete for the CPU: latency medians are then not comparable."""
+    cores = os.cpu_count() or 1
+    if load and load[0] > cores * 0.75:
+        return (f"machine busy at the start (load average {load[0]:.1f} on {cores} cores): latency numbers are "
+                f"inflated by other processes; rerun on an idle machine (or with THREADS=1 to avoid thread "
+                f"oversubscription) before quoting them")
+    return ""
+
+
+def flops_convention(seq_len: int) -> str:
+    return FLOPS_CONVENTION.replace("sequence length 128", f"sequence length {seq_len}")
+
+
+def device_description() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} logical cores"
+
+
+def headline(models: dict, baseline: str = BASELINE, final: str = FINAL):
+    """(headline dict or None, reason when None): the final model against the standard quantized student."""
+    missing = [n for n in (baseline, final) if n not in models]
+    if missing:
+        return None, f"no headline: {' and '.join(missing)} not measured (run the stages that write them)"
+    b, f = models[baseline], models[final]
+    batches = sorted(int(k.split("_")[1]) for k in b["latency_ms"] if k in f["latency_ms"])
+    big = f"batch_{batches[-1]}" if batches else None
+    result = {
+        "baseline": baseline,
+        "final": final,
+        "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
+        "accuracy_drop_points": round((b["accuracy"] - f["accuracy"]) * 100, 2),
+        "size_reduction": round(1 - f["size_mb"] / b["size_mb"], 4),
+    }
+    if big:
+        result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
+    result["sentence"] = headline_sentence(result, b, f)
+    return result, None
+
+
+def headline_sentence(h: dict, b: dict, f: dict) -> str:
+    drop = h["accuracy_drop_points"]
+    acc = (f"loses {drop:.1f} accuracy points" if drop > 0.05 else
+           f"gains {-drop:.1f} accuracy points" if drop < -0.05 else "loses no accuracy")
+    parts = [
+        f"{h['final']} needs {h['gflops_reduction']:.0%} fewer GFLOPs than {h['baseline']} "
+        f"({f['gflops']:.3g} vs {b['gflops']:.3g})",
+        f"{acc} ({f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation)",
+        f"is {h['size_reduction']:.0%} smaller on disk ({f['size_mb']:.3g} vs {b['size_mb']:.3g} MiB)",
+    ]
+    speed = [k for k in h if k.startswith("latency_speedup_")]
+    if speed:
+        key = speed[0]
+        batch = key.replace("latency_speedup_", "")
+        speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
+        parts.append(f"{speed} at {batch.replace('_', ' ')} on CPU "
+                     f"({f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms)")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
+                 skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
+    head, reason = headline(models)
+    report = {
+        "run": {
+            "preset": preset,
+            "quick": quick,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "device": device_description(),
+            "threads": torch.get_num_threads(),
+            "load_average": settings.get("load_average"),
+            "versions": library_versions(),
+            "latency": {
+                "runs": settings["latency_runs"],
+                "warmup": settings["warmup_runs"],
+                "batch_sizes": list(settings["latency_batches"]),
+                "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
+                "inputs": "real validation sentences (same seeded choice for every model), padded to the "
+                          "longest in the batch; batch 1 = the median-length sentence of the sample",
+                "seed": settings["seed"],
+            },
+            "constants": constants,
+            "wall_time_s": round(wall_time_s, 1),
+        },
+        "dataset": dataset,
+        "eval_files": list(eval_files),
+        "flops_convention": flops_convention(settings["flops_seq_len"]),
+        "gflops_per_sentence_convention": "mean over the validation sentences of the fvcore GFLOPs at each "
+                                          "sentence's tokenized length (batch 1, [CLS] and [SEP] included); "
+                                          "exact: FLOPs are quadratic in length, fitted on 3 traced lengths and "
+                                          "checked against the traced reference length",
+        "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB)",
+        "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
+        "models": models,
+        "model_order": list(models),  # reading order (the JSON itself has sorted keys)
+        "skipped": skipped,
+        "warnings": notes,
+        "headline": head,
+    }
+    if head is None:
+        report["headline_note"] = reason
+    return report
+
+
+def write_json(report: dict, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    json_dump(report, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chart
+
+FAMILY_COLORS = {"teacher": "#6b6b6b", "student": "#1f77b4", "pruned": "#e6550d"}
+MAX_MARKER_AREA = 1000.0  # pt^2 of the largest model on disk
+FIXED_LABELS = {
+    "teacher_model": "teacher",
+    "student_model": "student",
+    "student_model_nodistill": "student, no KD",
+    BASELINE: "student 4-bit (baseline)",
+    "pruned_model": "pruned",
+    FINAL: "pruned 4-bit (final)",
+}
+
+
+def display_label(name: str) -> str:
+    """Short chart label: what the model is, not its folder name (the table gives both)."""
+    if name in FIXED_LABELS:
+        return FIXED_LABELS[name]
+    match = SWEEP_RE.match(name)
+    if match:
+        return f"pruned s{match.group(1)}" + (" 4-bit" if match.group(2) else "")
+    return name
+
+
+def _lineage(models: dict, bits: int):
+    """Student and its pruned versions at one precision, by GFLOPs: the pruning frontier."""
+    points = [(r["gflops"], r["accuracy"] * 100, n) for n, r in models.items()
+              if r["bits"] == bits and r["family"] in ("student", "pruned") and n != "student_model_nodistill"]
+    return sorted(points)
+
+
+def _place_labels(ax, fig, items):
+    """Annotate points without clutter: try positions around each point (its preferred side first, then
+    right, left, the other side, diagonals), moving further out step by step, and keep the first one that
+    overlaps no marker and no earlier label and stays inside the axes. A label not right next to its point
+    gets a thin leader line.
+
+    items: (x, y, text, marker radius in points, prefer "above" | "below")."""
+    renderer = fig.canvas.get_renderer()
+    to_px = fig.dpi / 72.0
+    frame = ax.get_window_extent(renderer)
+    taken = []
+    for x, y, _, radius, _ in items:  # the markers themselves
+        px, py = ax.transData.transform((x, y))
+        r = radius * to_px * 0.8
+        taken.append(matplotlib_bbox(px - r, py - r, px + r, py + r))
+
+    def label(x, y, text, offset, ha, va, leader):
+        bold = text.endswith(("(final)", "(baseline)"))
+        return ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", ha=ha, va=va, fontsize=8,
+                           fontweight="bold" if bold else "normal", zorder=5,
+                           bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75),
+                           arrowprops=dict(arrowstyle="-", lw=0.6, color="#777777", shrinkA=0, shrinkB=2)
+                           if leader else None)
+
+    for x, y, text, radius, prefer in items:
+        v = 1 if prefer == "above" else -1
+        directions = [(0, v), (1, 0), (-1, 0), (0, -v), (1, v), (-1, v), (1, -v), (-1, -v)]
+        best = None  # (clashes, offset, ha, va, leader, box)
+        for ring in range(6):
+            for dx, dy in directions:
+                gap = radius + 2 + 12 * ring
+                offset = (dx * gap * (0.8 if dy else 1.0), dy * gap)
+                ha = "center" if dx == 0 else ("left" if dx > 0 else "right")
+                va = "center" if dy == 0 else ("bottom" if dy > 0 else "top")
+                ann = label(x, y, text, offset, ha, va, leader=False)  # measured without its leader line
+                box = ann.get_window_extent(renderer)
+                ann.remove()
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                clashes = sum(box.overlaps(other) for other in taken) + (0 if inside else 100)
+                if best is None or clashes < best[0]:
+                    best = (clashes, offset, ha, va, ring > 0, box)
+                if clashes == 0:
+                    break
+            if best[0] == 0:
+                break
+        label(x, y, text, *best[1:5])
+        taken.append(best[5])
+
+
+def matplotlib_bbox(x0, y0, x1, y1):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def plot_report(report: dict, path) -> None:
+    """Accuracy vs GFLOPs (marker area = size on disk, circle = fp32, diamond = 4-bit, pruning frontier),
+    and per-model size and latency bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.lines import Line2D
+
+    models = report["models"]
+    names = list(models)
+    labels = {n: display_label(n) + (" (stale)" if models[n].get("stale") else "")
+              + ("" if models[n].get("complete", True) else " (incomplete)") for n in names}
+    fig = plt.figure(figsize=(16, 7))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.6, 2], wspace=0.2)
+    ax = fig.add_subplot(outer[0])
+    bars_grid = outer[1].subgridspec(1, 2, wspace=0.05)
+    ax_size = fig.add_subplot(bars_grid[0])
+    ax_lat = fig.add_subplot(bars_grid[1], sharey=ax_size)
+
+    # Panel 1: accuracy vs GFLOPs
+    biggest = max(r["size_mb"] for r in models.values()) or 1.0
+    area = {n: max(r["size_mb"] / biggest * MAX_MARKER_AREA, 15.0) for n, r in models.items()}
+    for bits, style in ((32, "-"), (4, "--")):
+        line = _lineage(models, bits)
+        if len(line) >= 2:
+            xs, ys, _ = zip(*line)
+            ax.plot(xs, ys, style, color=FAMILY_COLORS["pruned"], alpha=0.5, lw=1.5, zorder=1)
+    for name in sorted(names, key=lambda n: -area[n]):  # big markers first, small ones stay visible on top
+        r = models[name]
+        color = FAMILY_COLORS.get(r["family"], "#555555")
+        four = r["bits"] == 4
+        ax.scatter(r["gflops"], r["accuracy"] * 100, s=area[name], marker="D" if four else "o",
+                   facecolor="white" if four else color, edgecolor=color, linewidth=2.0 if four else 0.8,
+                   alpha=1.0 if four else 0.6, zorder=3 if four else 2)
+    xs = [r["gflops"] for r in models.values()]
+    ys = [r["accuracy"] * 100 for r in models.values()]
+    xspan = (max(xs) - min(xs)) or max(xs) or 1.0
+    yspan = max(max(ys) - min(ys), 1.0)
+    if min(xs) > 0 and max(xs) / min(xs) > 3:  # teacher far right: a log axis keeps the pruned points apart
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+        nice = [m * 10.0 ** e for e in range(-4, 4) for m in (1, 1.5, 2, 3, 5, 7)]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+            [t for t in nice if min(xs) / 1.3 <= t <= max(xs) * 1.3]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax.set_xlim(max(0.0, min(xs) - 0.15 * xspan), max(xs) + 0.15 * xspan)
+    ax.set_ylim(min(ys) - 0.3 * yspan, max(ys) + 0.3 * yspan)
+    seq = re.search(r"sequence length (\d+)", report["flops_convention"])
+    ax.set_xlabel(f"GFLOPs per forward pass (fvcore, batch 1, {seq.group(1) if seq else '?'} tokens; "
+                  f"4-bit counted on its fp32 twin)" + ("; log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(f"accuracy on {report['dataset']['name'].upper()} {report['dataset']['split']} (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title("Accuracy vs compute (up and to the left is better)", fontsize=11)
+    label_items = [
+        (models[n]["gflops"], models[n]["accuracy"] * 100, labels[n], (area[n] ** 0.5) / 2,
+         "below" if models[n]["bits"] == 4 else "above")
+        for n in sorted(names, key=lambda n: (models[n]["bits"] == 4, -models[n]["gflops"]))
+    ]
+
+    handles = [
+        Line2D([], [], marker="o", ls="", markerfacecolor="#999999", markeredgecolor="#999999", alpha=0.7,
+               markersize=9, label="fp32"),
+        Line2D([], [], marker="D", ls="", markerfacecolor="white", markeredgecolor="#555555",
+               markeredgewidth=2, markersize=8, label="4-bit (bitsandbytes NF4)"),
+    ]
+    handles += [Line2D([], [], marker="s", ls="", color=c, markersize=9, label=f)
+                for f, c in FAMILY_COLORS.items() if any(r["family"] == f for r in models.values())]
+    if len(_lineage(models, 32)) >= 2:
+        handles.append(Line2D([], [], ls="-", color=FAMILY_COLORS["pruned"], alpha=0.6,
+                              label="student -> pruned, fp32"))
+    if len(_lineage(models, 4)) >= 2:
+        handles.append(Line2D([], [], ls="--", color=FAMILY_COLORS["pruned"], alpha=0.6,
+                              label="student -> pruned, 4-bit"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=4, fontsize=8,
+              frameon=False, title="marker area = size on disk", title_fontsize=8)
+
+    # Panel 2: size and latency per model, in table order (top to bottom)
+    rows = list(range(len(names)))[::-1]
+    colors = [FAMILY_COLORS.get(models[n]["family"], "#555555") for n in names]
+    sizes = [models[n]["size_mb"] for n in names]
+    bars = ax_size.barh(rows, sizes, color=colors, alpha=0.85, edgecolor="white", height=0.7)
+    for bar, n in zip(bars, names):
+        if models[n]["bits"] == 4:
+            bar.set_hatch("////")
+    for y, v in zip(rows, sizes):
+        ax_size.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    ax_size.set_yticks(rows)
+    ax_size.set_yticklabels([f"{labels[n]}\n{n}" if labels[n] != n else n for n in names], fontsize=8)
+    ax_size.set_xlabel("weight files on disk (MiB)")
+    ax_size.set_xlim(0, max(sizes) * 1.25)
+    ax_size.set_title("Size on disk (hatched = 4-bit)", fontsize=11)
+    ax_size.grid(axis="x", alpha=0.3)
+
+    batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+    height = 0.7 / max(len(batch_keys), 1)
+    shades = [0.4, 0.95, 0.7, 0.25]
+    top = 0.0
+    for i, key in enumerate(batch_keys):
+        offset = ((len(batch_keys) - 1) / 2 - i) * height
+        values = [models[n]["latency_ms"].get(key, 0.0) for n in names]
+        top = max([top] + values)
+        ax_lat.barh([y + offset for y in rows], values, height=height, color=colors, alpha=shades[i % len(shades)],
+                    edgecolor="white")
+        for y, v in zip(rows, values):
+            ax_lat.text(v, y + offset, f" {v:.3g}", va="center", fontsize=7)
+    ax_lat.set_xlim(0, (top or 1.0) * 1.25)
+    ax_lat.tick_params(axis="y", labelleft=False)
+    threads = report["run"]["threads"]
+    ax_lat.set_xlabel(f"CPU latency, median ms per forward pass ({threads} thread{'s' if threads != 1 else ''})")
+    ax_lat.set_title("Latency: " + ", ".join(f"{k.replace('_', ' ')} ({'light' if i == 0 else 'dark'})"
+                                             for i, k in enumerate(batch_keys)), fontsize=11)
+    ax_lat.grid(axis="x", alpha=0.3)
+
+    head = report.get("headline")
+    subtitle = head["sentence"] if head else report.get("headline_note", "")
+    quick = "   [QUICK run: smoke numbers, not a benchmark]" if report["run"]["quick"] else ""
+    fig.suptitle("Distill-Prune-Quantize on SST-2" + quick, fontsize=13, y=0.985)
+    fig.text(0.5, 0.935, _wrap(subtitle, 190), ha="center", va="top", fontsize=9.5, style="italic")
+    fig.subplots_adjust(left=0.045, right=0.99, top=0.84, bottom=0.2)
+    fig.canvas.draw()  # labels are placed against the final layout
+    _place_labels(ax, fig, label_items)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def markdown_report(report: dict) -> str:
+    models = report["models"]
+    run = report["run"]
+    files = report.get("eval_files", [])
+    batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+    lines = ["# Distill-Prune-Quantize: final report", ""]
+    head = report.get("headline")
+    lines += [f"**Headline.** {head['sentence']}" if head else f"**Headline.** {report.get('headline_note')}", ""]
+    if run["quick"]:
+        lines += ["> QUICK run: few latency runs and/or a slice of the data; smoke numbers, not a benchmark.", ""]
+    ds = report["dataset"]
+    lines += [
+        f"Accuracy on {ds['name']} {ds['split']} ({ds['n']} sentences). GFLOPs: {report['flops_convention']}; "
+        f"4-bit models are counted through their fp32 twin. GFLOPs/sent: mean at each sentence's real length. "
+        f"Size: weight files on disk in MiB. Latency: CPU, median of {run['latency']['runs']} runs after "
+        f"{run['latency']['warmup']} warm-up, {run['threads']} torch threads, {run['device']}.",
+        "",
+    ]
+    header = (["model", "bits", "accuracy (%)"] + [f"acc {Path(p).name} (%)" for p in files]
+              + ["GFLOPs", "GFLOPs/sent", "params (M)", "size (MiB)"]
+              + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys]
+              + ["layers", "heads", "FFN neurons", "notes"])
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|")
+    for name, r in models.items():
+        notes = []
+        if r["bits"] == 4:
+            notes.append(r["gflops_source"])
+        if r.get("stale"):
+            notes.append("STALE (upstream rebuilt)")
+        if not r.get("complete", True):
+            notes.append("INCOMPLETE (no metadata.json)")
+        label = display_label(name)
+        row = ([f"`{name}`" + (f": {label}" if label != name else ""), str(r["bits"]),
+                f"{r['accuracy'] * 100:.2f}"]
+               + [f"{r['eval_files'].get(p, float('nan')) * 100:.2f}" for p in files]
+               + [f"{r['gflops']:.4g}", f"{r['gflops_per_sentence']:.4g}", f"{r['params'] / 1e6:.2f}",
+                  f"{r['size_mb']:.4g}"]
+               + [f"{r['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys]
+               + [str(r["layers"]), str(r["heads"]), str(r["ffn_neurons"]), "; ".join(notes)])
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if report.get("skipped") or report.get("warnings"):
+        lines += ["## Warnings", ""]
+        lines += [f"- {w}" for w in report.get("warnings", [])]
+        lines += [f"- `{n}` skipped: {why}" for n, why in report.get("skipped", {}).items()]
+        lines.append("")
+    lines += [f"Run: preset {run['preset']}, git {run['git_commit']}, created {run['created']}, "
+              f"{run['wall_time_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_text(text: str, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def generate(models_root, *, validation, dataset: dict, eval_files: dict, settings: dict, out_dir,
+             preset: str, quick: bool, constants: dict, names=None) -> dict:
+    """Discover, measure, and write final_report.json/.png/.md into `out_dir`; return the report."""
+    started = time.time()
+    found, notes = discover_models(models_root, names)
+    for note in notes:
+        logger.warning(f"[report] {note}")
+    if not found:
+        raise StageError(
+            f"no model folders found in {models_root}: run the pipeline first "
+            f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)"
+        )
+    settings = dict(settings, load_average=load_average())
+    busy = machine_busy(settings["load_average"])
+    if busy:
+        notes.append(busy)
+        logger.warning(f"[report] {busy}")
+    flops_cache = FlopsCache(settings["flops_seq_len"])
+    models, skipped = {}, {}
+    for name, folder in found:
+        try:
+            models[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
+                                         settings=settings, flops_cache=flops_cache, models_root=models_root)
+        except SkipModel as err:
+            logger.warning(f"[report] {name}: skipped, {err}")
+            skipped[name] = str(err)
+    if not models:
+        raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
+    for name, r in models.items():
+        notes += [f"{name}: {w}" for w in r["warnings"]]
+    report = build_report(models, settings=settings, dataset=dataset, eval_files=eval_files, preset=preset,
+                          quick=quick, skipped=skipped, notes=notes, constants=constants,
+                          wall_time_s=time.time() - started)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report, out_dir / REPORT_JSON)
+    plot_report(report, out_dir / REPORT_PNG)
+    write_text(markdown_report(report), out_dir / REPORT_MD)
+    logger.info(f"[report] wrote {out_dir / REPORT_JSON}, {REPORT_PNG}, {REPORT_MD}")
+    if report["headline"]:
+        logger.info(f"[report] {report['headline']['sentence']}")
+    else:
+        logger.warning(f"[report] {report['headline_note']}")
+    return report
+

@@ -1,0 +1,278 @@
+"""7_evaluate_and_generate_report.py and common/report.py on a tiny pipeline built here: a 3-layer teacher, a
+2-layer student, physically pruned students (default + one sweep point) and 4-bit twins, tiny SST-2 data."""
+
+import json
+import runpy
+import shutil
+
+import pytest
+import torch
+
+from conftest import (REPO, run_script, save_tiny, tiny_bert_config, tiny_distilbert_config, tiny_sentences,
+                      write_glue_tsv)
+
+# THREADS=1: two threads on a shared 2-core machine make each tiny forward wait ~0.3 s on the other thread
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore imports torch.jit.script
+
+RUN_ARGS = ("QUICK=True", "LATENCY_RUNS=2", "WARMUP_RUNS=1", "MAX_LENGTH=64", "FLOPS_SEQ_LEN=64",
+            "EVAL_BATCH_SIZE=64", "THREADS=1")
+ORDER = ["teacher_model", "student_model", "distilled_quantized_student", "pruned_model", "pruned_quantized_final",
+         "pruned_model_s50", "pruned_model_s50_quantized"]
+MODEL_KEYS = {"accuracy", "eval_files", "gflops", "gflops_per_sentence", "params", "size_mb", "bits",
+              "latency_ms", "layers", "heads", "ffn_neurons"}
+
+
+def _stage_folder(folder, stage, build, upstream=()):
+    """Write a model folder the way stages do (atomic, metadata.json last, upstream recorded)."""
+    from common.stage import stage_output
+
+    with stage_output(folder, stage, {"TEST": True}, 0) as out:
+        for source, source_stage in upstream:
+            out.add_upstream(source, source_stage)
+        build(out.dir)
+    return folder
+
+
+def _prepare_data(root):
+    from common.data import MANIFEST, manifest_for
+
+    folder = root / "data" / "sst2"
+    write_glue_tsv(folder / "train.tsv", tiny_sentences(40, seed=1))
+    write_glue_tsv(folder / "validation.tsv", tiny_sentences(48, seed=2))
+    (folder / MANIFEST).write_text(json.dumps(manifest_for(folder, "test")))
+
+
+def build_tiny_pipeline(root):
+    """models/ with every folder the report expects, plus a pruning sweep point and its 4-bit twin."""
+    from transformers import BertForSequenceClassification
+
+    from common.modeling import load_model, load_tokenizer
+    from common.pruning import prune_units
+    from common.quantization import quantize_model, save_quantized
+
+    models = root / "models"
+    _prepare_data(root)
+
+    def fresh(config, seed):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config).eval()
+
+    teacher = _stage_folder(models / "teacher_model", "teacher",
+                            lambda d: save_tiny(fresh(tiny_bert_config(num_hidden_layers=3), 0), d))
+    student = _stage_folder(models / "student_model", "student",
+                            lambda d: save_tiny(fresh(tiny_bert_config(), 1), d), [(teacher, "teacher")])
+
+    def pruned(heads, ffn):
+        def build(d):
+            model = load_model(student)
+            prune_units(model, heads=heads, ffn=ffn)
+            save_tiny(model, d)
+        return build
+
+    pruned_default = _stage_folder(models / "pruned_model", "pruned", pruned({0: [0]}, {1: range(32)}),
+                                   [(student, "student")])
+    sweep = _stage_folder(models / "pruned_model_s50", "pruned", pruned({0: [0, 1], 1: [0, 1]}, {0: range(32)}),
+                          [(student, "student")])
+
+    def quantized(source):
+        def build(d):
+            save_quantized(quantize_model(load_model(source), embedding_bits=8), load_tokenizer(source), d)
+        return build
+
+    _stage_folder(models / "distilled_quantized_student", "student_quantized", quantized(student),
+                  [(student, "student")])
+    _stage_folder(models / "pruned_quantized_final", "pruned_quantized", quantized(pruned_default),
+                  [(pruned_default, "pruned")])
+    _stage_folder(models / "pruned_model_s50_quantized", "pruned_quantized", quantized(sweep),
+                  [(sweep, "pruned")])
+    return models
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline and ONE report run over it (shared by the checks below)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELS_DIR", str(root / "models"))
+        mp.setenv("DATA_DIR", str(root / "data"))
+        mp.setenv("REPORT_DIR", str(root / "report"))
+        mp.delenv("QUICK", raising=False)
+        build_tiny_pipeline(root)
+        extra = write_glue_tsv(root / "extra.tsv", tiny_sentences(10, seed=3))
+        report = run_script("7_evaluate_and_generate_report.py", *RUN_ARGS, "--eval-file", str(extra))
+        yield {"root": root, "report": report, "out": root / "report", "extra": str(extra)}
+
+
+def test_report_json_has_the_issue_shape_and_plausible_values(pipeline):
+    text = (pipeline["out"] / "final_report.json").read_text()
+    report = json.loads(text)
+    assert text == json.dumps(report, indent=2, sort_keys=True) + "\n"  # sorted keys, indented
+    assert set(report) >= {"run", "dataset", "flops_convention", "models", "headline"}
+    assert set(report["run"]) >= {"preset", "quick", "created", "git_commit", "device", "threads", "versions"}
+    assert report["run"]["quick"] is True and report["run"]["threads"] == 1
+    assert report["dataset"] == {"name": "sst2", "split": "validation", "n": 48}
+    assert "1 multiply-add = 1 FLOP" in report["flops_convention"]
+
+    models = report["models"]
+    assert set(models) == set(ORDER) and report["model_order"] == ORDER == list(pipeline["report"]["models"])
+    for name, r in models.items():
+        assert MODEL_KEYS <= set(r), name
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert set(r["eval_files"]) == {pipeline["extra"]} and 0.0 <= r["eval_files"][pipeline["extra"]] <= 1.0
+        assert r["gflops"] > r["gflops_per_sentence"] > 0  # real sentences are shorter than 64 tokens
+        assert r["bits"] in (4, 32) and r["size_mb"] > 0 and r["params"] > 0
+        assert set(r["latency_ms"]) == {"batch_1", "batch_32"} and all(v > 0 for v in r["latency_ms"].values())
+        assert r["complete"] and not r["stale"] and r["gflops_length_fit_exact"]
+
+    teacher, student, pruned, sweep = (models[n] for n in ("teacher_model", "student_model", "pruned_model",
+                                                            "pruned_model_s50"))
+    assert (teacher["layers"], student["layers"]) == (3, 2)
+    assert teacher["gflops"] > student["gflops"] > pruned["gflops"] > sweep["gflops"]
+    assert student["params"] > pruned["params"] > sweep["params"]
+    assert (student["heads"], student["ffn_neurons"]) == (8, 128)
+    assert (pruned["heads_per_layer"], pruned["ffn_per_layer"]) == ([3, 4], [64, 32])
+    assert (sweep["heads_per_layer"], sweep["ffn_per_layer"]) == ([2, 2], [32, 64])
+
+    for fp32, q4 in (("student_model", "distilled_quantized_student"), ("pruned_model", "pruned_quantized_final"),
+                     ("pruned_model_s50", "pruned_model_s50_quantized")):
+        a, b = models[fp32], models[q4]
+        assert (a["bits"], b["bits"]) == (32, 4)
+        assert b["size_mb"] < a["size_mb"]
+        assert b["gflops"] == a["gflops"] and fp32 in b["gflops_source"]  # counted on its fp32 twin
+        assert b["params"] == a["params"]  # logical count, not the packed 4-bit storage
+        assert (b["heads_per_layer"], b["ffn_per_layer"]) == (a["heads_per_layer"], a["ffn_per_layer"])
+
+    head = report["headline"]
+    assert head["baseline"] == "distilled_quantized_student" and head["final"] == "pruned_quantized_final"
+    assert set(head) >= {"gflops_reduction", "accuracy_drop_points", "size_reduction", "latency_speedup_batch_32"}
+    expected = 1 - models["pruned_quantized_final"]["gflops"] / models["distilled_quantized_student"]["gflops"]
+    assert head["gflops_reduction"] == pytest.approx(expected, abs=1e-4) and head["gflops_reduction"] > 0
+    assert pipeline["report"]["headline"] == head
+
+
+def test_chart_and_markdown_are_written(pipeline):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png = pipeline["out"] / "final_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = plt.imread(str(png))
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    md = (pipeline["out"] / "final_report.md").read_text()
+    assert "**Headline.** pruned_quantized_final needs" in md
+    for name in pipeline["report"]["models"]:
+        assert f"`{name}`" in md
+
+
+@pytest.mark.parametrize("content", [None, "sentence\tlabel\na fine film\t7\n", "text\tlabel\nok\t1\n"])
+def test_bad_eval_file_fails_clearly_before_any_model_is_loaded(pipeline, tmp_path, monkeypatch, capsys, content):
+    from common import report
+    from common.data import DataError
+    from common.stage import run_main
+
+    monkeypatch.setenv("MODELS_DIR", str(pipeline["root"] / "models"))
+    monkeypatch.setenv("DATA_DIR", str(pipeline["root"] / "data"))
+    monkeypatch.setenv("REPORT_DIR", str(tmp_path / "out"))
+    monkeypatch.setattr(report, "load_model", lambda *a: pytest.fail("a model was loaded despite a bad --eval-file"))
+    path = tmp_path / "reviews.tsv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match="reviews.tsv"):
+        run_script("7_evaluate_and_generate_report.py", *RUN_ARGS, "--eval-file", str(path))
+
+    # as a command: message on stderr, non-zero exit, nothing written
+    namespace = runpy.run_path(str(REPO / "7_evaluate_and_generate_report.py"), run_name="dpq_test")
+    monkeypatch.setattr("sys.argv", ["7_evaluate_and_generate_report.py", *RUN_ARGS, f"--eval-file={path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(namespace["main"])
+    assert exit_info.value.code == 1
+    assert "reviews.tsv" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_half_made_and_stale_folders(pipeline, tmp_path, monkeypatch, caplog):
+    from common.stage import StageError
+
+    models = tmp_path / "models"
+    shutil.copytree(pipeline["root"] / "models" / "student_model", models / "student_model")
+    shutil.copytree(pipeline["root"] / "models" / "pruned_model", models / "pruned_model")
+    shutil.copytree(pipeline["root"] / "models" / "pruned_model_s50", models / "pruned_model_s50")
+    (models / "pruned_model_s50" / "metadata.json").unlink()  # half-made
+    meta = json.loads((models / "pruned_model" / "metadata.json").read_text())
+    meta["upstream"]["student"]["folder"] = str(models / "student_model")
+    meta["upstream"]["student"]["run_id"] = "an-older-run"  # its student was rebuilt since
+    (models / "pruned_model" / "metadata.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("MODELS_DIR", str(models))
+    monkeypatch.setenv("DATA_DIR", str(pipeline["root"] / "data"))
+    monkeypatch.setenv("REPORT_DIR", str(tmp_path / "out"))
+
+    with caplog.at_level("WARNING", logger="dpq"):
+        report = run_script("7_evaluate_and_generate_report.py", *RUN_ARGS)
+    assert list(report["models"]) == ["student_model", "pruned_model", "pruned_model_s50"]
+    for missing in ("teacher_model", "distilled_quantized_student", "pruned_quantized_final"):
+        assert any(missing in w and "skipped" in w for w in report["warnings"])
+        assert missing in caplog.text
+    assert report["models"]["pruned_model"]["stale"] is True
+    assert report["models"]["pruned_model_s50"]["complete"] is False
+    assert report["headline"] is None and "pruned_quantized_final" in report["headline_note"]
+    saved = json.loads((tmp_path / "out" / "final_report.json").read_text())
+    assert saved["headline"] is None and saved["headline_note"]
+    assert "STALE" in (tmp_path / "out" / "final_report.md").read_text()
+    assert (tmp_path / "out" / "final_report.png").stat().st_size > 0
+
+    shutil.rmtree(models)
+    models.mkdir()
+    with pytest.raises(StageError, match="no model folders"):
+        run_script("7_evaluate_and_generate_report.py", *RUN_ARGS)
+
+
+def test_command_line_parsing():
+    from common.config import ConfigError
+
+    split = runpy.run_path(str(REPO / "7_evaluate_and_generate_report.py"), run_name="dpq_test")["split_eval_files"]
+    assert split(["--eval-file", "a.tsv", "QUICK=1", "--eval-file=b.tsv"]) == (["a.tsv", "b.tsv"], ["QUICK=1"])
+    with pytest.raises(ConfigError, match="needs a path"):
+        split(["--eval-file"])
+    with pytest.raises(ConfigError, match="unknown flag"):
+        split(["--evalfile", "x"])
+    with pytest.raises(ConfigError, match="LATENCY_RUNS"):
+        run_script("7_evaluate_and_generate_report.py", "LATENCY_RUNS=3")
+
+
+def test_architecture_and_flops_curve_on_pruned_distilbert():
+    from transformers import DistilBertForSequenceClassification
+
+    from common.flops import count_flops
+    from common.pruning import prune_units
+    from common.report import FlopsCurve, architecture, latency_indices
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(tiny_distilbert_config()).eval()
+    prune_units(model, heads={1: [0, 1, 2, 3]}, ffn={0: range(32)})
+    arch = architecture(model)
+    assert (arch["layers"], arch["heads_per_layer"], arch["ffn_per_layer"]) == (2, [4, 0], [32, 64])
+    curve = FlopsCurve(lambda: model, ref_len=40)
+    assert curve.exact
+    assert curve.gflops(21) == count_flops(model, seq_len=21) / 1e9
+
+    sentences = [s for s, _ in tiny_sentences(50, seed=0)]
+    assert latency_indices(sentences, 32, seed=0) == latency_indices(sentences, 32, seed=0)
+    assert len(latency_indices(sentences, 1, seed=0)) == 1
+
+
+def test_fp32_twin_rebuilt_from_config_when_no_upstream(pipeline):
+    """Without a usable upstream folder, a 4-bit folder's FLOPs come from an fp32 model rebuilt from its config."""
+    from common.flops import count_flops
+    from common.modeling import load_model
+    from common.report import architecture, fp32_twin
+
+    models = pipeline["root"] / "models"
+    folder = models / "pruned_quantized_final"
+    model = load_model(folder)
+    source, build = fp32_twin(folder, {}, models, architecture(model), type(model).__name__)
+    assert source.startswith("fp32 twin rebuilt from pruned_quantized_final")
+    twin = build()
+    assert architecture(twin)["heads_per_layer"] == [3, 4]
+    assert count_flops(twin, seq_len=20) == count_flops(load_model(models / "pruned_model"), seq_len=20)
