@@ -34,7 +34,7 @@ import sys
 
 from common.config import (ConfigError, apply_preset, apply_quick, as_dict, constants, env_flag, env_preset,
                            parse_overrides)
-from common.data import encoded_splits, make_loader
+from common.data import encoded_splits, split_loaders
 from common.distillation import kd_loss_fn, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import count_parameters, load_model, load_tokenizer, save_model
@@ -188,10 +188,7 @@ def main(argv=None):
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
-    pad = tokenizer.pad_token_id
-    loaders = {"train": make_loader(data["train"], cfg.BATCH_SIZE, shuffle=True, seed=cfg.SEED, pad_id=pad),
-               "heldout": make_loader(data["heldout"], 128, pad_id=pad),
-               "validation": make_loader(data["validation"], 128, pad_id=pad)}
+    loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA)
     reference = {"validation_accuracy": evaluate(load_model(student_dir), loaders["validation"]),
