@@ -46,7 +46,8 @@ QUICK = env_flag("QUICK")  # accepted for `make`/CI; changes nothing here (quant
 QUANTIZE = ("student", "pruned", "sweep")  # inputs: student_model, pruned_model, every pruned_model_sNN present
 QUANT_TYPE = "nf4"         # "nf4" (4-bit NormalFloat, QLoRA) | "fp4"
 DOUBLE_QUANT = False       # also quantize the per-block absmax to 8 bits (QLoRA's double quantization)
-BLOCKSIZE = 64             # weights per absmax; 32 | 64 | 128 | 256
+BLOCKSIZE = 32             # weights per absmax; 32 | 64 | 128 | 256. 32: the 50%-pruned MiniLM kept 98.6% of its
+                           # fp32 predictions (max logit error 1.3) vs 93.1% (4.1) at 64, for +1% size
 EMBEDDING_BITS = 8         # word embeddings: 8 (int8 rows), 4 (QUANT_TYPE, blockwise), 32 (left fp32)
 QUANTIZE_HEAD = True       # BERT pooler dense / DistilBERT pre_classifier in 4-bit too (the classifier stays fp32)
 COMPUTE_DTYPE = "auto"     # matmuls of the 4-bit layers (weights dequantized to it on the fly): float32 | bfloat16 |
