@@ -28,7 +28,7 @@ from common.data import encoded_splits, model_inputs, split_loaders
 from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
 from common.modeling import count_parameters, load_model, load_tokenizer, save_model
 from common.paths import models_root, stage_dir
-from common.stage import StageError, logger, require_stage, run_main, set_seed, stage_output
+from common.stage import StageError, check_preset, logger, require_stage, run_main, set_seed, stage_output
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -87,10 +87,7 @@ def main(argv=None):
     apply_quick(cfg, **QUICK_VALUES)
     teacher_dir = stage_dir("teacher")
     teacher_meta = require_stage(teacher_dir, "teacher")
-    made_for = teacher_meta.get("results", {}).get("preset")
-    if made_for and made_for != cfg.PRESET:
-        raise StageError(f"{teacher_dir} was trained for preset {made_for!r}, this run uses PRESET={cfg.PRESET!r}: "
-                         f"run `PRESET={cfg.PRESET} python 1_train_teacher.py` first")
+    check_preset(teacher_dir, teacher_meta, cfg.PRESET, "teacher")
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(teacher_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)

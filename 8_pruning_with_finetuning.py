@@ -40,7 +40,8 @@ from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, meas
 from common.modeling import count_parameters, load_model, load_tokenizer, save_model
 from common.paths import models_root, pruned_sweep_folder, stage_dir
 from common.pruning import CRITERIA, get_layout, gradual_prune, kept_units, reachable_sparsity
-from common.stage import StageError, is_stale, json_dump, logger, require_stage, run_main, set_seed, stage_output
+from common.stage import (StageError, check_preset, is_stale, json_dump,
+                          logger, require_stage, run_main, set_seed, stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -90,12 +91,8 @@ def check_inputs(cfg, student_dir, teacher_dir) -> tuple:
     """Metadata of the student and teacher folders, after checking they belong together."""
     student_meta = require_stage(student_dir, "student")
     teacher_meta = require_stage(teacher_dir, "teacher")
-    for folder, meta, script in ((student_dir, student_meta, "2_distill_student.py"),
-                                 (teacher_dir, teacher_meta, "1_train_teacher.py")):
-        made_for = meta.get("results", {}).get("preset")
-        if made_for and made_for != cfg.PRESET:
-            raise StageError(f"{folder} was made for preset {made_for!r}, this run uses PRESET={cfg.PRESET!r}: "
-                             f"run `PRESET={cfg.PRESET} python {script}` first, or set PRESET={made_for}")
+    check_preset(student_dir, student_meta, cfg.PRESET, "student")
+    check_preset(teacher_dir, teacher_meta, cfg.PRESET, "teacher")
     if is_stale(student_meta):
         raise StageError(f"{student_dir} was distilled from an earlier {teacher_dir.name} (rebuilt since): "
                          f"run `python 2_distill_student.py` again first")

@@ -37,7 +37,8 @@ from common.modeling import count_parameters, load_model, load_tokenizer, weight
 from common.paths import models_root, stage_dir
 from common.pruning import get_layout, is_pruned
 from common.quantization import precision_map, quantize_model, save_quantized
-from common.stage import StageError, is_stale, logger, require_stage, run_main, set_seed, stage_output
+from common.stage import (StageError, check_preset, is_stale, logger,
+                          require_stage, run_main, set_seed, stage_output)
 from common.training import predict_logits
 
 # -----------------------------------------------------------------------------
@@ -109,10 +110,7 @@ def plan(cfg) -> list:
     jobs += [(folder, "pruned", quantized_folder_for(folder), "pruned_quantized") for folder in sweep]
     for source, stage, _, _ in jobs:
         meta = require_stage(source, stage)
-        made_for = meta.get("results", {}).get("preset")
-        if made_for and made_for != cfg.PRESET:
-            raise StageError(f"{source} was made for preset {made_for!r}, this run uses PRESET={cfg.PRESET!r}: "
-                             f"set PRESET={made_for} or rebuild it")
+        check_preset(source, meta, cfg.PRESET, stage)
         stale = is_stale(meta)
         if stale:
             raise StageError(f"{source} was made from an earlier {', '.join(stale)} (rebuilt since): run "

@@ -20,7 +20,8 @@ import os
 import sys
 
 from common.config import as_dict, constants, env_preset, parse_overrides
-from common.data import DataError, manifest_for, rows_from_glue_dir, rows_from_hub, write_glue_tsv, SPLIT_FILES, MANIFEST
+from common.data import (MANIFEST, SPLIT_FILES, DataError, manifest_for, rows_from_glue_dir, rows_from_hub,
+                         write_glue_tsv)
 from common.modeling import PRESET_SOURCES, count_parameters, load_pretrained_for_classification, save_model
 from common.paths import sst2_dir, stage_dir
 from common.stage import StageError, json_dump, logger, run_main, set_seed, stage_output

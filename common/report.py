@@ -228,7 +228,7 @@ class FlopsCurve:
             self._trace(n)
         self.exact = self._fit(ref_len) == self.traced[ref_len]
         if not self.exact:
-            logger.warning(f"[report] FLOPs are not quadratic in length for this model: tracing each length")
+            logger.warning("[report] FLOPs are not quadratic in length for this model: tracing each length")
 
     def _trace(self, n: int) -> int:
         if n not in self.traced:
@@ -523,7 +523,6 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         f"{bits}-bit, latency {latency}, {arch['layers']} layers / {arch['heads']} heads / "
         f"{arch['ffn_neurons']} FFN neurons"
     )
-    del model
     return record
 
 

@@ -97,6 +97,15 @@ def require_stage(folder, stage: str) -> dict:
         raise StageError(f"{folder / METADATA} is not valid JSON ({err}): run `python {script}` again.") from None
 
 
+def check_preset(folder, meta: dict, preset: str, stage: str) -> None:
+    """Refuse a stage folder made for another preset; the message names the script to rerun."""
+    made_for = meta.get("results", {}).get("preset")
+    if made_for and made_for != preset:
+        script = STAGE_SCRIPTS.get(stage, "the stage that writes it")
+        raise StageError(f"{folder} was made for preset {made_for!r}, this run uses PRESET={preset!r}: "
+                         f"run `PRESET={preset} python {script}` first, or set PRESET={made_for}")
+
+
 def upstream_record(folder, stage: str) -> dict:
     """What a downstream stage stores about a folder it read: path, stage and run_id."""
     meta = require_stage(folder, stage)

@@ -88,11 +88,9 @@ def test_downstream_notices_a_rebuilt_upstream(tmp_path):
 
 
 def test_a_killed_stage_leaves_no_partial_folder(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "stage_script.py"
     script.write_text(

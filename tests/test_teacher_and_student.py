@@ -1,8 +1,6 @@
 """Stages 1 and 2 on tiny random models: teacher fine-tuning, the student built from teacher layers,
 the KD loss, the teacher-logit cache, the ablation, both presets, and clear errors out of order."""
 
-import json
-
 import pytest
 import torch
 from transformers import BertForSequenceClassification
