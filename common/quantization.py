@@ -196,14 +196,6 @@ def quant_classes():
 # which modules are quantized
 
 
-def _backbone(model):
-    if hasattr(model, "bert"):
-        return model.bert
-    if hasattr(model, "distilbert"):
-        return model.distilbert
-    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
-
-
 def head_dense_name(model) -> str | None:
     """The hidden->hidden layer before the classifier: BERT's pooler dense, DistilBERT's pre_classifier."""
     if hasattr(model, "distilbert"):
@@ -215,8 +207,9 @@ def head_dense_name(model) -> str | None:
 
 def encoder_linear_names(model) -> list:
     """Names of every Linear inside the transformer blocks (attention q/k/v/out, FFN in/out)."""
-    encoder = "bert.encoder" if hasattr(model, "bert") else "distilbert.transformer"
-    _backbone(model)
+    from common.flops import encoder_module_name
+
+    encoder = encoder_module_name(model)  # raises TypeError for anything but BERT / DistilBERT
     return [
         name
         for name, module in model.named_modules()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common.flops import FLOPS_CONVENTION, count_flops
-from common.modeling import LAYOUT_KEY, QUANT_KEY, encoder_layers, load_model, load_tokenizer, weight_bytes
+from common.modeling import LAYOUT_KEY, QUANT_KEY, load_model, load_tokenizer, weight_bytes
 from common.paths import REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS
 from common.stage import METADATA, StageError, git_commit, is_stale, json_dump, library_versions, read_metadata
 
@@ -145,38 +145,21 @@ def folder_status(folder: Path):
 # Architecture and size, counted from the model itself
 
 
-def _out_features(linear) -> int:
-    if linear is None:
-        return 0
-    if hasattr(linear, "out_features"):  # nn.Linear and bitsandbytes Linear4bit alike
-        return int(linear.out_features)
-    return int(linear.weight.shape[0])
-
-
 def architecture(model) -> dict:
-    """Layers, attention heads kept and FFN neurons kept, counted from the modules (BERT or DistilBERT,
-    pruned or not, fp32 or 4-bit)."""
+    """Layers, attention heads kept and FFN neurons kept, counted from the modules by common.pruning.get_layout
+    (BERT or DistilBERT, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
+    from common.pruning import get_layout
+
+    layout = get_layout(model)
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads  # of the unpruned model; slicing keeps it
-    heads, ffn = [], []
-    for layer in encoder_layers(model):
-        if hasattr(layer, "intermediate"):  # BERT
-            attention = getattr(getattr(layer, "attention", None), "self", None)
-            query = getattr(attention, "query", None)
-            up = layer.intermediate.dense
-        else:  # DistilBERT
-            query = getattr(getattr(layer, "attention", None), "q_lin", None)
-            up = layer.ffn.lin1
-        heads.append(_out_features(query) // head_dim)
-        ffn.append(_out_features(up))
     return {
-        "layers": len(heads),
-        "heads": sum(heads),
-        "ffn_neurons": sum(ffn),
-        "heads_per_layer": heads,
-        "ffn_per_layer": ffn,
+        "layers": len(layout["heads"]),
+        "heads": sum(layout["heads"]),
+        "ffn_neurons": sum(layout["ffn"]),
+        "heads_per_layer": layout["heads"],
+        "ffn_per_layer": layout["ffn"],
         "hidden_size": config.hidden_size,
-        "head_dim": head_dim,
+        "head_dim": config.hidden_size // config.num_attention_heads,  # of the unpruned model; slicing keeps it
     }
 
 
