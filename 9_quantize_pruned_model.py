@@ -1,23 +1,30 @@
-"""Stage 9: real 4-bit weights (bitsandbytes NF4) for the final pruned model and for its unpruned baseline.
+"""Stage 9: the deployable forms of the final pruned model and of its unpruned baseline: bitsandbytes NF4 4-bit
+(PyTorch) and ONNX Runtime int8 / fp32 (CPU serving).
 
 Reads   models/pruned_model/ (8_pruning_with_finetuning.py), models/student_model/ (2_distill_student.py),
         every sweep folder models/pruned_model_sNN/ present (8_pruning_with_finetuning.py PRUNE_TARGETS=...),
         data/sst2/ (download_model.py)
-Writes  models/pruned_quantized_final/        4-bit pruned student: the final model
-        models/distilled_quantized_student/   4-bit unpruned student: the standard quantized model it is
-                                              compared against
-        models/pruned_model_sNN_quantized/    4-bit twin of each sweep folder
+Writes  models/pruned_quantized_final/        the final model: the pruned student in 4-bit, plus onnx/
+        models/distilled_quantized_student/   the unpruned student in 4-bit (the standard quantized model it is
+                                              compared against), plus onnx/
+        models/pruned_model_sNN_quantized/    the same for each sweep folder
         Each: model.safetensors (4-bit codes + statistics + the fp32 rest), config.json (settings under
-        `dpq_quantization`, pruned layout under `dpq_layout`), tokenizer, stage.log, and metadata.json with the
-        source folder, settings, bytes on disk, what precision each part is stored in, and the validation
-        accuracy measured after reloading the saved folder, next to its fp32 source's (measured in this run).
+        `dpq_quantization`, pruned layout under `dpq_layout`, `auto_map` to the shipped modeling_dpq.py), tokenizer,
+        onnx/ (model.onnx fp32 and model_int8.onnx for ONNX Runtime on CPU, with the tokenizer and export.json),
+        stage.log, and metadata.json with the source folder, settings, bytes on disk, what precision each part is
+        stored in, and the validation accuracy of every artifact measured by running it, next to its fp32
+        source's (measured in this run).
+
+Which to ship: on a CPU without native bf16 (AVX2 only), bitsandbytes 4-bit is slower than fp32 (it dequantizes
+every weight on every forward); ONNX Runtime int8 is the fast CPU artifact. 4-bit is for GPUs and bf16 CPUs,
+and for memory. The report (stage 7) times every artifact on the machine at hand.
 
 Every Linear of the transformer blocks (and the pooler / pre_classifier) becomes a bitsandbytes Linear4bit, the
 word embeddings 8-bit, the 2-way classifier stays fp32 (details: common/quantization.py). The saved folder is
 reloaded through common.modeling.load_model, and its logits must equal those of the model before saving.
 Runs on CPU or CUDA with the same code (DEVICE). The 4-bit layers compute in bfloat16 where the hardware has
 native bf16 matmuls (COMPUTE_DTYPE=auto; recorded in metadata), which is where their CPU speed comes from:
-with COMPUTE_DTYPE=float32 they run ~2-10% slower than the fp32 model (dequantization on every forward).
+in float32 (AVX2 CPUs) they ran 1.4-1.6x slower than the fp32 model at batch 1 and about as fast at batch 32.
 
 Run:    python 9_quantize_pruned_model.py
 Quick:  QUICK=1 python 9_quantize_pruned_model.py     (same work: this stage takes seconds per model)
@@ -30,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from common import paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
+from common import export, paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
 from common.config import ConfigError, as_dict, constants, env_flag, env_preset, parse_overrides
 from common.data import encode, load_sst2_splits, make_loader
 from common.modeling import count_parameters, load_model, load_tokenizer, weight_bytes
@@ -54,6 +61,10 @@ QUANTIZE_HEAD = True       # BERT pooler dense / DistilBERT pre_classifier in 4-
 COMPUTE_DTYPE = "auto"     # matmuls of the 4-bit layers (weights dequantized to it on the fly): float32 | bfloat16 |
                            # auto = bfloat16 where the device has native bf16 matmuls (AVX512-BF16 CPU, GPU)
 DEVICE = "auto"            # where to quantize and evaluate: auto (cuda if available) | cpu | cuda
+ONNX = ("fp32", "int8")   # CPU serving artifacts of each source, written to <folder>/onnx/: fp32 (ONNX Runtime),
+                           # int8 (ONNX Runtime dynamic quantization), int4 (weight-only MatMulNBits); () = none
+ONNX_MIN_AGREEMENT = 0.97  # an int8/int4 export agreeing with its fp32 source on fewer validation predictions is
+                           # removed (and the reason recorded); the fp32 export must match to 1e-3 in the logits
 EVAL_BATCH_SIZE = 128
 MAX_LENGTH = 128
 SEED = 42
@@ -71,6 +82,11 @@ def check_config(cfg) -> torch.device:
                          ("COMPUTE_DTYPE", ("auto",) + tuple(quantization.COMPUTE_DTYPES))):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
+    unknown = [k for k in cfg.ONNX if k not in export.KINDS]
+    if unknown:
+        raise ConfigError(f"ONNX={cfg.ONNX!r}: use a tuple of {export.KINDS} (or () for no ONNX export)")
+    if not 0.0 <= cfg.ONNX_MIN_AGREEMENT <= 1.0:
+        raise ConfigError(f"ONNX_MIN_AGREEMENT={cfg.ONNX_MIN_AGREEMENT!r}: a fraction between 0 and 1, e.g. 0.97")
     if cfg.DEVICE == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.DEVICE == "cuda" and not torch.cuda.is_available():
@@ -169,6 +185,9 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
             "preset": cfg.PRESET,
             "quick": cfg.QUICK,
         }
+        if cfg.ONNX:
+            results["onnx"] = export_onnx(cfg, source, tokenizer, loader, fp32_logits if device.type == "cpu" else None,
+                                          out.dir)
         logger.info(f"{dest.name}: validation accuracy (reloaded from disk) {accuracy:.4f} vs fp32 "
                     f"{fp32_accuracy:.4f} ({results['accuracy_diff_points']:+.2f} points, predictions agree on "
                     f"{100 * results['prediction_agreement']:.1f}%); {size / 2**20:.2f} MiB on disk = "
@@ -176,6 +195,21 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
                     + (f", {100 * results['size_vs_fp32_student']:.1f}% of the fp32 student" if student_bytes else ""))
         out.results = results
     return results
+
+
+def export_onnx(cfg, source, tokenizer, loader, fp32_logits, folder) -> dict:
+    """The CPU serving artifacts of the fp32 source, in folder/onnx/, each checked against the source's logits.
+    An export that does not match is not kept: the stage still succeeds, and the reason is recorded and logged."""
+    model = load_model(source)  # fresh fp32 copy on CPU: the one on `device` was quantized in place
+    if fp32_logits is None:
+        fp32_logits = predict_logits(model, loader)
+    try:
+        return export.export_folder(model, tokenizer, folder, cfg.ONNX, reference_logits=fp32_logits,
+                                    labels=loader.dataset.labels, loader=loader,
+                                    min_agreement=cfg.ONNX_MIN_AGREEMENT, log=logger.info)
+    except export.ExportError as err:
+        logger.warning(f"WARNING: no ONNX export for {source.name}: {err}")
+        return {"error": str(err), "artifacts": {}}
 
 
 def main(argv=None):

@@ -11,6 +11,8 @@ from math import prod
 
 import torch
 
+from common.modeling_dpq import encoder_module_name
+
 FLOPS_CONVENTION = "fvcore, 1 multiply-add = 1 FLOP, batch 1, sequence length 128"
 SEQ_LEN = 128
 
@@ -50,14 +52,6 @@ def count_flops(model, seq_len: int = SEQ_LEN, batch_size: int = 1, module: str 
 def measure_gflops(model, seq_len: int = SEQ_LEN, batch_size: int = 1) -> float:
     """GFLOPs of the whole classifier at batch 1, sequence length 128 unless told otherwise."""
     return count_flops(model, seq_len, batch_size) / 1e9
-
-
-def encoder_module_name(model) -> str:
-    if hasattr(model, "bert"):
-        return "bert.encoder"
-    if hasattr(model, "distilbert"):
-        return "distilbert.transformer"
-    raise TypeError(f"unsupported model class {type(model).__name__}")
 
 
 def measure_encoder_gflops(model, seq_len: int = SEQ_LEN, batch_size: int = 1) -> float:

@@ -1,4 +1,4 @@
-"""Model presets and the project's one loader.
+"""Model presets, and the project's entry points to the one loader (which lives in common/modeling_dpq.py).
 
 Presets (env/constant `PRESET`):
 - `minilm` (default, offline): teacher = the real pretrained MiniLM-L6 (BERT architecture, 6 layers,
@@ -9,10 +9,17 @@ Presets (env/constant `PRESET`):
 `load_model(folder)` is the only way stages read a model folder. It handles the three kinds of folder the
 pipeline writes:
 - plain: `from_pretrained`;
-- pruned: config carries `dpq_layout` (heads and FFN width kept per layer); the unpruned skeleton is built,
-  shrunk to that layout by `common.pruning.apply_layout`, and the weights are loaded strictly (no missing or
+- pruned: config carries `dpq_layout` (heads and FFN width kept per layer): `common.modeling_dpq.load_folder`
+  builds the unpruned skeleton, shrinks it to that layout and loads the weights strictly (no missing or
   unexpected keys);
-- 4-bit: config carries `dpq_quantization`; `common.quantization.load_quantized` rebuilds it.
+- 4-bit: config carries `dpq_quantization`: `common.quantization.load_quantized`, i.e. the same
+  `load_folder` with bnb placeholders swapped in, plus the project's checks of the 4-bit layers.
+
+`common/modeling_dpq.py` is self-contained (torch, transformers, safetensors; bitsandbytes lazily). `save_model`
+(pruned folders) and `common.quantization.save_quantized` (every 4-bit folder) copy it into the folder as
+`modeling_dpq.py` and add `auto_map` to config.json, so that outside this project
+`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` loads the same model with
+the same logits. Unpruned fp32 folders get neither: plain `from_pretrained` loads them.
 """
 
 import logging
@@ -20,12 +27,11 @@ from pathlib import Path
 
 import torch
 
+from common.modeling_dpq import LAYOUT_KEY, QUANT_KEY, encoder_layers, read_state_dict  # noqa: F401 (re-exported)
+
 NUM_LABELS = 2
 ID2LABEL = {0: "negative", 1: "positive"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
-
-LAYOUT_KEY = "dpq_layout"
-QUANT_KEY = "dpq_quantization"
 
 PRESET_SOURCES = {
     # teacher, student (None: built from the teacher's layers by 2_distill_student.py)
@@ -89,11 +95,9 @@ def load_model(folder, device=None):
 
         model = load_quantized(folder, device=device)
     elif getattr(config, LAYOUT_KEY, None):
-        from common.pruning import apply_layout
+        from common.modeling_dpq import load_folder
 
-        model = AutoModelForSequenceClassification.from_config(config)
-        apply_layout(model, getattr(config, LAYOUT_KEY))
-        model.load_state_dict(read_state_dict(folder), strict=True)
+        model = load_folder(folder, config=config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     if config.num_labels != NUM_LABELS:
@@ -103,24 +107,20 @@ def load_model(folder, device=None):
     return model.eval()
 
 
-def read_state_dict(folder) -> dict:
-    """The weights of a saved folder (safetensors, single file or shards)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model*.safetensors in {folder}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def save_model(model, tokenizer, folder) -> None:
-    """Model + config + tokenizer in one self-contained folder."""
+    """Model + config + tokenizer in one self-contained folder.
+
+    A pruned model (config `dpq_layout` with any head or FFN neuron removed) also gets `modeling_dpq.py` and
+    `auto_map` in config.json (`common.modeling_dpq.ship_code`), so it loads outside this project with
+    `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`. An unpruned model gets
+    neither: plain `from_pretrained` loads it.
+    """
+    from common.modeling_dpq import config_is_pruned, ship_code
+
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    if config_is_pruned(model.config):
+        ship_code(folder)
 
 
 def count_parameters(model) -> int:
@@ -130,15 +130,6 @@ def count_parameters(model) -> int:
 def weight_bytes(folder) -> int:
     """Bytes on disk of a folder's weight files."""
     return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
-
-
-def encoder_layers(model):
-    """The transformer blocks of a BERT or DistilBERT classifier."""
-    if hasattr(model, "bert"):
-        return list(model.bert.encoder.layer)
-    if hasattr(model, "distilbert"):
-        return list(model.distilbert.transformer.layer)
-    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
 
 
 @torch.no_grad()

@@ -13,10 +13,13 @@ Units
 Layout
 `get_layout(model)` = {"heads": [kept heads per layer], "ffn": [FFN width per layer]}. Every structural
 change writes it into `model.config.dpq_layout` (common.modeling.LAYOUT_KEY), so `save_pretrained` stores it
-and `common.modeling.load_model` rebuilds the model with `apply_layout` on an unpruned skeleton. The config
-keeps the ORIGINAL head count and FFN width, so a plain `from_pretrained` on a pruned folder fails with a
-size mismatch instead of loading a wrong model. Which original heads/neurons a model kept is
-`kept_units(model)` (bookkeeping on the layer modules, for metadata; not needed to load).
+and `common.modeling.load_model` rebuilds the model on an unpruned skeleton shrunk to the layout
+(`common.modeling_dpq.shrink_to_layout`, the same slicing as here; `apply_layout` does it through
+`remove_heads`/`remove_ffn_neurons`). The config keeps the ORIGINAL head count and FFN width, so a plain
+`from_pretrained` on a pruned folder fails with a size mismatch instead of loading a wrong model;
+`common.modeling.save_model` ships common/modeling_dpq.py with a pruned folder, so that
+`from_pretrained(folder, trust_remote_code=True)` loads it outside this project. Which original heads/neurons a
+model kept is `kept_units(model)` (bookkeeping on the layer modules, for metadata; not needed to load).
 
 Importance (first-order Taylor, per example)
 Removing a unit is setting a gate g on its output to 0. dL/dg at g=1 is the sum of weight x gradient over
@@ -42,57 +45,28 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from common.flops import SEQ_LEN, measure_encoder_gflops
 from common.modeling import LAYOUT_KEY, encoder_layers
+# the block anatomy, head size / count and the slicing live in common/modeling_dpq.py (the loader shipped with every
+# pruned folder): one copy, used here to prune and there to shrink a skeleton to a saved layout
+from common.modeling_dpq import BlockParts as _Parts
+from common.modeling_dpq import block_parts as _parts
+from common.modeling_dpq import get_layout, keep_ffn_neurons, keep_heads, kept_record, original_sizes, validate_layout
+from common.modeling_dpq import head_size as _head_size
+from common.modeling_dpq import num_heads as _num_heads
 
 FFN_MULTIPLE = 32  # FFN widths stay multiples of gcd(original width, FFN_MULTIPLE)
 CRITERIA = ("fisher", "abs")  # per-example gate gradient squared (default) or absolute
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model anatomy
-
-
-@dataclass
-class _Parts:
-    """The pieces of one transformer block that pruning touches."""
-
-    attention: nn.Module  # the module holding the head count
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
-    attn_out: nn.Linear  # input = concatenated heads
-    ffn_in: nn.Linear  # rows = neurons
-    ffn_out: nn.Linear  # columns = neurons
-
-
-def _parts(layer) -> _Parts:
-    if hasattr(layer, "intermediate"):  # BertLayer
-        sa = layer.attention.self
-        return _Parts(sa, sa.query, sa.key, sa.value, layer.attention.output.dense,
-                      layer.intermediate.dense, layer.output.dense)
-    if hasattr(layer, "ffn"):  # DistilBERT TransformerBlock
-        sa = layer.attention
-        return _Parts(sa, sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin, layer.ffn.lin1, layer.ffn.lin2)
-    raise TypeError(f"unsupported transformer block {type(layer).__name__}: expected BERT or DistilBERT")
+# Model anatomy (the rest is in common.modeling_dpq)
 
 
 def _original_sizes(model):
     """(heads, head_size, ffn width, hidden size) of the unpruned architecture, from the config."""
-    c = model.config
-    if hasattr(c, "n_heads"):  # DistilBERT
-        return c.n_heads, c.dim // c.n_heads, c.hidden_dim, c.dim
-    return c.num_attention_heads, c.hidden_size // c.num_attention_heads, c.intermediate_size, c.hidden_size
-
-
-def _head_size(parts: _Parts) -> int:
-    return parts.attention.attention_head_size
-
-
-def _num_heads(parts: _Parts) -> int:
-    return parts.query.out_features // _head_size(parts)
+    return original_sizes(model.config)
 
 
 def ffn_granularity(original_width: int, multiple: int = FFN_MULTIPLE) -> int:
@@ -102,34 +76,11 @@ def ffn_granularity(original_width: int, multiple: int = FFN_MULTIPLE) -> int:
 
 def _kept(layer, original_heads: int, original_ffn: int) -> dict:
     """Original indices of the units a layer still has (bookkeeping stored on the layer module)."""
-    if not hasattr(layer, "_dpq_kept"):
-        layer._dpq_kept = {"heads": list(range(original_heads)), "ffn": list(range(original_ffn))}
-    return layer._dpq_kept
+    return kept_record(layer, original_heads, original_ffn)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Physical removal
-
-
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep rows (dim 0, output features, with the bias) or columns (dim 1, input features) in place.
-
-    The module object stays the same (hooks and names survive); its Parameters are new, so an optimizer
-    holding the old ones must be rebuilt.
-    """
-    index = index.to(linear.weight.device)
-    with torch.no_grad():
-        weight = linear.weight.index_select(dim, index).clone()
-        bias = None
-        if linear.bias is not None:
-            bias = linear.bias.index_select(0, index).clone() if dim == 0 else linear.bias.clone()
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    if dim == 0:
-        linear.out_features = weight.shape[0]
-    else:
-        linear.in_features = weight.shape[1]
 
 
 def _keep_index(current: int, remove) -> torch.Tensor:
@@ -142,25 +93,12 @@ def _keep_index(current: int, remove) -> torch.Tensor:
 
 def remove_heads(model, layer_idx: int, heads) -> None:
     """Physically remove heads (indices in the layer's CURRENT numbering) from one layer."""
-    layer = encoder_layers(model)[layer_idx]
-    p = _parts(layer)
-    n, d = _num_heads(p), _head_size(p)
+    p = _parts(encoder_layers(model)[layer_idx])
+    n = _num_heads(p)
     keep = _keep_index(n, heads)
     if len(keep) == n:
         return
-    rows = (keep[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
-    for linear in (p.query, p.key, p.value):
-        _slice_linear(linear, rows, dim=0)
-    _slice_linear(p.attn_out, rows, dim=1)
-    kept_heads = len(keep)
-    if hasattr(p.attention, "n_heads"):  # DistilBERT
-        p.attention.n_heads = kept_heads
-    else:
-        p.attention.num_attention_heads = kept_heads
-        p.attention.all_head_size = kept_heads * d
-    oh, _, of, _ = _original_sizes(model)
-    kept = _kept(layer, oh, of)
-    kept["heads"] = [kept["heads"][i] for i in keep.tolist()]
+    keep_heads(model, layer_idx, keep)  # slices q/k/v rows and attention-output columns, updates the head count
     _write_layout(model)
 
 
@@ -169,20 +107,16 @@ def remove_ffn_neurons(model, layer_idx: int, neurons) -> None:
 
     The resulting width must stay a multiple of `ffn_granularity(original width)`.
     """
-    layer = encoder_layers(model)[layer_idx]
-    p = _parts(layer)
+    p = _parts(encoder_layers(model)[layer_idx])
     width = p.ffn_in.out_features
     keep = _keep_index(width, neurons)
     if len(keep) == width:
         return
-    oh, _, of, _ = _original_sizes(model)
+    _, _, of, _ = _original_sizes(model)
     g = ffn_granularity(of)
     if len(keep) % g:
         raise ValueError(f"layer {layer_idx}: FFN width {len(keep)} is not a multiple of {g}")
-    _slice_linear(p.ffn_in, keep, dim=0)
-    _slice_linear(p.ffn_out, keep, dim=1)
-    kept = _kept(layer, oh, of)
-    kept["ffn"] = [kept["ffn"][i] for i in keep.tolist()]
+    keep_ffn_neurons(model, layer_idx, keep)
     _write_layout(model)
 
 
@@ -198,16 +132,6 @@ def prune_units(model, heads: dict | None = None, ffn: dict | None = None) -> No
 # Layout: what a pruned model looks like, and rebuilding it on an unpruned skeleton
 
 
-def get_layout(model) -> dict:
-    """{"heads": [heads kept per layer], "ffn": [FFN width per layer]} (JSON-able)."""
-    heads, ffn = [], []
-    for layer in encoder_layers(model):
-        p = _parts(layer)
-        heads.append(_num_heads(p))
-        ffn.append(p.ffn_in.out_features)
-    return {"heads": heads, "ffn": ffn}
-
-
 def _write_layout(model) -> None:
     setattr(model.config, LAYOUT_KEY, get_layout(model))
 
@@ -221,22 +145,13 @@ def is_pruned(model) -> bool:
 def apply_layout(model, layout: dict) -> None:
     """Shrink a model to `layout` (heads and FFN width per layer), keeping the first units of each layer.
 
-    Used by common.modeling.load_model on an unpruned skeleton, whose weights are then overwritten by the
-    saved state dict, so which indices are kept here does not matter.
+    The same shrink as `common.modeling_dpq.shrink_to_layout` (which loaders use on an unpruned skeleton whose
+    weights the saved state dict then overwrites), through `remove_heads` / `remove_ffn_neurons`, so the FFN
+    granularity is enforced and the kept-unit bookkeeping composes on an already pruned model.
     """
-    layers = encoder_layers(model)
+    validate_layout(model, layout)
     current = get_layout(model)
-    for key in ("heads", "ffn"):
-        values = layout.get(key) if isinstance(layout, dict) else None
-        if not isinstance(values, (list, tuple)) or len(values) != len(layers):
-            raise ValueError(
-                f"bad pruning layout {layout!r}: expected {{'heads': [...], 'ffn': [...]}} with one entry per "
-                f"layer ({len(layers)} layers)"
-            )
-        for i, (want, have) in enumerate(zip(values, current[key])):
-            if not isinstance(want, int) or not 0 <= want <= have:
-                raise ValueError(f"bad pruning layout: layer {i} {key}={want!r}, the model has {have}")
-    for i in range(len(layers)):
+    for i in range(len(current["heads"])):
         remove_heads(model, i, range(layout["heads"][i], current["heads"][i]))
         remove_ffn_neurons(model, i, range(layout["ffn"][i], current["ffn"][i]))
     _write_layout(model)

@@ -270,20 +270,19 @@ def _upstream_twin(folder: Path, meta: dict, models_root: Path):
 
 
 def rebuild_fp32_twin(folder: Path):
-    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only).
+
+    Built by the one loader's `common.modeling_dpq.build_model` with the quantization settings removed from the
+    config: unpruned skeleton shrunk to the folder's `dpq_layout`, no weights loaded."""
+    from transformers import AutoConfig
+
+    from common.modeling_dpq import build_model
 
     config = AutoConfig.from_pretrained(str(folder))
     for key in (QUANT_KEY, "quantization_config"):
         if hasattr(config, key):
             delattr(config, key)
-    model = AutoModelForSequenceClassification.from_config(config)
-    layout = getattr(config, LAYOUT_KEY, None)
-    if layout:
-        from common.pruning import apply_layout
-
-        apply_layout(model, layout)
-    return model.eval()
+    return build_model(config).eval()
 
 
 def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
@@ -344,8 +343,10 @@ def latency_inputs(tokenizer, sentences, max_length: int) -> dict:
 
 @torch.no_grad()
 def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
-    """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds."""
-    model.eval()
+    """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds (a PyTorch model or a
+    common.export.OnnxClassifier: both are called as model(input_ids=..., attention_mask=...))."""
+    if hasattr(model, "eval"):
+        model.eval()
     for _ in range(warmup):
         model(**inputs)
     times = []
@@ -382,14 +383,32 @@ def load_eval_files(paths) -> dict:
     return rows
 
 
-def accuracy_on(model, tokenizer, rows, batch_size: int, max_length: int):
-    """(accuracy, tokenized lengths) of `rows` [(sentence, label)] through the project's data and eval code."""
+def eval_loader(tokenizer, rows, batch_size: int, max_length: int):
+    """`rows` [(sentence, label)] through the project's data code: (loader, tokenized lengths)."""
     from common.data import encode, make_loader
-    from common.training import evaluate
 
     encoded = encode(tokenizer, rows, max_length=max_length)
     loader = make_loader(encoded, batch_size, shuffle=False, pad_id=tokenizer.pad_token_id or 0)
-    return float(evaluate(model, loader)), [len(ids) for ids in encoded.input_ids]
+    return loader, [len(ids) for ids in encoded.input_ids]
+
+
+def correct_on(runner, loader) -> list:
+    """Per sentence (dataset order): did the model (PyTorch, or an ONNX classifier) predict its label?"""
+    from common.export import OnnxClassifier, onnx_predict_logits
+    from common.training import predict_logits
+
+    logits = onnx_predict_logits(runner, loader) if isinstance(runner, OnnxClassifier) else predict_logits(runner,
+                                                                                                           loader)
+    return (logits.argmax(-1) == loader.dataset.labels).tolist()
+
+
+def as_bits(correct) -> str:
+    """Per-sentence correctness as a compact JSON string ("1" right, "0" wrong), for paired tests later."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def from_bits(bits: str) -> list:
+    return [c == "1" for c in bits]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,6 +431,45 @@ def family(name: str, config: dict, meta: dict) -> str:
 def sweep_target(name: str):
     match = SWEEP_RE.match(name)
     return int(match.group(1)) / 100 if match else None
+
+
+def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, settings: dict) -> dict:
+    """Accuracy (with its 95% bootstrap interval and per-sentence correctness), accuracy on each extra file,
+    and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others."""
+    from common.stats import accuracy_interval
+
+    correct = correct_on(runner, loader)
+    interval = accuracy_interval(correct, seed=settings["seed"])
+    record = {
+        "accuracy": round(interval["accuracy"], 6),
+        "accuracy_ci": [round(interval["ci_low"], 6), round(interval["ci_high"], 6)],
+        "correct": as_bits(correct),
+        "eval_files": {},
+        "eval_files_correct": {},
+        "latency_ms": {},
+        "latency_detail": {},
+    }
+    for path, file_loader in file_loaders.items():
+        file_correct = correct_on(runner, file_loader)
+        record["eval_files"][path] = round(sum(file_correct) / len(file_correct), 6)
+        record["eval_files_correct"][path] = as_bits(file_correct)
+    for batch, inputs in timed_inputs.items():
+        detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
+        record["latency_ms"][f"batch_{batch}"] = round(detail["median_ms"], 3)
+        record["latency_detail"][f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
+                                                     for k, v in detail.items()}
+    return record
+
+
+def exported(folder, notes: list) -> dict:
+    """{artifact: path} of the ONNX exports a folder ships; an unreadable export becomes a note, not a crash."""
+    from common.export import ExportError, exported_artifacts
+
+    try:
+        return exported_artifacts(folder)
+    except ExportError as err:
+        notes.append(f"ONNX export not measured: {err}")
+        return {}
 
 
 def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root) -> dict:
@@ -438,11 +496,27 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
                      f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
 
     sentences = [s for s, _ in validation]
-    accuracy, lengths = accuracy_on(model, tokenizer, validation, settings["batch_size"], settings["max_length"])
-    file_accuracy = {
-        path: accuracy_on(model, tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
-        for path, rows in eval_files.items()
-    }
+    loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
+    file_loaders = {path: eval_loader(tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
+                    for path, rows in eval_files.items()}
+    timed_inputs = {batch: latency_inputs(tokenizer, [sentences[i] for i in latency_indices(sentences, batch,
+                                                                                            settings["seed"])],
+                                          settings["max_length"])
+                    for batch in settings["latency_batches"]}
+    pytorch = measure_runner(model, loader, file_loaders, timed_inputs, settings)
+    artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
+                                 size_bytes=weight_bytes(folder), file="model*.safetensors")}
+    for artifact, path in exported(folder, notes).items():
+        from common.export import OnnxClassifier
+
+        runner = OnnxClassifier(path, threads=torch.get_num_threads())
+        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed_inputs, settings),
+                                   runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
+                                   size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
+    for record in artifacts.values():
+        record["size_mb"] = round(record["size_bytes"] / 2**20, 3)
+    accuracy, file_accuracy = pytorch["accuracy"], pytorch["eval_files"]
+    latency, latency_detail = pytorch["latency_ms"], pytorch["latency_detail"]
 
     signature = architecture_signature(model_class, arch)
     if bits == 4:
@@ -453,15 +527,6 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     gflops = curve.gflops(flops_cache.ref_len)
     per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
     gflops_per_sentence = sum(per_length[n] for n in lengths) / len(lengths)
-
-    latency, latency_detail = {}, {}
-    for batch in settings["latency_batches"]:
-        rows = latency_indices(sentences, batch, settings["seed"])
-        inputs = latency_inputs(tokenizer, [sentences[i] for i in rows], settings["max_length"])
-        detail = time_forward(model, inputs, settings["latency_runs"], settings["warmup_runs"])
-        latency[f"batch_{batch}"] = round(detail["median_ms"], 3)
-        latency_detail[f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
-                                            for k, v in detail.items()}
 
     size = weight_bytes(folder)
     record = {
@@ -477,6 +542,8 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         "bits": bits,
         "latency_ms": latency,
         "latency_detail": latency_detail,
+        "accuracy_ci": artifacts["pytorch"]["accuracy_ci"],
+        "artifacts": artifacts,
         "torch_threads": torch.get_num_threads(),
         "layers": arch["layers"],
         "heads": arch["heads"],
@@ -534,24 +601,113 @@ def flops_convention(seq_len: int) -> str:
     return FLOPS_CONVENTION.replace("sequence length 128", f"sequence length {seq_len}")
 
 
-def device_description() -> str:
-    name = platform.processor() or platform.machine()
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU the latencies were measured on: model name, logical cores, the instruction-set flags that decide
+    int8/bf16 speed, and whether bf16 matmuls are native (AVX512-BF16 or AMX), which is what makes
+    bitsandbytes 4-bit fast or slow on a CPU."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
                     name = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"cpu: {name}, {os.cpu_count()} logical cores"
+    present = [f for f in CPU_FLAGS if f in flags]
+    return {"name": name, "logical_cores": os.cpu_count(), "flags": present,
+            "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 
-def headline(models: dict, baseline: str = BASELINE, final: str = FINAL):
-    """(headline dict or None, reason when None): the final model against the standard quantized student."""
+def cpu_words(cpu: dict) -> str:
+    """'AMD EPYC, 2 logical cores, AVX2 only, no native bf16' (the qualifier every CPU timing carries)."""
+    isa = "AVX-512" if "avx512f" in cpu["flags"] else "AVX2 only" if "avx2" in cpu["flags"] else "no AVX2"
+    bf16 = "native bf16" if cpu["bf16_native"] else "no native bf16"
+    return f"{cpu['name']}, {cpu['logical_cores']} logical cores, {isa}, {bf16}"
+
+
+def device_description() -> str:
+    return f"cpu: {cpu_words(cpu_info())}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired comparisons (every model sees the same sentences)
+
+
+def fp32_source(name: str, r: dict, models: dict):
+    """The fp32 PyTorch model a 4-bit folder or an export was made from, when it is in the report."""
+    if r["bits"] == 32:
+        return name
+    sources = [u for u in r.get("upstream", []) if u in models and models[u]["bits"] == 32]
+    return sources[0] if sources else None
+
+
+def comparison_pairs(models: dict) -> list:
+    """(kind, (model a, artifact a), (model b, artifact b)) for every comparison the report draws."""
+    pairs = []
+    teacher, student = STAGE_FOLDERS["teacher"], STAGE_FOLDERS["student"]
+    if BASELINE in models and FINAL in models:
+        pairs.append(("headline: final vs standard 4-bit", (FINAL, "pytorch"), (BASELINE, "pytorch")))
+    if student in models and teacher in models:
+        pairs.append(("student vs teacher", (student, "pytorch"), (teacher, "pytorch")))
+    for name, r in models.items():
+        if r["bits"] == 32 and r["family"] == "pruned" and student in models:
+            pairs.append(("pruned vs student", (name, "pytorch"), (student, "pytorch")))
+        source = fp32_source(name, r, models)
+        if r["bits"] == 4 and source:
+            pairs.append(("4-bit vs its fp32 source", (name, "pytorch"), (source, "pytorch")))
+        for artifact in r.get("artifacts", {}):
+            if artifact != "pytorch" and source:
+                pairs.append(("export vs its fp32 source", (name, artifact), (source, "pytorch")))
+    return pairs
+
+
+def artifact_label(name: str, artifact: str) -> str:
+    return name if artifact == "pytorch" else f"{name} [{artifact}]"
+
+
+def comparisons(models: dict, eval_files, seed: int) -> list:
+    """Each pair on SST-2 validation and on every extra eval file: paired difference in points with its 95%
+    paired-bootstrap interval, disagreement counts and the exact McNemar p (common.stats)."""
+    from common.stats import describe_difference, paired_comparison
+
+    out = []
+    for kind, (a, art_a), (b, art_b) in comparison_pairs(models):
+        ra, rb = models[a]["artifacts"][art_a], models[b]["artifacts"][art_b]
+        sets = [("validation", ra["correct"], rb["correct"])]
+        sets += [(path, ra["eval_files_correct"][path], rb["eval_files_correct"][path]) for path in eval_files]
+        for evaluation, bits_a, bits_b in sets:
+            result = paired_comparison(from_bits(bits_a), from_bits(bits_b), seed=seed)
+            label_a, label_b = artifact_label(a, art_a), artifact_label(b, art_b)
+            out.append(dict(result, kind=kind, a=a, a_artifact=art_a, b=b, b_artifact=art_b, evaluation=evaluation,
+                            sentence=describe_difference(result, label_a, label_b)))
+    return out
+
+
+def find_comparison(comps: list, a: str, b: str, a_artifact="pytorch", b_artifact="pytorch",
+                    evaluation="validation"):
+    for c in comps:
+        if (c["a"], c["a_artifact"], c["b"], c["b_artifact"], c["evaluation"]) == (a, a_artifact, b, b_artifact,
+                                                                                 evaluation):
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Headline
+
+
+def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = BASELINE, final: str = FINAL):
+    """(headline dict or None, reason when None): the final model against the standard quantized student, then
+    one line for deployment: the fastest artifact of the final model against the fastest of the student."""
     missing = [n for n in (baseline, final) if n not in models]
     if missing:
         return None, f"no headline: {' and '.join(missing)} not measured (run the stages that write them)"
+    cpu = cpu or cpu_info()
     b, f = models[baseline], models[final]
     batches = sorted(int(k.split("_")[1]) for k in b["latency_ms"] if k in f["latency_ms"])
     big = f"batch_{batches[-1]}" if batches else None
@@ -561,21 +717,72 @@ def headline(models: dict, baseline: str = BASELINE, final: str = FINAL):
         "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
         "accuracy_drop_points": round((b["accuracy"] - f["accuracy"]) * 100, 2),
         "size_reduction": round(1 - f["size_mb"] / b["size_mb"], 4),
+        "cpu": cpu_words(cpu),
     }
+    paired = find_comparison(comps, final, baseline)
+    if paired:
+        result["paired"] = {k: paired[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
+                                                   "only_b_right", "mcnemar_p", "significant")}
     if big:
         result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
     result["sentence"] = headline_sentence(result, b, f)
+    deploy = deployment(models, cpu)
+    if deploy:
+        result["deployment"] = deploy
     return result, None
 
 
+def fastest_artifact(models: dict, names) -> tuple | None:
+    """(model, artifact, record) with the lowest geometric-mean latency over the batch sizes timed."""
+    best = None
+    for name in names:
+        for artifact, record in models.get(name, {}).get("artifacts", {}).items():
+            times = list(record["latency_ms"].values())
+            if not times:
+                continue
+            score = statistics.geometric_mean(times)
+            if best is None or score < best[0]:
+                best = (score, name, artifact, record)
+    return best[1:] if best else None
+
+
+def deployment(models: dict, cpu: dict) -> dict | None:
+    """The final model's fastest CPU artifact (any form of pruned_model: PyTorch fp32, 4-bit, ONNX) against the
+    student's fastest (any form of student_model), with accuracies and the speed-up at each batch size."""
+    final = fastest_artifact(models, [STAGE_FOLDERS["pruned"], FINAL])
+    student = fastest_artifact(models, [STAGE_FOLDERS["student"], BASELINE])
+    if not final or not student:
+        return None
+    (fn, fa, fr), (sn, sa, sr) = final, student
+    speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"] if k in sr["latency_ms"]}
+    words = ", ".join(f"{v:.2f}x at {k.replace('_', ' ')} ({fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)"
+                      for k, v in speedups.items())
+    sentence = (f"Deployment on this CPU ({cpu_words(cpu)}): the final model's fastest artifact, "
+                f"{artifact_label(fn, fa)} ({fr['accuracy']:.2%}, {fr['size_mb']:.3g} MiB), runs {words} against "
+                f"the student's fastest, {artifact_label(sn, sa)} ({sr['accuracy']:.2%}, {sr['size_mb']:.3g} MiB).")
+    return {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
+            "final_accuracy": fr["accuracy"], "student_accuracy": sr["accuracy"],
+            "final_size_mb": fr["size_mb"], "student_size_mb": sr["size_mb"],
+            "speedup": speedups, "selection": "lowest geometric mean of the median latencies over the batch sizes",
+            "sentence": sentence}
+
+
 def headline_sentence(h: dict, b: dict, f: dict) -> str:
-    drop = h["accuracy_drop_points"]
-    acc = (f"loses {drop:.1f} accuracy points" if drop > 0.05 else
-           f"gains {-drop:.1f} accuracy points" if drop < -0.05 else "loses no accuracy")
+    paired = h.get("paired")
+    if paired:
+        diff = paired["diff_points"]
+        direction = "lower" if diff < 0 else "higher" if diff > 0 else "equal"
+        sig = "significant" if paired["significant"] else "not significant"
+        p = "< 0.001" if paired["mcnemar_p"] < 0.001 else f"= {paired['mcnemar_p']:.2g}"
+        acc = (f"is {abs(diff):.2f} points {direction} in accuracy" if diff else "is equally accurate") + (
+            f" ({f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation; 95% interval "
+            f"[{paired['ci_low_points']:+.2f}, {paired['ci_high_points']:+.2f}], {sig}, McNemar p {p})")
+    else:
+        acc = f"scores {f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation (no paired test)"
     parts = [
         f"{h['final']} needs {h['gflops_reduction']:.0%} fewer GFLOPs than {h['baseline']} "
         f"({f['gflops']:.3g} vs {b['gflops']:.3g})",
-        f"{acc} ({f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation)",
+        acc,
         f"is {h['size_reduction']:.0%} smaller on disk ({f['size_mb']:.3g} vs {b['size_mb']:.3g} MiB)",
     ]
     speed = [k for k in h if k.startswith("latency_speedup_")]
@@ -583,14 +790,16 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
         key = speed[0]
         batch = key.replace("latency_speedup_", "")
         speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
-        parts.append(f"{speed} at {batch.replace('_', ' ')} on CPU "
+        parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) "
                      f"({f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms)")
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
 def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
                  skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
-    head, reason = headline(models)
+    cpu = cpu_info()
+    comps = comparisons(models, eval_files, settings["seed"])
+    head, reason = headline(models, comps, cpu)
     report = {
         "run": {
             "preset": preset,
@@ -598,6 +807,7 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "device": device_description(),
+            "cpu": cpu,
             "threads": torch.get_num_threads(),
             "load_average": settings.get("load_average"),
             "versions": library_versions(),
@@ -623,6 +833,11 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
         "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB)",
         "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
         "models": models,
+        "comparisons": comps,
+        "comparison_convention": "paired on the same sentences: difference a - b in accuracy points, 95% "
+                                 "paired-bootstrap interval (10000 resamples of the sentences, seeded), "
+                                 "only_a_right / only_b_right = sentences only one of the two got right, exact "
+                                 "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
         "model_order": list(models),  # reading order (the JSON itself has sorted keys)
         "skipped": skipped,
         "warnings": notes,
@@ -763,6 +978,10 @@ def plot_report(report: dict, path) -> None:
         ax.scatter(r["gflops"], r["accuracy"] * 100, s=area[name], marker="D" if four else "o",
                    facecolor="white" if four else color, edgecolor=color, linewidth=2.0 if four else 0.8,
                    alpha=1.0 if four else 0.6, zorder=3 if four else 2)
+        if r.get("accuracy_ci"):  # 95% bootstrap interval over sentences
+            low, high = (100 * v for v in r["accuracy_ci"])
+            ax.errorbar(r["gflops"], r["accuracy"] * 100, yerr=[[r["accuracy"] * 100 - low], [high - r["accuracy"] * 100]],
+                        fmt="none", ecolor=color, elinewidth=1.0, alpha=0.45, capsize=3, zorder=1)
     xs = [r["gflops"] for r in models.values()]
     ys = [r["accuracy"] * 100 for r in models.values()]
     xspan = (max(xs) - min(xs)) or max(xs) or 1.0
@@ -777,11 +996,14 @@ def plot_report(report: dict, path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:
         ax.set_xlim(max(0.0, min(xs) - 0.15 * xspan), max(xs) + 0.15 * xspan)
-    ax.set_ylim(min(ys) - 0.3 * yspan, max(ys) + 0.3 * yspan)
+    lows = [100 * r["accuracy_ci"][0] for r in models.values() if r.get("accuracy_ci")] or ys
+    highs = [100 * r["accuracy_ci"][1] for r in models.values() if r.get("accuracy_ci")] or ys
+    ax.set_ylim(min(lows + ys) - 0.15 * yspan, max(highs + ys) + 0.15 * yspan)
     seq = re.search(r"sequence length (\d+)", report["flops_convention"])
     ax.set_xlabel(f"GFLOPs per forward pass (fvcore, batch 1, {seq.group(1) if seq else '?'} tokens; "
                   f"4-bit counted on its fp32 twin)" + ("; log scale" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel(f"accuracy on {report['dataset']['name'].upper()} {report['dataset']['split']} (%)")
+    ax.set_ylabel(f"accuracy on {report['dataset']['name'].upper()} {report['dataset']['split']} (%), "
+                  f"bars: 95% interval")
     ax.grid(alpha=0.3)
     ax.set_title("Accuracy vs compute (up and to the left is better)", fontsize=11)
     label_items = [
@@ -877,6 +1099,8 @@ def markdown_report(report: dict) -> str:
     lines = ["# Distill-Prune-Quantize: final report", ""]
     head = report.get("headline")
     lines += [f"**Headline.** {head['sentence']}" if head else f"**Headline.** {report.get('headline_note')}", ""]
+    if head and head.get("deployment"):
+        lines += [f"**Deployment.** {head['deployment']['sentence']}", ""]
     if run["quick"]:
         lines += ["> QUICK run: few latency runs and/or a slice of the data; smoke numbers, not a benchmark.", ""]
     ds = report["dataset"]
@@ -887,7 +1111,7 @@ def markdown_report(report: dict) -> str:
         f"{run['latency']['warmup']} warm-up, {run['threads']} torch threads, {run['device']}.",
         "",
     ]
-    header = (["model", "bits", "accuracy (%)"] + [f"acc {Path(p).name} (%)" for p in files]
+    header = (["model", "bits", "accuracy (%)", "95% interval"] + [f"acc {Path(p).name} (%)" for p in files]
               + ["GFLOPs", "GFLOPs/sent", "params (M)", "size (MiB)"]
               + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys]
               + ["layers", "heads", "FFN neurons", "notes"])
@@ -903,7 +1127,7 @@ def markdown_report(report: dict) -> str:
             notes.append("INCOMPLETE (no metadata.json)")
         label = display_label(name)
         row = ([f"`{name}`" + (f": {label}" if label != name else ""), str(r["bits"]),
-                f"{r['accuracy'] * 100:.2f}"]
+                f"{r['accuracy'] * 100:.2f}", f"[{r['accuracy_ci'][0] * 100:.1f}, {r['accuracy_ci'][1] * 100:.1f}]"]
                + [f"{r['eval_files'].get(p, float('nan')) * 100:.2f}" for p in files]
                + [f"{r['gflops']:.4g}", f"{r['gflops_per_sentence']:.4g}", f"{r['params'] / 1e6:.2f}",
                   f"{r['size_mb']:.4g}"]
@@ -911,6 +1135,8 @@ def markdown_report(report: dict) -> str:
                + [str(r["layers"]), str(r["heads"]), str(r["ffn_neurons"]), "; ".join(notes)])
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += artifact_table(report, batch_keys)
+    lines += comparison_table(report)
     if report.get("skipped") or report.get("warnings"):
         lines += ["## Warnings", ""]
         lines += [f"- {w}" for w in report.get("warnings", [])]
@@ -919,6 +1145,44 @@ def markdown_report(report: dict) -> str:
     lines += [f"Run: preset {run['preset']}, git {run['git_commit']}, created {run['created']}, "
               f"{run['wall_time_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def artifact_table(report: dict, batch_keys) -> list:
+    """Every runnable artifact of every model, timed on the same inputs and threads in this run."""
+    run = report["run"]
+    cpu = run.get("cpu")
+    lines = ["## Deployment artifacts", "",
+             f"Each artifact measured by running it: accuracy on the same {report['dataset']['n']} sentences (95% "
+             f"bootstrap interval), size of its weight file(s), CPU latency on the same inputs with "
+             f"{run['threads']} threads" + (f" on {cpu_words(cpu)}" if cpu else "") + ". PyTorch 4-bit is "
+             "bitsandbytes NF4 (dequantized to the compute dtype on every forward); ONNX int8 is ONNX Runtime "
+             "dynamic quantization.", "",
+             "| model | artifact | runtime | accuracy (%) | 95% interval | size (MiB) | "
+             + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys) + " |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(batch_keys)]
+    for name, r in report["models"].items():
+        for artifact, a in r.get("artifacts", {}).items():
+            low, high = a["accuracy_ci"]
+            lines.append(f"| `{name}` | {a['precision']} | {a['runtime']} | {a['accuracy'] * 100:.2f} | "
+                         f"[{low * 100:.1f}, {high * 100:.1f}] | {a['size_mb']:.4g} | "
+                         + " | ".join(f"{a['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys) + " |")
+    return lines + [""]
+
+
+def comparison_table(report: dict) -> list:
+    comps = report.get("comparisons", [])
+    if not comps:
+        return []
+    lines = ["## Paired comparisons", "", report["comparison_convention"] + ".", "",
+             "| comparison | evaluation | a | b | a - b (points) | 95% interval | only a right | only b right | "
+             "McNemar p | |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in comps:
+        p = "< 0.001" if c["mcnemar_p"] < 0.001 else f"{c['mcnemar_p']:.2g}"
+        lines.append(f"| {c['kind']} | {Path(c['evaluation']).name} | `{artifact_label(c['a'], c['a_artifact'])}` | "
+                     f"`{artifact_label(c['b'], c['b_artifact'])}` | {c['diff_points']:+.2f} | "
+                     f"[{c['ci_low_points']:+.2f}, {c['ci_high_points']:+.2f}] | {c['only_a_right']} | "
+                     f"{c['only_b_right']} | {p} | {'significant' if c['significant'] else 'not significant'} |")
+    return lines + [""]
 
 
 def write_text(text: str, path) -> None:

@@ -87,6 +87,14 @@ def tiny_distilbert_dir(tmp_path, tiny_distilbert):
     return save_tiny(tiny_distilbert, tmp_path / "tiny_distilbert")
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A saved tiny WordPiece tokenizer folder (shared by a test module)."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(folder).save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture
 def tiny_tokenizer(tmp_path):
     return make_tokenizer(tmp_path / "tokenizer")

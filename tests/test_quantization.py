@@ -23,7 +23,7 @@ from common.quantization import (check_quantized, encoder_linear_names, head_den
                                  save_quantized, word_embedding_name)
 from common.stage import StageError, read_metadata
 from common.training import predict_logits
-from conftest import (make_tokenizer, run_script, save_tiny, tiny_bert_config, tiny_distilbert_config, tiny_sentences,
+from conftest import (run_script, save_tiny, tiny_bert_config, tiny_distilbert_config, tiny_sentences,
                       write_stage)
 
 STAGE = "9_quantize_pruned_model.py"
@@ -64,13 +64,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    make_tokenizer(folder).save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +252,14 @@ def test_stage_quantizes_final_baseline_and_sweep(prepared, trained):
         assert r["prediction_agreement"] >= 0.9
         assert (r["layout"] is not None) == (source != "student_model")
         assert (folder / "stage.log").is_file()
+        # the CPU serving artifacts of the same source, checked against it before they were kept
+        onnx = r["onnx"]
+        assert set(onnx["artifacts"]) == {"onnx_fp32", "onnx_int8"} and not onnx["rejected"]
+        assert onnx["artifacts"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-3
+        assert onnx["artifacts"]["onnx_fp32"]["source_accuracy"] == pytest.approx(r["source_validation_accuracy"])
+        assert onnx["artifacts"]["onnx_int8"]["prediction_agreement"] >= 0.97
+        assert json.loads((folder / "onnx" / "export.json").read_text()) == onnx
+        assert (folder / "onnx" / "model_int8.onnx").stat().st_size == onnx["artifacts"]["onnx_int8"]["bytes"]
 
 
 def test_stage_refuses_missing_inputs_and_bad_settings(prepared, trained):

@@ -42,6 +42,16 @@ def _prepare_data(root):
     (folder / MANIFEST).write_text(json.dumps(manifest_for(folder, "test")))
 
 
+def export_tiny(model, tokenizer, folder):
+    from common.data import encode, make_loader
+    from common.export import export_folder
+    from common.training import predict_logits
+
+    loader = make_loader(encode(tokenizer, tiny_sentences(48, seed=2)), 16, pad_id=tokenizer.pad_token_id)
+    return export_folder(model, tokenizer, folder, ("fp32", "int8"), reference_logits=predict_logits(model, loader),
+                         labels=loader.dataset.labels, loader=loader, min_agreement=0.0)
+
+
 def build_tiny_pipeline(root):
     """models/ with every folder the report expects, plus a pruning sweep point and its 4-bit twin."""
     from transformers import BertForSequenceClassification
@@ -74,14 +84,16 @@ def build_tiny_pipeline(root):
     sweep = _stage_folder(models / "pruned_model_s50", "pruned", pruned({0: [0, 1], 1: [0, 1]}, {0: range(32)}),
                           [(student, "student")])
 
-    def quantized(source):
+    def quantized(source, onnx=False):
         def build(d):
             save_quantized(quantize_model(load_model(source), embedding_bits=8), load_tokenizer(source), d)
+            if onnx:  # the CPU serving artifacts stage 9 writes: onnx/model.onnx and model_int8.onnx
+                export_tiny(load_model(source), load_tokenizer(source), d)
         return build
 
-    _stage_folder(models / "distilled_quantized_student", "student_quantized", quantized(student),
+    _stage_folder(models / "distilled_quantized_student", "student_quantized", quantized(student, onnx=True),
                   [(student, "student")])
-    _stage_folder(models / "pruned_quantized_final", "pruned_quantized", quantized(pruned_default),
+    _stage_folder(models / "pruned_quantized_final", "pruned_quantized", quantized(pruned_default, onnx=True),
                   [(pruned_default, "pruned")])
     _stage_folder(models / "pruned_model_s50_quantized", "pruned_quantized", quantized(sweep),
                   [(sweep, "pruned")])
@@ -276,3 +288,43 @@ def test_fp32_twin_rebuilt_from_config_when_no_upstream(pipeline):
     twin = build()
     assert architecture(twin)["heads_per_layer"] == [3, 4]
     assert count_flops(twin, seq_len=20) == count_flops(load_model(models / "pruned_model"), seq_len=20)
+
+
+def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
+    """ONNX exports are run (accuracy, size, latency on the same inputs as PyTorch), paired against the fp32 model
+    they came from; the headline adds the deployment line and names the CPU."""
+    report = json.loads((pipeline["out"] / "final_report.json").read_text())
+    models = report["models"]
+    final, student = models["pruned_quantized_final"], models["student_model"]
+    assert set(final["artifacts"]) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert set(student["artifacts"]) == {"pytorch"}
+    folder = pipeline["root"] / "models" / "pruned_quantized_final"
+    for artifact, record in final["artifacts"].items():
+        assert set(record["latency_ms"]) == {"batch_1", "batch_32"} and record["latency_ms"]["batch_1"] > 0
+        assert record["accuracy_ci"][0] <= record["accuracy"] <= record["accuracy_ci"][1]
+        assert len(record["correct"]) == report["dataset"]["n"]
+        assert record["accuracy"] == pytest.approx(record["correct"].count("1") / len(record["correct"]), abs=1e-6)
+        if artifact != "pytorch":
+            assert record["size_bytes"] == (folder / record["file"]).stat().st_size
+    assert final["artifacts"]["onnx_int8"]["size_bytes"] < final["artifacts"]["onnx_fp32"]["size_bytes"]
+    # the fp32 export predicts what its PyTorch source predicts: the paired test finds no disagreement
+    fp32 = [c for c in report["comparisons"] if (c["a"], c["a_artifact"], c["evaluation"])
+            == ("pruned_quantized_final", "onnx_fp32", "validation")]
+    assert len(fp32) == 1 and fp32[0]["b"] == "pruned_model" and fp32[0]["b_artifact"] == "pytorch"
+    assert (fp32[0]["only_a_right"], fp32[0]["only_b_right"], fp32[0]["mcnemar_p"]) == (0, 0, 1.0)
+    kinds = {c["kind"] for c in report["comparisons"]}
+    assert kinds == {"headline: final vs standard 4-bit", "student vs teacher", "pruned vs student",
+                     "4-bit vs its fp32 source", "export vs its fp32 source"}
+    assert {c["evaluation"] for c in report["comparisons"]} == {"validation", pipeline["extra"]}
+    head = report["headline"]
+    assert "95% interval" in head["sentence"] and "McNemar p" in head["sentence"]
+    assert "no native bf16" in head["sentence"] or "native bf16" in head["sentence"]
+    deploy = head["deployment"]
+    assert deploy["final"]["model"] in ("pruned_model", "pruned_quantized_final")
+    assert deploy["student"]["model"] in ("student_model", "distilled_quantized_student")
+    assert set(deploy["speedup"]) == {"batch_1", "batch_32"}
+    cpu = report["run"]["cpu"]
+    assert cpu["name"] and isinstance(cpu["bf16_native"], bool)
+    markdown = (pipeline["out"] / "final_report.md").read_text()
+    assert "**Deployment.**" in markdown and "## Deployment artifacts" in markdown
+    assert "## Paired comparisons" in markdown and "`pruned_quantized_final [onnx_int8]`" in markdown

@@ -1,0 +1,706 @@
+"""Loader for pruned and 4-bit BERT / DistilBERT classifiers: the project's one loader, and the code shipped with them.
+
+This file is SELF-CONTAINED: it imports only the standard library, torch and safetensors when imported,
+transformers when it builds or loads a model (importing this file stays cheap), huggingface_hub for Hub ids, and
+bitsandbytes only for 4-bit folders, through `importlib` (transformers' remote-code check scans the file's import
+statements and would otherwise require bitsandbytes for fp32 folders too). It must never import the project.
+
+Two roles
+- In the project it is `common.modeling_dpq`: `common.modeling.load_model`, `common.quantization` (load and
+  quantize), `common.pruning` (the slicing) and `common.report` (fp32 twins) all build models with it.
+- `ship_code(folder)` copies this very file VERBATIM into a pruned or 4-bit model folder as `modeling_dpq.py` and
+  adds `"auto_map": {"AutoModelForSequenceClassification": "modeling_dpq.DPQBertForSequenceClassification"}` (or
+  the DistilBERT class) to its config.json. Anyone with torch + transformers (+ bitsandbytes for 4-bit) can then
+  load the folder without this project:
+
+      AutoModelForSequenceClassification.from_pretrained(folder_or_hub_id, trust_remote_code=True)
+
+  which returns the same model, with the same logits, as `common.modeling.load_model(folder)`. Without
+  `trust_remote_code=True` transformers uses its own BERT / DistilBERT class, and a pruned folder fails loudly
+  with a size mismatch.
+
+What a folder holds
+- config.json of the UNPRUNED architecture (original head count and FFN width), plus
+  - `dpq_layout` (LAYOUT_KEY) for a pruned model: {"heads": [heads kept per layer], "ffn": [FFN width per layer]};
+  - `dpq_quantization` (QUANT_KEY) for a 4-bit model: the bitsandbytes settings (quant_type, blocksize,
+    double_quant, compute_dtype, embedding_bits, quantize_head, ...).
+- model.safetensors (or shards model-*.safetensors): the state dict; for 4-bit, bnb's codes plus their
+  statistics as `<module>.weight.<stat>` entries (absmax, quant_map, quant_state, SCB, ...).
+
+Loading (`build_model` + `load_folder`): the unpruned skeleton is built from the config, shrunk to the layout
+(the first units of each layer are kept: the saved weights overwrite them), the quantized modules are swapped in
+as empty placeholders where the config says 4-bit, and the saved state dict is loaded STRICTLY (no missing or
+unexpected keys; 4-bit codes are loaded as they are, never re-quantized). transformers' own weight loading is not
+used: it does not feed bnb placeholders through `_load_from_state_dict`.
+
+Anatomy: a head is a block of rows of query/key/value and of columns of the attention-output Linear; the
+attention module's head count is updated (`num_attention_heads`/`all_head_size` for BERT, `n_heads` for
+DistilBERT) and the attention forward infers the head count from the tensor shape, so a layer may keep 0 heads.
+An FFN neuron is a row of the first FFN Linear and a column of the second.
+
+4-bit: every Linear of the transformer blocks (and, with `quantize_head`, BERT's pooler dense / DistilBERT's
+pre_classifier) is a bnb `Linear4bit` with `support_avx512bf16_for_cpu = False` (bnb's AVX512-BF16 CPU repack path
+is slower and corrupts checkpoints saved after it ran); the word embeddings are bnb `Embedding8bit` or
+`Embedding4bit` (`embedding_bits` 8 / 4; 32 = fp32); the classifier and the rest stay fp32. bitsandbytes 0.50 can
+neither save its embedding modules nor load pre-quantized `Linear4bit` state outside transformers' quantizer; the
+three small subclasses made by `quant_classes()` add exactly that.
+
+`DPQBertForSequenceClassification.from_pretrained` / `DPQDistilBertForSequenceClassification.from_pretrained`
+supports: a local folder or a Hub id (downloaded with `huggingface_hub.snapshot_download`; `revision`,
+`cache_dir`, `token`, `local_files_only`, `force_download`, `subfolder`); `config` (a config object, or a folder
+or id to read one from); extra config attributes as keyword arguments when no config object is given (as in
+transformers, e.g. `output_hidden_states=True`); `attn_implementation`; `device_map` as one device ("cpu",
+"cuda", "cuda:1", an int, a torch.device, "auto" = cuda if available else cpu, or a dict whose values are all the
+same device): the whole model goes there; `dtype` / `torch_dtype`: None, "auto" or float32 for every folder,
+another floating dtype only for fp32 (not 4-bit) folders (the model is cast after loading). Accepted and ignored:
+`trust_remote_code`, `low_cpu_mem_usage`, `use_safetensors` (only safetensors files exist) and what
+AutoModelForSequenceClassification passes along internally. Anything else raises TypeError. The model is
+returned in eval mode. Saving a loaded 4-bit model again is the project's job (`common.quantization.save_quantized`),
+not `save_pretrained`'s.
+"""
+
+import importlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+LAYOUT_KEY = "dpq_layout"  # config attribute: {"heads": [...], "ffn": [...]} per layer
+QUANT_KEY = "dpq_quantization"  # config attribute: bitsandbytes settings of a 4-bit model
+CODE_FILE = "modeling_dpq.py"  # the name this file has inside a model folder
+AUTO_CLASS = "AutoModelForSequenceClassification"
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# model_type -> (transformers class, the class of this file that loads such a folder)
+FAMILIES = {
+    "bert": ("BertForSequenceClassification", "DPQBertForSequenceClassification"),
+    "distilbert": ("DistilBertForSequenceClassification", "DPQDistilBertForSequenceClassification"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Anatomy of BERT / DistilBERT blocks
+
+
+@dataclass
+class BlockParts:
+    """The pieces of one transformer block that pruning touches."""
+
+    attention: nn.Module  # the module holding the head count
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear  # input = concatenated heads
+    ffn_in: nn.Linear  # rows = neurons
+    ffn_out: nn.Linear  # columns = neurons
+
+
+def encoder_module_name(model) -> str:
+    """Dotted name of the module holding the transformer blocks."""
+    if hasattr(model, "bert"):
+        return "bert.encoder"
+    if hasattr(model, "distilbert"):
+        return "distilbert.transformer"
+    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
+
+
+def encoder_layers(model) -> list:
+    """The transformer blocks of a BERT or DistilBERT classifier."""
+    if hasattr(model, "bert"):
+        return list(model.bert.encoder.layer)
+    if hasattr(model, "distilbert"):
+        return list(model.distilbert.transformer.layer)
+    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
+
+
+def block_parts(layer) -> BlockParts:
+    if hasattr(layer, "intermediate"):  # BertLayer
+        sa = layer.attention.self
+        return BlockParts(sa, sa.query, sa.key, sa.value, layer.attention.output.dense,
+                          layer.intermediate.dense, layer.output.dense)
+    if hasattr(layer, "ffn"):  # DistilBERT TransformerBlock
+        sa = layer.attention
+        return BlockParts(sa, sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin, layer.ffn.lin1, layer.ffn.lin2)
+    raise TypeError(f"unsupported transformer block {type(layer).__name__}: expected BERT or DistilBERT")
+
+
+def head_size(parts: BlockParts) -> int:
+    return parts.attention.attention_head_size
+
+
+def num_heads(parts: BlockParts) -> int:
+    return parts.query.out_features // head_size(parts)
+
+
+def original_sizes(config) -> tuple:
+    """(heads, head_size, ffn width, hidden size) of the unpruned architecture, from the config."""
+    if hasattr(config, "n_heads"):  # DistilBERT
+        return config.n_heads, config.dim // config.n_heads, config.hidden_dim, config.dim
+    return (config.num_attention_heads, config.hidden_size // config.num_attention_heads, config.intermediate_size,
+            config.hidden_size)
+
+
+def get_layout(model) -> dict:
+    """{"heads": [heads kept per layer], "ffn": [FFN width per layer]} (JSON-able)."""
+    heads, ffn = [], []
+    for layer in encoder_layers(model):
+        p = block_parts(layer)
+        heads.append(num_heads(p))
+        ffn.append(p.ffn_in.out_features)
+    return {"heads": heads, "ffn": ffn}
+
+
+def config_is_pruned(config) -> bool:
+    """Whether a config's layout removes any head or FFN neuron (plain `from_pretrained` cannot load it)."""
+    layout = getattr(config, LAYOUT_KEY, None)
+    if not layout:
+        return False
+    heads, _, ffn, _ = original_sizes(config)
+    return any(h != heads for h in layout.get("heads", [])) or any(w != ffn for w in layout.get("ffn", []))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Physical removal (the one copy of the slicing: common.pruning removes units with these too)
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep rows (dim 0, output features, with the bias) or columns (dim 1, input features) in place.
+
+    The module object stays the same (hooks and names survive); its Parameters are new, so an optimizer
+    holding the old ones must be rebuilt.
+    """
+    index = index.to(linear.weight.device)
+    with torch.no_grad():
+        weight = linear.weight.index_select(dim, index).clone()
+        bias = None
+        if linear.bias is not None:
+            bias = linear.bias.index_select(0, index).clone() if dim == 0 else linear.bias.clone()
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    if dim == 0:
+        linear.out_features = weight.shape[0]
+    else:
+        linear.in_features = weight.shape[1]
+
+
+def kept_record(layer, original_heads: int, original_ffn: int) -> dict:
+    """Original indices of the units a layer still has (bookkeeping `_dpq_kept` on the layer module; not saved)."""
+    if not hasattr(layer, "_dpq_kept"):
+        layer._dpq_kept = {"heads": list(range(original_heads)), "ffn": list(range(original_ffn))}
+    return layer._dpq_kept
+
+
+def keep_heads(model, layer_idx: int, keep: torch.Tensor) -> None:
+    """Keep only the heads `keep` (current numbering, ascending) of one layer; may be empty."""
+    layer = encoder_layers(model)[layer_idx]
+    p = block_parts(layer)
+    d = head_size(p)
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    rows = (keep[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+    for linear in (p.query, p.key, p.value):
+        slice_linear(linear, rows, dim=0)
+    slice_linear(p.attn_out, rows, dim=1)
+    if hasattr(p.attention, "n_heads"):  # DistilBERT
+        p.attention.n_heads = len(keep)
+    else:
+        p.attention.num_attention_heads = len(keep)
+        p.attention.all_head_size = len(keep) * d
+    oh, _, of, _ = original_sizes(model.config)
+    kept = kept_record(layer, oh, of)
+    kept["heads"] = [kept["heads"][i] for i in keep.tolist()]
+
+
+def keep_ffn_neurons(model, layer_idx: int, keep: torch.Tensor) -> None:
+    """Keep only the FFN neurons `keep` (current numbering, ascending) of one layer."""
+    layer = encoder_layers(model)[layer_idx]
+    p = block_parts(layer)
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    slice_linear(p.ffn_in, keep, dim=0)
+    slice_linear(p.ffn_out, keep, dim=1)
+    oh, _, of, _ = original_sizes(model.config)
+    kept = kept_record(layer, oh, of)
+    kept["ffn"] = [kept["ffn"][i] for i in keep.tolist()]
+
+
+def validate_layout(model, layout) -> None:
+    """Raise ValueError unless `layout` has one head count and one FFN width per layer, each within the model's."""
+    layers = encoder_layers(model)
+    current = get_layout(model)
+    for key in ("heads", "ffn"):
+        values = layout.get(key) if isinstance(layout, dict) else None
+        if not isinstance(values, (list, tuple)) or len(values) != len(layers):
+            raise ValueError(
+                f"bad pruning layout {layout!r}: expected {{'heads': [...], 'ffn': [...]}} with one entry per "
+                f"layer ({len(layers)} layers)"
+            )
+        for i, (want, have) in enumerate(zip(values, current[key])):
+            if not isinstance(want, int) or not 0 <= want <= have:
+                raise ValueError(f"bad pruning layout: layer {i} {key}={want!r}, the model has {have}")
+
+
+def shrink_to_layout(model, layout: dict) -> None:
+    """Shrink a model in place to `layout`, keeping the FIRST heads / neurons of each layer (a skeleton whose
+    weights the saved state dict then overwrites), and record the layout in `model.config`."""
+    validate_layout(model, layout)
+    current = get_layout(model)
+    for i in range(len(current["heads"])):
+        if layout["heads"][i] < current["heads"][i]:
+            keep_heads(model, i, torch.arange(layout["heads"][i]))
+        if layout["ffn"][i] < current["ffn"][i]:
+            keep_ffn_neurons(model, i, torch.arange(layout["ffn"][i]))
+    setattr(model.config, LAYOUT_KEY, get_layout(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bitsandbytes: saveable / loadable 4-bit and 8-bit modules (built lazily: importing this file never imports bnb)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported on first use (its import logs a harmless line about the `kernels` package)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return importlib.import_module("bitsandbytes")
+
+
+def _quant_stats(state_dict: dict, prefix: str) -> dict:
+    """The `weight.<stat>` entries bnb saves beside a 4-bit weight (absmax, quant_map, packed quant_state, ...)."""
+    stat_prefix = prefix + "weight."
+    return {key[len(stat_prefix):]: state_dict[key] for key in list(state_dict) if key.startswith(stat_prefix)}
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _load_prequantized_4bit(module, state_dict, prefix) -> list:
+    """Replace `module.weight` by the saved 4-bit codes + statistics (no re-quantization); the keys it used."""
+    Params4bit = import_bitsandbytes().nn.Params4bit
+
+    weight = state_dict.get(prefix + "weight")
+    stats = _quant_stats(state_dict, prefix)
+    if weight is None or not stats:
+        return []  # not a pre-quantized entry: nn.Module's loader reports what is missing or mismatched
+    device = module_device(module)
+    module.weight = Params4bit.from_prequantized(
+        data=weight.detach().clone(), quantized_stats=dict(stats), requires_grad=False, device=device, module=module
+    )
+    return [prefix + "weight." + name for name in stats]
+
+
+def _accept_stat_keys(used: list, unexpected_keys: list) -> None:
+    """nn.Module reports `weight.<stat>` keys as unexpected (it expects a submodule named `weight`); the ones a
+    module consumed are not."""
+    for key in used:
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
+
+def _save_4bit(module, destination, prefix, keep_vars) -> None:
+    """Weight codes, then the quantization statistics as `weight.<stat>` (bnb's own packed format)."""
+    nn.Module._save_to_state_dict(module, destination, prefix, keep_vars)
+    quant_state = getattr(module.weight, "quant_state", None)
+    if quant_state is None:
+        raise RuntimeError(f"{prefix}weight is not quantized yet: move the module with .to(device) first")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError(
+            f"{prefix}weight was repacked by bnb's AVX512-BF16 path; saving it would corrupt the checkpoint"
+        )
+    for key, value in quant_state.as_dict(packed=True).items():
+        destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+
+def _make_classes():
+    """The saveable subclasses, built on first use so that importing this module does not import bitsandbytes."""
+    bnb = import_bitsandbytes()
+    Int8Params = bnb.nn.Int8Params
+
+    class QuantLinear4bit(bnb.nn.Linear4bit):
+        """bnb `Linear4bit` that never takes the AVX512-BF16 repack path and loads pre-quantized state."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.support_avx512bf16_for_cpu = False
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            used = _load_prequantized_4bit(self, state_dict, prefix)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+            _accept_stat_keys(used, unexpected)
+
+    class QuantEmbedding4bit(bnb.nn.Embedding4bit):
+        """bnb `Embedding4bit` (blockwise NF4/FP4 rows) that can be saved and reloaded."""
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            _save_4bit(self, destination, prefix, keep_vars)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            used = _load_prequantized_4bit(self, state_dict, prefix)
+            nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                                            errors)
+            _accept_stat_keys(used, unexpected)
+
+    class QuantEmbedding8bit(bnb.nn.Embedding8bit):
+        """bnb `Embedding8bit` (int8 per row, fp32 row absmax `SCB`) that can be saved, reloaded and moved."""
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            scb = getattr(self.weight, "SCB", None)
+            if scb is None:
+                raise RuntimeError(f"{prefix}weight is not quantized yet: move the module with .to(device) first")
+            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+            destination[prefix + "weight.SCB"] = scb if keep_vars else scb.detach()
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            weight = state_dict.get(prefix + "weight")
+            scb = state_dict.get(prefix + "weight.SCB")
+            used = []
+            if weight is not None and scb is not None and weight.dtype == torch.int8:
+                device = module_device(self)
+                data = weight.detach().clone().to(device)
+                self.weight = Int8Params(
+                    data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=scb.detach().clone().to(device)
+                )
+                used = [prefix + "weight.SCB"]
+            nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                                            errors)
+            _accept_stat_keys(used, unexpected)
+
+        def _apply(self, fn, recurse=True):
+            # nn.Module moves `weight.data` but not the row scales bnb keeps as an attribute of the parameter
+            super()._apply(fn, recurse)
+            scb = getattr(self.weight, "SCB", None)
+            if scb is not None and scb.device != self.weight.device:
+                self.weight.SCB = scb.to(self.weight.device)
+            if getattr(self.weight, "CB", None) is not None:
+                self.weight.CB = self.weight.data
+            return self
+
+    return QuantLinear4bit, QuantEmbedding4bit, QuantEmbedding8bit
+
+
+_CLASSES = None
+
+
+def quant_classes():
+    """(QuantLinear4bit, QuantEmbedding4bit, QuantEmbedding8bit), built on first use."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _make_classes()
+    return _CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which modules are 4-bit / 8-bit, and swapping them in
+
+
+def head_dense_name(model) -> str | None:
+    """The hidden->hidden layer before the classifier: BERT's pooler dense, DistilBERT's pre_classifier."""
+    if hasattr(model, "distilbert"):
+        return "pre_classifier"
+    if getattr(model.bert, "pooler", None) is not None:
+        return "bert.pooler.dense"
+    return None
+
+
+def encoder_linear_names(model) -> list:
+    """Names of every Linear inside the transformer blocks (attention q/k/v/out, FFN in/out)."""
+    encoder = encoder_module_name(model)  # raises TypeError for anything but BERT / DistilBERT
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(encoder + ".") and isinstance(module, nn.Linear)
+    ]
+
+
+def word_embedding_name(model) -> str:
+    return "bert.embeddings.word_embeddings" if hasattr(model, "bert") else "distilbert.embeddings.word_embeddings"
+
+
+def linear_targets(model, settings: dict) -> list:
+    """Names of the Linear layers that are 4-bit under `settings` (empty ones of a fully pruned block included)."""
+    names = encoder_linear_names(model)
+    head = head_dense_name(model)
+    if settings["quantize_head"] and head is not None:
+        names.append(head)
+    return names
+
+
+def _set_module(model, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _quantize_on(module: nn.Module, device) -> nn.Module:
+    """bnb quantizes a weight when it is moved to a device; on CUDA this is where the 4-bit codes are made."""
+    return module.to(device)
+
+
+def check_settings(settings) -> None:
+    """Raise ValueError for quantization settings this loader cannot rebuild."""
+    if not isinstance(settings, dict) or settings.get("library") != "bitsandbytes":
+        library = settings.get("library") if isinstance(settings, dict) else settings
+        raise ValueError(f"unsupported quantization library {library!r} in config.{QUANT_KEY}")
+    if settings.get("compute_dtype") not in COMPUTE_DTYPES:
+        raise ValueError(f"config.{QUANT_KEY}: unsupported compute_dtype {settings.get('compute_dtype')!r}")
+    if settings.get("embedding_bits") not in (4, 8, 32):
+        raise ValueError(f"config.{QUANT_KEY}: unsupported embedding_bits {settings.get('embedding_bits')!r}")
+
+
+def swap_in_quantized_modules(model, settings: dict, copy_weights: bool) -> None:
+    """Replace the target modules by bnb modules. copy_weights: take the fp32 weights and quantize them on the
+    model's device; else leave empty placeholders on CPU for `load_state_dict` to fill with saved 4-bit state."""
+    bnb = import_bitsandbytes()
+    Params4bit = bnb.nn.Params4bit
+    QuantLinear4bit, QuantEmbedding4bit, QuantEmbedding8bit = quant_classes()
+    device = module_device(model)
+    compute_dtype = COMPUTE_DTYPES[settings["compute_dtype"]]
+    for name in linear_targets(model, settings):
+        old = model.get_submodule(name)
+        if old.weight.numel() == 0:
+            continue  # a block whose heads (or FFN neurons) were all pruned: nothing to store
+        new = QuantLinear4bit(
+            old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=compute_dtype,
+            compress_statistics=settings["double_quant"], quant_type=settings["quant_type"], device="meta",
+        )
+        new.weight = Params4bit(
+            old.weight.data.detach().clone() if copy_weights else torch.empty_like(old.weight, device="cpu"),
+            requires_grad=False, blocksize=settings["blocksize"], compress_statistics=settings["double_quant"],
+            quant_type=settings["quant_type"], quant_storage=torch.uint8, module=new,
+        )
+        if old.bias is not None:
+            # stored in the compute dtype: bnb's forward would otherwise convert it in place on the first call,
+            # so a folder saved after a forward would differ from one saved before
+            new.bias = nn.Parameter(old.bias.data.detach().clone().to("cpu", compute_dtype), requires_grad=False)
+        new.support_avx512bf16_for_cpu = False
+        _set_module(model, name, _quantize_on(new, device) if copy_weights else new)
+
+    bits = settings["embedding_bits"]
+    if bits == 32:
+        return
+    name = word_embedding_name(model)
+    old = model.get_submodule(name)
+    if bits == 8:
+        new = QuantEmbedding8bit(old.num_embeddings, old.embedding_dim, device="meta")
+        new.dtype = torch.float32
+        data = old.weight.data.detach().clone().float() if copy_weights else torch.empty(
+            old.weight.shape, dtype=torch.float32)
+        new.weight = bnb.nn.Int8Params(data.cpu(), requires_grad=False, has_fp16_weights=False)
+    else:
+        new = QuantEmbedding4bit(old.num_embeddings, old.embedding_dim, quant_type=settings["quant_type"],
+                                 device="meta")
+        new.dtype = torch.float32
+        data = old.weight.data.detach().clone().float() if copy_weights else torch.empty(
+            old.weight.shape, dtype=torch.float32)
+        new.weight = Params4bit(data, requires_grad=False, blocksize=settings["blocksize"],
+                                compress_statistics=False, quant_type=settings["quant_type"],
+                                quant_storage=torch.uint8, module=new)
+    new.padding_idx = old.padding_idx
+    _set_module(model, name, _quantize_on(new, device) if copy_weights else new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def model_class_for(config, remote: bool = False):
+    """The transformers class for a config's family (`remote`: the DPQ class of this file that loads folders)."""
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r}: expected one of {', '.join(FAMILIES)}")
+    plain, remote_name = FAMILIES[family]
+    if remote:
+        return dpq_model_classes()[remote_name]
+    return getattr(importlib.import_module("transformers"), plain)
+
+
+def build_model(config, model_class=None, attn_implementation: str | None = None):
+    """The model a folder with this config holds, with its weights NOT loaded yet: unpruned skeleton (random init)
+    -> shrunk to `config.dpq_layout` -> empty bnb placeholders where `config.dpq_quantization` says 4-bit/8-bit.
+
+    `model_class` defaults to transformers' own class of the config's family (BERT / DistilBERT classifier).
+    The model keeps `config` as its config object.
+    """
+    settings = getattr(config, QUANT_KEY, None)
+    if settings:
+        check_settings(settings)  # before the (slow) skeleton
+    if model_class is None:
+        model_class = model_class_for(config)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = model_class._from_config(config, **kwargs)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        shrink_to_layout(model, layout)
+    if settings:
+        swap_in_quantized_modules(model, settings, copy_weights=False)
+    return model
+
+
+def read_state_dict(folder) -> dict:
+    """The weights of a saved folder (safetensors, single file or shards)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {folder}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_folder(folder, config=None, model_class=None, attn_implementation: str | None = None):
+    """Load a local model folder (plain, pruned or 4-bit): `build_model`, then the saved state dict STRICTLY (no
+    missing or unexpected keys). On CPU, in eval mode. `config` defaults to the folder's config.json."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if config is None:
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
+        config = AutoConfig.from_pretrained(str(folder))
+    model = build_model(config, model_class, attn_implementation)
+    model.load_state_dict(read_state_dict(folder), strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from_pretrained (what `trust_remote_code=True` runs)
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+# accepted and ignored: what AutoModel passes along, and options without meaning here
+_IGNORED_KWARGS = ("trust_remote_code", "_from_auto", "adapter_kwargs", "code_revision", "_commit_hash",
+                   "low_cpu_mem_usage", "use_safetensors", "proxies")
+
+
+def resolve_folder(name_or_path, revision=None, cache_dir=None, token=None, local_files_only=False,
+                   force_download=False, subfolder=None) -> Path:
+    """A local folder as it is, or a Hub repository downloaded (cached) with huggingface_hub."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        hub = importlib.import_module("huggingface_hub")
+        path = Path(hub.snapshot_download(
+            str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=bool(local_files_only), force_download=bool(force_download),
+            allow_patterns=[f"{subfolder}/*"] if subfolder else None,
+        ))
+    return path / subfolder if subfolder else path
+
+
+def _device_from_map(device_map):
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise NotImplementedError(f"device_map {device_map!r}: this model loads onto one device, not several")
+        device_map = next(iter(device_map.values()))
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def load_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):
+    """`model_class.from_pretrained` for pruned / 4-bit folders (see the module docstring for the arguments)."""
+    from transformers import AutoConfig
+
+    if model_args:
+        raise TypeError(f"{model_class.__name__}.from_pretrained takes no positional model arguments")
+    config = kwargs.pop("config", None)
+    hub = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+    dtype = kwargs.pop("dtype", None)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    dtype = torch_dtype if dtype is None else dtype
+    device = _device_from_map(kwargs.pop("device_map", None))
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("these folders hold safetensors weights only")
+    for key in _IGNORED_KWARGS:
+        kwargs.pop(key, None)
+    folder = resolve_folder(pretrained_model_name_or_path, **hub)
+    if config is None or isinstance(config, (str, Path)):
+        source = folder if config is None else resolve_folder(config, **hub)
+        config, kwargs = AutoConfig.from_pretrained(str(source), return_unused_kwargs=True, **kwargs)
+    if kwargs:
+        raise TypeError(f"{model_class.__name__}.from_pretrained: unsupported arguments {sorted(kwargs)}")
+    quantized = bool(getattr(config, QUANT_KEY, None))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    cast = isinstance(dtype, torch.dtype) and dtype != torch.float32
+    if cast and quantized:
+        raise ValueError(f"dtype {dtype}: a 4-bit folder loads with its saved precision (dtype float32 or None)")
+    model = load_folder(folder, config=config, model_class=model_class, attn_implementation=attn_implementation)
+    if cast:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+_MODEL_CLASSES = {}
+
+
+def dpq_model_classes() -> dict:
+    """{name: class} of DPQBertForSequenceClassification and DPQDistilBertForSequenceClassification: transformers'
+    classifiers whose `from_pretrained` is `load_pretrained`. Built on first use, so that importing this file does
+    not import transformers' model code (seconds); `modeling_dpq.DPQBertForSequenceClassification` (what
+    `auto_map` names) builds them through the module `__getattr__` below."""
+    if not _MODEL_CLASSES:
+        from transformers import BertForSequenceClassification, DistilBertForSequenceClassification
+
+        class DPQBertForSequenceClassification(BertForSequenceClassification):
+            """BertForSequenceClassification whose `from_pretrained` rebuilds pruned / 4-bit folders."""
+
+            @classmethod
+            def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+                return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+        class DPQDistilBertForSequenceClassification(DistilBertForSequenceClassification):
+            """DistilBertForSequenceClassification whose `from_pretrained` rebuilds pruned / 4-bit folders."""
+
+            @classmethod
+            def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+                return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+        for cls in (DPQBertForSequenceClassification, DPQDistilBertForSequenceClassification):
+            cls.__qualname__ = cls.__name__  # found as `modeling_dpq.<name>` (pickle, repr)
+            _MODEL_CLASSES[cls.__name__] = cls
+    return _MODEL_CLASSES
+
+
+def __getattr__(name):
+    """PEP 562: `modeling_dpq.DPQBertForSequenceClassification` / `...DPQDistilBert...` (built on first access)."""
+    if name in ("DPQBertForSequenceClassification", "DPQDistilBertForSequenceClassification"):
+        return dpq_model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shipping this file with a folder
+
+
+def auto_map_for(config) -> dict:
+    """{"AutoModelForSequenceClassification": "modeling_dpq.<DPQ class of the config's family>"}."""
+    family = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r}: expected one of {', '.join(FAMILIES)}")
+    return {AUTO_CLASS: f"{Path(CODE_FILE).stem}.{FAMILIES[family][1]}"}
+
+
+def ship_code(folder) -> Path:
+    """Make a saved folder loadable without this project: copy this file's own source to `<folder>/modeling_dpq.py`
+    and add `auto_map` (the class for the config's family) to `<folder>/config.json` (other entries kept).
+    Returns the path of the copied file."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data["auto_map"] = {**(data.get("auto_map") or {}), **auto_map_for(data)}
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    target = folder / CODE_FILE
+    shutil.copyfile(Path(__file__), target)
+    return target
