@@ -76,3 +76,10 @@ def test_real_pipeline_prunes_quantizes_and_reports(real_pipeline):
     assert report["models"]["pruned_quantized_final"]["size_mb"] < 0.35 * report["models"]["student_model"]["size_mb"]
     assert 0.15 < report["headline"]["gflops_reduction"] < 0.3
     assert (report_dir / "final_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the CPU serving artifact of the final model: kept (>= 97% agreement with its fp32 source), run and timed
+    onnx = read_metadata(models / "pruned_quantized_final")["results"]["onnx"]
+    assert onnx["artifacts"]["onnx_int8"]["prediction_agreement"] >= 0.97
+    final = report["models"]["pruned_quantized_final"]["artifacts"]
+    assert set(final) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert final["onnx_fp32"]["accuracy"] == report["models"]["pruned_model"]["accuracy"]
+    assert report["headline"]["deployment"]["final"]["model"] in ("pruned_model", "pruned_quantized_final")
