@@ -15,11 +15,13 @@ Several GPUs: `accelerate launch 1_train_teacher.py`.
 
 import sys
 
-from common.config import apply_preset, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.config import (apply_preset, apply_quick, as_dict, check_constants, constants, env_flag, env_preset,
+                           parse_overrides)
 from common.data import encoded_splits, split_loaders
-from common.modeling import count_parameters, load_model, load_tokenizer, save_model
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
 from common.paths import stage_dir
-from common.stage import check_preset, logger, require_stage, run_main, set_seed, stage_output
+from common.stage import (check_preset, logger, require_fresh, require_stage, run_main, set_seed, setup_logging,
+                          stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -40,11 +42,16 @@ QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e
 
 
 def main(argv=None):
+    setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_preset(cfg, PRESET_VALUES)
     apply_quick(cfg, **QUICK_VALUES)
+    check_constants(cfg)  # before anything is loaded: a nonsense value never replaces a trained teacher
     source = stage_dir("pretrained_teacher")
-    check_preset(source, require_stage(source, "pretrained_teacher"), cfg.PRESET, "pretrained_teacher")
+    source_meta = require_stage(source, "pretrained_teacher")
+    check_preset(source, source_meta, cfg.PRESET, "pretrained_teacher")
+    require_fresh(source, source_meta, "pretrained_teacher")
+    check_loadable(source)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(source)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
@@ -55,6 +62,7 @@ def main(argv=None):
 
     with stage_output(stage_dir("teacher"), "teacher", as_dict(cfg), cfg.SEED) as out:
         out.add_upstream(source, "pretrained_teacher")
+        out.add_data()
         result = train(model, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                        evals_per_epoch=cfg.EVALS_PER_EPOCH, desc="teacher")

@@ -5,6 +5,8 @@ Reads   models/teacher_model/ (1_train_teacher.py), data/sst2/ (download_model.p
 Writes  models/student_model/            (DISTILL=True, the default)
         models/student_model_nodistill/  (DISTILL=False: same student on hard labels only, the ablation)
         models/cache/                    teacher logits on the training set, reused while nothing changed
+        SEEDS=(42, 43, 44): one student per seed (data order, dropout); seed SEED keeps the names above, other
+        seeds add a suffix: models/student_model_seed43/ (common.paths.seeded_stage_dir)
 
 Student: for `minilm`, a BERT with every other teacher layer (0, 2, 4) plus the teacher's embeddings,
 pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`, distilbert-base-uncased.
@@ -15,20 +17,24 @@ runs the teacher live, so an epoch costs about twice as much). The best state by
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
 Ablation: python 2_distill_student.py DISTILL=False
+Seeds:  python 2_distill_student.py "SEEDS=(42, 43, 44)"   (stage 8 keeps pruning student_model, seed SEED)
 Override any constant below as KEY=VALUE.
 """
 
+import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common.config import apply_preset, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.config import (ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants, constants,
+                           each, env_flag, env_preset, in_range, parse_overrides)
 from common.data import encoded_splits, model_inputs, split_loaders
 from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
-from common.modeling import count_parameters, load_model, load_tokenizer, save_model
-from common.paths import models_root, stage_dir
-from common.stage import StageError, check_preset, logger, require_stage, run_main, set_seed, stage_output
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
+from common.paths import models_root, seeded_stage_dir, stage_dir
+from common.stage import (StageError, check_preset, logger, require_fresh, require_stage, run_main, set_seed,
+                          setup_logging, stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -48,16 +54,21 @@ EVALS_PER_EPOCH = 4
 MAX_LENGTH = 128
 TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
+SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
+                               # others -> student_model_seed43, ...; () = only SEED
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2}}
 QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}
+_RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, ...)
+    "STUDENT_LAYERS": each(at_least(0, "teacher layer indices"), distinct=True),
+    "HIDDEN_COSINE_WEIGHT": in_range(0, 100, what="weight of the hidden-state cosine loss; 0 = off"),
+}
 
 
 def build_student(cfg, teacher):
     if cfg.PRESET == "minilm":
         return student_from_teacher_layers(teacher, cfg.STUDENT_LAYERS)
     source = stage_dir("pretrained_student")
-    require_stage(source, "pretrained_student")
     student = load_model(source)
     if load_tokenizer(source).get_vocab() != load_tokenizer(stage_dir("teacher")).get_vocab():
         raise StageError(f"{source} and the teacher use different vocabularies; distillation needs one tokenizer")
@@ -81,25 +92,65 @@ def hidden_cosine_loss_fn(teacher, teacher_logits, cfg):
     return loss_fn
 
 
+def check_inputs(cfg, teacher_dir) -> dict:
+    """The teacher's metadata, after checking (cheaply, before any data or weights are loaded) that the teacher
+    and, for the bert preset, the pretrained student are finished, fresh, made for this preset and readable."""
+    teacher_meta = require_stage(teacher_dir, "teacher")
+    check_preset(teacher_dir, teacher_meta, cfg.PRESET, "teacher")
+    require_fresh(teacher_dir, teacher_meta, "teacher")
+    check_loadable(teacher_dir)
+    if cfg.PRESET == "minilm":
+        layers = json.loads((teacher_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        if max(cfg.STUDENT_LAYERS) >= layers:
+            raise ConfigError(f"STUDENT_LAYERS={cfg.STUDENT_LAYERS!r}: must be layers of the teacher in {teacher_dir}, "
+                              f"which has {layers} (0 to {layers - 1})")
+    else:
+        source = stage_dir("pretrained_student")
+        require_stage(source, "pretrained_student")
+        check_loadable(source)
+    return teacher_meta
+
+
 def main(argv=None):
+    setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_preset(cfg, PRESET_VALUES)
     apply_quick(cfg, **QUICK_VALUES)
+    check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
     teacher_dir = stage_dir("teacher")
-    teacher_meta = require_stage(teacher_dir, "teacher")
-    check_preset(teacher_dir, teacher_meta, cfg.PRESET, "teacher")
+    teacher_meta = check_inputs(cfg, teacher_dir)
+    seeds = check_seeds(cfg)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(teacher_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
-    loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     teacher = load_model(teacher_dir)
+    logits = (teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
+              if cfg.DISTILL else None)
+    results = {}
+    for seed in seeds:  # seed SEED -> student_model (today's name), others -> student_model_seed43, ...
+        folder = seeded_stage_dir("student" if cfg.DISTILL else "student_nodistill", seed, cfg.SEED)
+        results[folder.name] = distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher_meta,
+                                          logits)
+    return results if len(seeds) > 1 else next(iter(results.values()))
+
+
+def check_seeds(cfg) -> list:
+    seeds = list(cfg.SEEDS) or [cfg.SEED]
+    if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"SEEDS={cfg.SEEDS!r}: distinct non-negative integers, e.g. (42, 43, 44); () = only SEED")
+    return seeds
+
+
+def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher_meta, logits) -> dict:
+    """Build the student, distil it with `seed` (data order, dropout) and write `folder`."""
+    set_seed(seed)
+    loaders = split_loaders(data, cfg.BATCH_SIZE, seed, tokenizer.pad_token_id)
     student = build_student(cfg, teacher)
     logger.info(f"student: {type(student).__name__}, {count_parameters(student):,} parameters "
-                f"(teacher {count_parameters(teacher):,})")
+                f"(teacher {count_parameters(teacher):,}), seed {seed}")
 
     if cfg.DISTILL:
-        logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache",
-                                    tokenization=data["tokenization"])
         if cfg.HIDDEN_COSINE_WEIGHT > 0:
             if student.config.hidden_size != teacher.config.hidden_size:
                 raise StageError("HIDDEN_COSINE_WEIGHT > 0 needs equal student and teacher hidden sizes")
@@ -111,17 +162,20 @@ def main(argv=None):
         loss_fn = None
         stage = "student_nodistill"
 
-    with stage_output(stage_dir(stage), stage, as_dict(cfg), cfg.SEED) as out:
+    with stage_output(folder, stage, as_dict(cfg), seed) as out:
         out.add_upstream(teacher_dir, "teacher")
+        if cfg.PRESET != "minilm":
+            out.add_upstream(stage_dir("pretrained_student"), "pretrained_student")
+        out.add_data()
         kwargs = {"loss_fn": loss_fn} if loss_fn else {}
         result = train(student, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                       evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=stage, **kwargs)
+                       evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=folder.name, **kwargs)
         save_model(student.cpu(), tokenizer, out.dir)
         reloaded = load_model(out.dir)
         accuracy = evaluate(reloaded, loaders["validation"])
         teacher_accuracy = teacher_meta["results"]["validation_accuracy"]
-        logger.info(f"{stage} validation accuracy (reloaded from disk): {accuracy:.4f} "
+        logger.info(f"{folder.name} validation accuracy (reloaded from disk): {accuracy:.4f} "
                     f"(teacher {teacher_accuracy:.4f}, gap {100 * (teacher_accuracy - accuracy):.2f} points)")
         out.results = {"validation_accuracy": accuracy, "teacher_validation_accuracy": teacher_accuracy,
                        "gap_points": round(100 * (teacher_accuracy - accuracy), 3),
@@ -129,7 +183,8 @@ def main(argv=None):
                        "history": result.history, "parameters": count_parameters(reloaded),
                        "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
                        "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
-                       "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None}
+                       "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None,
+                       "seed": seed}
     return out.results
 
 

@@ -24,12 +24,14 @@ import sys
 
 import torch
 
-from common.config import ConfigError, apply_quick, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.config import (ConfigError, apply_quick, as_dict, at_least, check_constants, constants, each, env_flag,
+                           env_preset, int_range, parse_overrides)
 from common.paths import models_root
 from common.stage import logger, run_main, set_seed, setup_logging
 
 # -----------------------------------------------------------------------------
-PRESET = env_preset()            # recorded in the report (the models decide what is measured)
+PRESET = env_preset()            # the report records the preset the models' metadata names; this one only when
+                                 # none does (a different one is a warning in the report)
 QUICK = env_flag("QUICK")        # smoke run: fewer latency runs, a validation slice (recorded in the report)
 SEED = 0                         # picks the sentences timed for latency
 EVAL_BATCH_SIZE = 128            # accuracy evaluation batch (does not change accuracy)
@@ -45,7 +47,15 @@ MODELS = ""                      # comma-separated folder names to report on; ""
 OUTPUT_DIR = ""                  # "" = env REPORT_DIR, else the repository root
 # -----------------------------------------------------------------------------
 QUICK_VALUES = {"LATENCY_RUNS": 3, "WARMUP_RUNS": 1, "VALIDATION_LIMIT": 200}
-MIN_LATENCY_RUNS = 10
+_MIN_LATENCY_RUNS = 10  # private: not a settable constant
+_RULES = {  # besides the shared ones (common.config.RULES: SEED, EVAL_BATCH_SIZE, MAX_LENGTH)
+    "LATENCY_RUNS": at_least(1, f"timed runs per batch size; {_MIN_LATENCY_RUNS} or more unless QUICK=1"),
+    "WARMUP_RUNS": at_least(0, "untimed runs first"),
+    "LATENCY_BATCH_SIZES": each(at_least(1, "sentences per timed batch")),
+    "FLOPS_SEQ_LEN": int_range(8, 512, "tokens of the headline GFLOPs figure"),
+    "THREADS": at_least(0, "torch CPU threads; 0 = torch's default"),
+    "VALIDATION_LIMIT": at_least(0, "validation sentences; 0 = all"),
+}
 
 
 def split_eval_files(argv):
@@ -76,11 +86,10 @@ def main(argv=None):
     eval_paths, rest = split_eval_files(sys.argv[1:] if argv is None else argv)
     cfg = parse_overrides(constants(globals()), rest)
     apply_quick(cfg, **QUICK_VALUES)
-    if cfg.LATENCY_RUNS < MIN_LATENCY_RUNS and not cfg.QUICK:
-        raise ConfigError(f"LATENCY_RUNS={cfg.LATENCY_RUNS}: a report times at least {MIN_LATENCY_RUNS} runs "
+    check_constants(cfg, _RULES)
+    if cfg.LATENCY_RUNS < _MIN_LATENCY_RUNS and not cfg.QUICK:
+        raise ConfigError(f"LATENCY_RUNS={cfg.LATENCY_RUNS}: a report times at least {_MIN_LATENCY_RUNS} runs "
                           f"(QUICK=1 allows fewer for a smoke run, and the report says so)")
-    if cfg.LATENCY_RUNS < 1 or cfg.WARMUP_RUNS < 0 or not cfg.LATENCY_BATCH_SIZES or min(cfg.LATENCY_BATCH_SIZES) < 1:
-        raise ConfigError("LATENCY_RUNS >= 1, WARMUP_RUNS >= 0 and LATENCY_BATCH_SIZES of positive sizes, please")
 
     # Cheap checks first: extra eval files and the validation data, before any model is loaded.
     from common import report

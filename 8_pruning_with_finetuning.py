@@ -5,8 +5,13 @@ Reads   models/student_model/ (2_distill_student.py), models/teacher_model/ (1_t
 Writes  models/pruned_model/ (TARGET_SPARSITY), or with PRUNE_TARGETS one folder per target
         (models/pruned_model_s20/, models/pruned_model_s50/, ...): weights, config (with the per-layer layout
         under `dpq_layout`), tokenizer, kept_units.json (original heads/neurons kept), stage.log and
-        metadata.json (layout, pruning trajectory, GFLOPs and parameters before/after, validation accuracy
+        metadata.json (seed, layout, pruning trajectory, GFLOPs and parameters before/after, validation accuracy
         measured after reloading the saved folder).
+        SEEDS=(42, 43, 44): the same for each seed (data order, importance batches, dropout); seed SEED keeps the
+        names above, other seeds add a suffix: pruned_model_seed43/, pruned_model_s50_seed43/ (common.paths).
+        FRONTIER=True: models/pruned_model_sNN/ for every FRONTIER_TARGETS point from ONE gradual run,
+        models/pruned_magnitude_sNN/ (the one-shot magnitude baseline), and models/frontier.json (targets,
+        measured sparsities, accuracies, trajectory, wall time).
 
 Attention heads and FFN neurons are physically removed, so parameters, GFLOPs and latency really drop.
 Pruning: PRUNE_EPOCHS of distillation training (alpha * T^2 * KL to the teacher + (1 - alpha) * CE) during
@@ -23,25 +28,44 @@ the last at 80% so the shrunken model settles), one recovery epoch at a lower lr
 smaller), ~15 held-out checks: about 9 minutes, with the teacher logits reused from stage 2's cache (about 2
 more minutes when they must be recomputed). Each sweep target is a separate run of the same length.
 
+Frontier (FRONTIER=True, `make frontier`): ONE gradual run to the last of FRONTIER_TARGETS (cubic schedule,
+FRONTIER_PRUNE_STEPS events per epoch, plus one event exactly at each earlier target, placed where the cubic curve
+crosses it). At each target a copy of the model (a branch) gets a short recovery, FRONTIER_RECOVERY_FRACTION of an
+epoch of distillation at RECOVERY_LR (best held-out state kept), and is written to pruned_model_sNN; the run goes on
+from the un-recovered model; the last target is the end of the run (after settling) with the same recovery. Cost:
+PRUNE_EPOCHS + len(targets) x FRONTIER_RECOVERY_FRACTION passes over the training set, against
+len(targets) x (PRUNE_EPOCHS + RECOVERY_EPOCHS) for separate runs. The baseline (FRONTIER_METHODS "magnitude"):
+for each target, the student pruned at once by weight magnitude per FLOP (common.pruning.magnitude_importance,
+no gradual schedule, no data), then the SAME recovery (same fraction, lr, batches) -> pruned_magnitude_sNN.
+
 Run:    python 8_pruning_with_finetuning.py
 Quick:  QUICK=1 python 8_pruning_with_finetuning.py       (2,000 training sentences, 4 pruning events)
 Sweep:  python 8_pruning_with_finetuning.py "PRUNE_TARGETS=(0.2, 0.35, 0.5, 0.65)"
+Seeds:  python 8_pruning_with_finetuning.py "SEEDS=(42, 43, 44)"       (prunes student_model with each seed)
+Frontier: python 8_pruning_with_finetuning.py FRONTIER=True           (`make frontier` adds stages 9 and 7)
 Override any constant below as KEY=VALUE, e.g. `python 8_pruning_with_finetuning.py TARGET_SPARSITY=0.5`.
 """
 
 import copy
+from contextlib import contextmanager
+import os
 import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
-from common.config import (ConfigError, apply_preset, apply_quick, as_dict, constants, env_flag, env_preset,
-                           parse_overrides)
+from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
+                           constants, each, env_flag, env_preset, in_range, one_of, parse_overrides)
 from common.data import encoded_splits, split_loaders
 from common.distillation import kd_loss_fn, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
-from common.modeling import count_parameters, load_model, load_tokenizer, save_model
-from common.paths import models_root, pruned_sweep_folder, stage_dir
-from common.pruning import CRITERIA, get_layout, gradual_prune, kept_units, reachable_sparsity
-from common.stage import (StageError, check_preset, is_stale, json_dump,
-                          logger, require_stage, run_main, set_seed, stage_output)
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
+from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
+from common.pruning import (CRITERIA, get_layout, gradual_prune, kept_units, magnitude_importance,
+                            partial_epoch_loader, prune_to_target, reachable_sparsity)
+from common.stage import (METADATA, StageError, check_preset, json_dump, logger, read_metadata, require_fresh,
+                          require_stage, run_main, set_seed, setup_logging, stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -66,24 +90,48 @@ EVALS_PER_EPOCH = 4        # held-out checks per recovery epoch
 MAX_LENGTH = 128
 TRAIN_LIMIT = 0            # 0 = all training sentences
 SEED = 42
+SEEDS = ()                 # several seeds in one run, e.g. (42, 43, 44): one folder per seed (seed SEED keeps the
+                           # plain name, others get _seed43); () = only SEED
+FRONTIER = False           # True: ONE gradual run through FRONTIER_TARGETS, a branch saved at each (see docstring)
+FRONTIER_TARGETS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)  # -> pruned_model_s20 ... pruned_model_s95
+FRONTIER_PRUNE_STEPS = 20  # pruning events per epoch of the frontier run (plus one per target); finer steps
+                           # than PRUNE_STEPS because the run goes much further
+FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per baseline point), best held-out kept
+FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"PRUNE_LR": 3e-5, "RECOVERY_LR": 2e-5}}
 QUICK_VALUES = {"TRAIN_LIMIT": 2000, "PRUNE_EPOCHS": 1, "RECOVERY_EPOCHS": 1, "PRUNE_STEPS": 4,
-                "EVALS_PER_EPOCH": 2}
+                "EVALS_PER_EPOCH": 2, "FRONTIER_PRUNE_STEPS": 4}
 
 
 def check_config(cfg) -> list:
-    """The sparsity targets to run, after checking the constants make sense."""
+    """The sparsity targets to run, after checking the constants make sense (before anything is loaded): each in
+    its range (common.config rules), and no two targets written to one folder (pruned_model_s20 for 0.2 and
+    0.204: the second would silently replace the first)."""
+    target = in_range(0, 1, low_open=True, high_open=True,
+                      what="a fraction between 0 and 1: 0.2 = 20% fewer encoder GFLOPs")
+    check_constants(cfg, {
+        "TARGET_SPARSITY": target,
+        "PRUNE_TARGETS": each(target, empty_ok=True),
+        "PRUNE_EPOCHS": at_least(1, "distillation epochs while pruning"),
+        "PRUNE_STEPS": at_least(1, "pruning events per pruning epoch"),
+        "PRUNE_END_FRACTION": in_range(0, 1, low_open=True, what="where the last pruning event falls"),
+        "IMPORTANCE": one_of(*CRITERIA),
+        "PRUNE_LR": LEARNING_RATE,
+        "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
+        "RECOVERY_LR": LEARNING_RATE,
+    })
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
-    for t in targets:
-        if not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise ConfigError(f"sparsity target {t!r} must be a fraction between 0 and 1 (e.g. 0.2 = 20% fewer GFLOPs)")
-    if cfg.PRUNE_EPOCHS < 1 or cfg.PRUNE_STEPS < 1:
-        raise ConfigError("PRUNE_EPOCHS and PRUNE_STEPS must be >= 1")
-    if not 0 < cfg.PRUNE_END_FRACTION <= 1:
-        raise ConfigError("PRUNE_END_FRACTION must be in (0, 1]")
-    if cfg.IMPORTANCE not in CRITERIA:
-        raise ConfigError(f"IMPORTANCE={cfg.IMPORTANCE!r}: use one of {', '.join(CRITERIA)}")
+    if cfg.PRUNE_TARGETS:
+        seen = {}
+        for t in targets:
+            name = pruned_folder(t).name
+            if name in seen:
+                raise ConfigError(f"PRUNE_TARGETS={cfg.PRUNE_TARGETS!r}: " + (
+                    f"{t} is listed twice" if seen[name] == t else
+                    f"{seen[name]} and {t} would both be written to {name} (folders are named by whole percent)")
+                    + ": give each target once, at least 0.01 apart")
+            seen[name] = t
     return targets
 
 
@@ -93,95 +141,311 @@ def check_inputs(cfg, student_dir, teacher_dir) -> tuple:
     teacher_meta = require_stage(teacher_dir, "teacher")
     check_preset(student_dir, student_meta, cfg.PRESET, "student")
     check_preset(teacher_dir, teacher_meta, cfg.PRESET, "teacher")
-    if is_stale(student_meta):
-        raise StageError(f"{student_dir} was distilled from an earlier {teacher_dir.name} (rebuilt since): "
-                         f"run `python 2_distill_student.py` again first")
+    require_fresh(student_dir, student_meta, "student")  # teacher or data changed since: names what to rerun
+    require_fresh(teacher_dir, teacher_meta, "teacher")
+    check_loadable(student_dir)  # before the teacher logits over the whole training set, not after
+    check_loadable(teacher_dir)
     if load_tokenizer(student_dir).get_vocab() != load_tokenizer(teacher_dir).get_vocab():
         raise StageError(f"{student_dir} and {teacher_dir} use different vocabularies; distillation needs one "
                          f"tokenizer: run `python 2_distill_student.py` again first")
     return student_meta, teacher_meta
 
 
-def prune_one(cfg, target, folder, data, loaders, loss_fn, student_dir, teacher_dir, tokenizer, reference) -> dict:
-    """Prune a fresh copy of the student to `target` and write `folder`."""
-    set_seed(cfg.SEED)
-    model = load_model(student_dir)
-    limit = reachable_sparsity(model, SEQ_LEN)
-    if target >= limit:
-        raise ConfigError(f"sparsity target {target} is out of reach: removing every head and all but 32 FFN "
-                          f"neurons per layer saves {limit:.3f} of the encoder GFLOPs")
-    config = dict(as_dict(cfg), TARGET_SPARSITY=target)
-    with stage_output(folder, "pruned", config, cfg.SEED) as out:
-        out.add_upstream(student_dir, "student")
-        out.add_upstream(teacher_dir, "teacher")
-        encoder_before = measure_encoder_gflops(model, SEQ_LEN)
-        gflops_before, params_before = measure_gflops(model, SEQ_LEN), count_parameters(model)
-        logger.info(f"pruning {type(model).__name__} ({params_before:,} parameters, {encoder_before:.4f} encoder "
-                    f"GFLOPs) to {100 * target:.0f}% fewer encoder GFLOPs")
-        run = gradual_prune(model, loaders["train"], loaders["heldout"], loss_fn, target_sparsity=target,
+def check_runs(cfg, targets) -> tuple:
+    """(mode, targets, seeds): "single" (TARGET_SPARSITY -> pruned_model), "sweep" (PRUNE_TARGETS, one full run
+    per target) or "frontier" (FRONTIER_TARGETS, one gradual run branched at each), after checking the seed and
+    frontier constants."""
+    seeds = list(cfg.SEEDS) or [cfg.SEED]
+    if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"SEEDS={cfg.SEEDS!r}: distinct non-negative integers, e.g. (42, 43, 44); () = only SEED")
+    if not cfg.FRONTIER:
+        return ("sweep" if cfg.PRUNE_TARGETS else "single"), targets, seeds
+    if cfg.PRUNE_TARGETS:
+        raise ConfigError("FRONTIER=True prunes to FRONTIER_TARGETS in one run: leave PRUNE_TARGETS empty")
+    targets = sorted(cfg.FRONTIER_TARGETS)
+    if not targets or any(not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < 1 for t in targets):
+        raise ConfigError(f"FRONTIER_TARGETS={cfg.FRONTIER_TARGETS!r}: fractions between 0 and 1, e.g. "
+                          f"(0.2, 0.5, 0.8) = 20, 50, 80% fewer encoder GFLOPs")
+    if len({target_tag(t) for t in targets}) != len(targets):
+        raise ConfigError(f"FRONTIER_TARGETS={cfg.FRONTIER_TARGETS!r}: two targets round to the same whole percent "
+                          f"(the folder names pruned_model_sNN would clash)")
+    if not 0 < cfg.FRONTIER_RECOVERY_FRACTION <= 10:
+        raise ConfigError("FRONTIER_RECOVERY_FRACTION must be > 0 (epochs of recovery per branch, e.g. 0.25)")
+    if cfg.FRONTIER_PRUNE_STEPS < 1:
+        raise ConfigError("FRONTIER_PRUNE_STEPS must be >= 1")
+    unknown = [m for m in cfg.FRONTIER_METHODS if m not in PRUNING_BASES]
+    if unknown or not cfg.FRONTIER_METHODS:
+        raise ConfigError(f"FRONTIER_METHODS={cfg.FRONTIER_METHODS!r}: a non-empty tuple of {tuple(PRUNING_BASES)}")
+    return "frontier", targets, seeds
+
+
+def check_reachable(targets, student_dir) -> None:
+    """Refuse, before any work, a target that removing every head and all but one FFN block per layer cannot reach."""
+    limit = reachable_sparsity(load_model(student_dir), SEQ_LEN)
+    beyond = [t for t in targets if t >= limit]
+    if beyond:
+        raise ConfigError(f"sparsity target {', '.join(map(str, beyond))} is out of reach: removing every head and "
+                          f"all but 32 FFN neurons per layer saves {limit:.3f} of the encoder GFLOPs")
+
+
+def measure_start(model) -> dict:
+    return {"encoder_gflops": measure_encoder_gflops(model, SEQ_LEN), "gflops": measure_gflops(model, SEQ_LEN),
+            "parameters": count_parameters(model)}
+
+
+def recover(ctx, model, loaders, train_loader, epochs: int, desc: str) -> dict:
+    """Distillation at RECOVERY_LR on `train_loader` for `epochs`; the best held-out state is kept, or the state before
+    recovery if recovery never beats it on held-out data."""
+    cfg = ctx.cfg
+    pruned_accuracy = evaluate(model, loaders["heldout"])
+    out = {"kept_state": "pruning", "heldout_accuracy_before_recovery": pruned_accuracy,
+           "heldout_accuracy": pruned_accuracy, "recovery_history": [], "recovery_batches": 0}
+    if epochs <= 0:
+        return out
+    before_recovery = copy.deepcopy(model.state_dict())
+    recovery = train(model, train_loader, loaders["heldout"], ctx.loss_fn, epochs=epochs, lr=cfg.RECOVERY_LR,
+                     weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
+                     evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=desc)
+    out.update(recovery_history=recovery.history, recovery_batches=epochs * len(train_loader))
+    if recovery.best_accuracy >= pruned_accuracy:
+        out.update(kept_state=f"recovery step {recovery.best_step}", heldout_accuracy=recovery.best_accuracy)
+    else:
+        model.load_state_dict(before_recovery)
+        logger.info(f"recovery never beat the end of pruning on held-out data "
+                    f"({recovery.best_accuracy:.4f} < {pruned_accuracy:.4f}): keeping the pruned state")
+    return out
+
+
+def finish(ctx, loaders, model, out, folder, target, start, extra) -> dict:
+    """Save `model` into the stage output, reload it from disk and measure it: the results every pruned folder
+    records (`extra` added)."""
+    reference = ctx.reference
+    model = model.cpu()
+    save_model(model, ctx.tokenizer, out.dir)
+    units = kept_units(model)
+    json_dump(units, out.dir / "kept_units.json")
+    reloaded = load_model(out.dir)
+    if get_layout(reloaded) != get_layout(model):
+        raise RuntimeError(f"reloaded layout {get_layout(reloaded)} differs from the saved {get_layout(model)}")
+    encoder_before, encoder_after = start["encoder_gflops"], measure_encoder_gflops(reloaded, SEQ_LEN)
+    accuracy = evaluate(reloaded, loaders["validation"])
+    drop = 100 * (reference["validation_accuracy"] - accuracy)
+    logger.info(f"{folder.name}: validation accuracy (reloaded from disk) {accuracy:.4f} "
+                f"(student {reference['validation_accuracy']:.4f}, drop {drop:.2f} points); encoder GFLOPs "
+                f"{encoder_before:.4f} -> {encoder_after:.4f} ({100 * (1 - encoder_after / encoder_before):.1f}% "
+                f"fewer); parameters {start['parameters']:,} -> {count_parameters(reloaded):,}")
+    results = {
+        "target_sparsity": target,
+        "measured_sparsity": round(1 - encoder_after / encoder_before, 5),
+        "encoder_gflops_before": encoder_before, "encoder_gflops_after": encoder_after,
+        "gflops_before": start["gflops"], "gflops_after": measure_gflops(reloaded, SEQ_LEN),
+        "flops_convention": FLOPS_CONVENTION,
+        "parameters_before": start["parameters"], "parameters_after": count_parameters(reloaded),
+        "layout": get_layout(reloaded), "kept_heads": units["heads"],
+        "validation_accuracy": accuracy,
+        "student_validation_accuracy": reference["validation_accuracy"],
+        "teacher_validation_accuracy": reference["teacher_validation_accuracy"],
+        "drop_points": round(drop, 3),
+        "preset": ctx.cfg.PRESET, "quick": ctx.cfg.QUICK, "model_class": type(reloaded).__name__,
+        "train_sentences": len(ctx.data["train"]),
+    }
+    results.update(extra)
+    return results
+
+
+@contextmanager
+def pruned_output(ctx, folder, target, seed):
+    """The stage folder of one pruned model: its constants (with this target), the student and teacher it came
+    from, and the data it was trained on."""
+    with stage_output(folder, "pruned", dict(as_dict(ctx.cfg), TARGET_SPARSITY=target), seed) as out:
+        out.add_upstream(ctx.student_dir, "student")
+        out.add_upstream(ctx.teacher_dir, "teacher")
+        out.add_data()
+        yield out
+
+
+def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
+    """Prune a fresh copy of the student to `target` (gradual, then RECOVERY_EPOCHS) and write `folder`."""
+    cfg = ctx.cfg
+    set_seed(seed)
+    model = load_model(ctx.student_dir)
+    with pruned_output(ctx, folder, target, seed) as out:
+        start = measure_start(model)
+        logger.info(f"pruning {type(model).__name__} ({start['parameters']:,} parameters, "
+                    f"{start['encoder_gflops']:.4f} encoder GFLOPs) to {100 * target:.0f}% fewer encoder GFLOPs, "
+                    f"seed {seed}")
+        run = gradual_prune(model, loaders["train"], loaders["heldout"], ctx.loss_fn, target_sparsity=target,
                             epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.PRUNE_STEPS, lr=cfg.PRUNE_LR,
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=encoder_before,
-                            criterion=cfg.IMPORTANCE,
-                            desc=f"prune s{round(100 * target):02d}")
-        pruned_accuracy = evaluate(model, loaders["heldout"])
-        kept = "pruning"
-        recovery = None
-        if cfg.RECOVERY_EPOCHS > 0:
-            before_recovery = copy.deepcopy(model.state_dict())
-            recovery = train(model, loaders["train"], loaders["heldout"], loss_fn, epochs=cfg.RECOVERY_EPOCHS,
-                             lr=cfg.RECOVERY_LR, weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                             evals_per_epoch=cfg.EVALS_PER_EPOCH, desc="recovery")
-            if recovery.best_accuracy >= pruned_accuracy:
-                kept = f"recovery step {recovery.best_step}"
-            else:
-                model.load_state_dict(before_recovery)
-                logger.info(f"recovery never beat the end of pruning on held-out data "
-                            f"({recovery.best_accuracy:.4f} < {pruned_accuracy:.4f}): keeping the pruned state")
-        heldout_accuracy = max(pruned_accuracy, recovery.best_accuracy if recovery else -1.0)
-
-        model = model.cpu()
-        save_model(model, tokenizer, out.dir)
-        units = kept_units(model)
-        json_dump(units, out.dir / "kept_units.json")
-        reloaded = load_model(out.dir)
-        if get_layout(reloaded) != get_layout(model):
-            raise RuntimeError(f"reloaded layout {get_layout(reloaded)} differs from the saved {get_layout(model)}")
-        encoder_after = measure_encoder_gflops(reloaded, SEQ_LEN)
-        accuracy = evaluate(reloaded, loaders["validation"])
-        drop = 100 * (reference["validation_accuracy"] - accuracy)
-        logger.info(f"pruned s{round(100 * target):02d}: validation accuracy (reloaded from disk) {accuracy:.4f} "
-                    f"(student {reference['validation_accuracy']:.4f}, drop {drop:.2f} points); encoder GFLOPs "
-                    f"{encoder_before:.4f} -> {encoder_after:.4f} ({100 * (1 - encoder_after / encoder_before):.1f}% "
-                    f"fewer); parameters {params_before:,} -> {count_parameters(reloaded):,}")
-        out.results = {
-            "target_sparsity": target,
-            "measured_sparsity": round(1 - encoder_after / encoder_before, 5),
-            "encoder_gflops_before": encoder_before, "encoder_gflops_after": encoder_after,
-            "gflops_before": gflops_before, "gflops_after": measure_gflops(reloaded, SEQ_LEN),
-            "flops_convention": FLOPS_CONVENTION,
-            "parameters_before": params_before, "parameters_after": count_parameters(reloaded),
-            "layout": get_layout(reloaded), "kept_heads": units["heads"],
-            "trajectory": run.trajectory, "prune_loss_history": run.history,
-            "recovery_history": recovery.history if recovery else [],
-            "kept_state": kept, "heldout_accuracy": heldout_accuracy,
-            "validation_accuracy": accuracy,
-            "student_validation_accuracy": reference["validation_accuracy"],
-            "teacher_validation_accuracy": reference["teacher_validation_accuracy"],
-            "drop_points": round(drop, 3),
-            "preset": cfg.PRESET, "quick": cfg.QUICK, "model_class": type(reloaded).__name__,
-            "train_sentences": len(data["train"]),
-        }
+                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
+                            criterion=cfg.IMPORTANCE, desc=f"prune s{round(100 * target):02d}")
+        recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery")
+        out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
+            recovered, mode=mode, method="taylor", seed=seed, trajectory=run.trajectory,
+            prune_loss_history=run.history))
     return out.results
 
 
+# ----------------------------------------------------------------------------------------------------
+# Frontier: one gradual run, a branch per target; the one-shot magnitude baseline with the same recovery
+
+
+def recovery_seed(seed: int, target: float) -> int:
+    """The data order of the short recovery at one target: the same for our branch and the baseline."""
+    return seed * 1000 + round(100 * target)
+
+
+def write_branch(ctx, seed, loaders, target, folder, model, start, run, step, sweep) -> dict:
+    """Short recovery of one frontier point (a branch of the gradual run, or its end) and its folder."""
+    cfg = ctx.cfg
+    set_seed(recovery_seed(seed, target))
+    branch_started = time.time()
+    with pruned_output(ctx, folder, target, seed) as out:
+        loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
+        recovered = recover(ctx, model, loaders, loader, 1, f"recovery s{round(100 * target):02d}")
+        out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
+            recovered, mode="frontier", method="taylor", seed=seed, trajectory=list(run.trajectory),
+            prune_loss_history=list(run.history),
+            frontier=dict(sweep, branch_step=step, recovery_fraction=cfg.FRONTIER_RECOVERY_FRACTION,
+                          recovery_s=round(time.time() - branch_started, 1))))
+    return out.results
+
+
+def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
+    """The baseline at one target: the student pruned at once by weight magnitude per FLOP, then the same short
+    recovery as our branch at that target (same fraction, lr and batches)."""
+    cfg = ctx.cfg
+    set_seed(seed)
+    started = time.time()
+    model = load_model(ctx.student_dir)
+    with pruned_output(ctx, folder, target, seed) as out:
+        start = measure_start(model)
+        removed = prune_to_target(model, magnitude_importance(model), (1 - target) * start["encoder_gflops"], SEQ_LEN)
+        event = {"step": 0, "sparsity_target": target, "encoder_gflops": round(removed["encoder_gflops"], 6),
+                 "sparsity": round(1 - removed["encoder_gflops"] / start["encoder_gflops"], 5),
+                 "layout": get_layout(model),
+                 "removed_heads": {str(k): v for k, v in removed["removed_heads"].items()},
+                 "removed_ffn": {str(k): v for k, v in removed["removed_ffn"].items()}}
+        logger.info(f"[magnitude s{round(100 * target):02d}] one shot to {event['sparsity']:.3f} measured sparsity: "
+                    f"heads {event['layout']['heads']}, FFN {event['layout']['ffn']}")
+        set_seed(recovery_seed(seed, target))
+        loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
+        recovered = recover(ctx, model, loaders, loader, 1, f"magnitude recovery s{round(100 * target):02d}")
+        out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
+            recovered, mode="frontier", method="magnitude", seed=seed, trajectory=[event],
+            importance="weight magnitude: squared L2 norm of each head's / FFN neuron's weights, per FLOP, one shot",
+            frontier=dict(sweep, recovery_fraction=cfg.FRONTIER_RECOVERY_FRACTION,
+                          recovery_s=round(time.time() - started, 1))))
+    return out.results
+
+
+def prune_frontier(ctx, seed, loaders, targets) -> tuple:
+    """Every frontier folder of one seed: ({folder name: results}, summary for models/frontier.json)."""
+    cfg = ctx.cfg
+    started = time.time()
+    sweep = {"sweep_id": uuid.uuid4().hex[:12], "targets": list(targets), "seed": seed,
+             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    results, points = {}, {m: [] for m in cfg.FRONTIER_METHODS}
+
+    def point(method, name, r):
+        results[name] = r
+        points[method].append({
+            "target": r["target_sparsity"], "folder": name, "measured_sparsity": r["measured_sparsity"],
+            "encoder_gflops": r["encoder_gflops_after"], "branch_step": r["frontier"].get("branch_step"),
+            "heldout_accuracy_before_recovery": r["heldout_accuracy_before_recovery"],
+            "heldout_accuracy": r["heldout_accuracy"], "validation_accuracy": r["validation_accuracy"],
+            "recovery_s": r["frontier"]["recovery_s"]})
+
+    summary = {"seed": seed, "sweep_id": sweep["sweep_id"], "gradual_runs": 0}
+    if "taylor" in cfg.FRONTIER_METHODS:
+        set_seed(seed)
+        model = load_model(ctx.student_dir)
+        start = measure_start(model)
+        logger.info(f"frontier, seed {seed}: one gradual run of {type(model).__name__} through "
+                    f"{', '.join(f'{100 * t:.0f}%' for t in targets)} fewer encoder GFLOPs, a branch at each")
+
+        def branch(step, target, copy_of_model, run):
+            folder = pruned_folder(target, seed, cfg.SEED)
+            point("taylor", folder.name, write_branch(ctx, seed, loaders, target, folder, copy_of_model, start, run,
+                                                      step, sweep))
+
+        run = gradual_prune(model, loaders["train"], loaders["heldout"], ctx.loss_fn, target_sparsity=targets[-1],
+                            epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.FRONTIER_PRUNE_STEPS, lr=cfg.PRUNE_LR,
+                            weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
+                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
+                            criterion=cfg.IMPORTANCE, milestones=targets[:-1], on_milestone=branch,
+                            desc=f"frontier seed {seed}")
+        summary["gradual_runs"] = 1
+        # the last target is the end of the run (after the settling steps), recovered like every branch
+        folder = pruned_folder(targets[-1], seed, cfg.SEED)
+        point("taylor", folder.name, write_branch(ctx, seed, loaders, targets[-1], folder, model, start, run,
+                                                  len(loaders["train"]) * cfg.PRUNE_EPOCHS, sweep))
+        summary.update(gradual_run_s=run.wall_time_s,
+                       shared_run_s=round(run.wall_time_s - sum(m["branch_s"] for m in run.milestones), 1),
+                       trajectory=[{k: e[k] for k in ("step", "sparsity_target", "sparsity", "encoder_gflops",
+                                                      "heldout_accuracy") if k in e}
+                                   | {"milestone": bool(e.get("milestone"))} for e in run.trajectory])
+        del model
+    if "magnitude" in cfg.FRONTIER_METHODS:
+        for target in targets:
+            folder = pruned_folder(target, seed, cfg.SEED, method="magnitude")
+            point("magnitude", folder.name, prune_magnitude(ctx, seed, loaders, target, folder, sweep))
+    wall = round(time.time() - started, 1)
+    for name in results:  # the folders were written as the sweep went; now that it is over, its wall time
+        results[name]["frontier"]["sweep_wall_time_s"] = wall
+        add_sweep_wall_time(models_root() / name, wall)
+    summary.update(wall_time_s=wall, points=points)
+    return results, summary
+
+
+def add_sweep_wall_time(folder, wall: float) -> None:
+    """Record the whole sweep's wall time in a frontier folder's metadata.json (rewritten atomically; the only
+    change made to a folder after its stage finished)."""
+    meta = read_metadata(folder)
+    meta["results"]["frontier"]["sweep_wall_time_s"] = wall
+    tmp = folder / f".{METADATA}.tmp"
+    json_dump(meta, tmp)
+    os.replace(tmp, folder / METADATA)
+
+
+def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
+    """models/frontier.json: what the frontier run did and cost (the last FRONTIER=True run)."""
+    n = len(targets)
+    methods = list(cfg.FRONTIER_METHODS)
+    passes = {"gradual_run": cfg.PRUNE_EPOCHS if "taylor" in methods else 0,
+              "branch_recoveries": round(n * cfg.FRONTIER_RECOVERY_FRACTION, 3) if "taylor" in methods else 0,
+              "baseline_recoveries": round(n * cfg.FRONTIER_RECOVERY_FRACTION, 3) if "magnitude" in methods else 0}
+    passes["total"] = round(sum(passes.values()), 3)
+    summary = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "targets": list(targets), "methods": methods, "seeds": list(seeds),
+        "prune_epochs": cfg.PRUNE_EPOCHS, "prune_steps_per_epoch": cfg.FRONTIER_PRUNE_STEPS,
+        "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.RECOVERY_LR,
+        "training_passes_per_seed": passes,
+        "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
+        "wall_time_s": wall, "runs": {str(s["seed"]): s for s in summaries},
+        "preset": cfg.PRESET, "quick": cfg.QUICK,
+    }
+    path = models_root() / FRONTIER_SUMMARY
+    tmp = path.with_name(f".{path.name}.tmp")
+    json_dump(summary, tmp)
+    os.replace(tmp, path)
+    logger.info(f"frontier: {len(seeds)} seed(s) x {n} targets in {wall:.0f} s -> {path}")
+    return summary
+
+
 def main(argv=None):
+    setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_preset(cfg, PRESET_VALUES)
     apply_quick(cfg, **QUICK_VALUES)
     targets = check_config(cfg)
+    mode, targets, seeds = check_runs(cfg, targets)
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
+    check_reachable(targets, student_dir)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
@@ -192,14 +456,24 @@ def main(argv=None):
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "
                 f"{len(data['train'])} training / {len(data['heldout'])} held-out sentences")
+    ctx = SimpleNamespace(cfg=cfg, data=data, loss_fn=loss_fn, student_dir=student_dir, teacher_dir=teacher_dir,
+                          tokenizer=tokenizer, reference=reference)
 
-    folders = [pruned_sweep_folder(t) for t in targets] if cfg.PRUNE_TARGETS else [stage_dir("pruned")]
-    results = {}
-    for target, folder in zip(targets, folders):
-        results[folder.name] = prune_one(cfg, target, folder, data, loaders, loss_fn, student_dir, teacher_dir,
-                                         tokenizer, reference)
-    return results if cfg.PRUNE_TARGETS else results[folders[0].name]
-
+    started = time.time()
+    results, summaries = {}, []
+    for seed in seeds:  # the same student each time; the seed sets data order, importance batches and dropout
+        loaders = split_loaders(data, cfg.BATCH_SIZE, seed, tokenizer.pad_token_id)
+        if mode == "frontier":
+            written, summary = prune_frontier(ctx, seed, loaders, targets)
+            results.update(written)
+            summaries.append(summary)
+            continue
+        for target in targets:
+            folder = pruned_folder(target if mode == "sweep" else None, seed, cfg.SEED)
+            results[folder.name] = prune_one(ctx, seed, loaders, target, folder, mode)
+    if mode == "frontier":
+        write_frontier_summary(cfg, targets, seeds, summaries, round(time.time() - started, 1))
+    return results if mode != "single" or len(seeds) > 1 else next(iter(results.values()))
 
 if __name__ == "__main__":
     run_main(main)

@@ -2,12 +2,13 @@
 (PyTorch) and ONNX Runtime int8 / fp32 (CPU serving).
 
 Reads   models/pruned_model/ (8_pruning_with_finetuning.py), models/student_model/ (2_distill_student.py),
-        every sweep folder models/pruned_model_sNN/ present (8_pruning_with_finetuning.py PRUNE_TARGETS=...),
+        every other fp32 pruned folder present (8_pruning_with_finetuning.py PRUNE_TARGETS=..., SEEDS=...,
+        FRONTIER=True): pruned_model_sNN/, pruned_model[_sNN]_seedN/, pruned_magnitude_sNN[_seedN]/,
         data/sst2/ (download_model.py)
 Writes  models/pruned_quantized_final/        the final model: the pruned student in 4-bit, plus onnx/
         models/distilled_quantized_student/   the unpruned student in 4-bit (the standard quantized model it is
                                               compared against), plus onnx/
-        models/pruned_model_sNN_quantized/    the same for each sweep folder
+        models/<folder>_quantized/            the same for each of those (pruned_model_s50_quantized, ...)
         Each: model.safetensors (4-bit codes + statistics + the fp32 rest), config.json (settings under
         `dpq_quantization`, pruned layout under `dpq_layout`, `auto_map` to the shipped modeling_dpq.py), tokenizer,
         onnx/ (model.onnx fp32 and model_int8.onnx for ONNX Runtime on CPU, with the tokenizer and export.json),
@@ -38,20 +39,21 @@ from pathlib import Path
 import torch
 
 from common import export, paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
-from common.config import ConfigError, as_dict, constants, env_flag, env_preset, parse_overrides
+from common.config import ConfigError, as_dict, check_constants, constants, env_flag, env_preset, parse_overrides
 from common.data import encode, load_sst2_splits, make_loader
-from common.modeling import count_parameters, load_model, load_tokenizer, weight_bytes
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, weight_bytes
 from common.paths import models_root, stage_dir
 from common.pruning import get_layout, is_pruned
 from common.quantization import precision_map, quantize_model, save_quantized
-from common.stage import (StageError, check_preset, is_stale, logger,
-                          require_stage, run_main, set_seed, stage_output)
+from common.stage import (StageError, check_preset, logger, require_fresh, require_stage, run_main, set_seed,
+                          setup_logging, stage_output)
 from common.training import predict_logits
 
 # -----------------------------------------------------------------------------
 PRESET = env_preset()
 QUICK = env_flag("QUICK")  # accepted for `make`/CI; changes nothing here (quantizing takes seconds)
-QUANTIZE = ("student", "pruned", "sweep")  # inputs: student_model, pruned_model, every pruned_model_sNN present
+QUANTIZE = ("student", "pruned", "sweep")  # inputs: student_model, pruned_model, "sweep" = every other fp32 pruned
+                                           # folder present (sweep/frontier points, seeds, magnitude baseline)
 QUANT_TYPE = "nf4"         # "nf4" (4-bit NormalFloat, QLoRA) | "fp4"
 DOUBLE_QUANT = False       # also quantize the per-block absmax to 8 bits (QLoRA's double quantization)
 BLOCKSIZE = 32             # weights per absmax; 32 | 64 | 128 | 256. 32: the 50%-pruned MiniLM kept 98.6% of its
@@ -74,6 +76,9 @@ _INPUTS = ("student", "pruned", "sweep")
 
 
 def check_config(cfg) -> torch.device:
+    """The device to run on, after checking every constant (before anything is loaded): the shared rules of
+    common.config (EVAL_BATCH_SIZE, MAX_LENGTH, SEED) and this stage's choices."""
+    check_constants(cfg)
     unknown = [q for q in cfg.QUANTIZE if q not in _INPUTS]
     if unknown or not cfg.QUANTIZE:
         raise ConfigError(f"QUANTIZE={cfg.QUANTIZE!r}: use a non-empty tuple of {_INPUTS}")
@@ -97,12 +102,15 @@ def check_config(cfg) -> torch.device:
 
 
 def sweep_folders() -> list:
-    """The fp32 sweep folders present (models/pruned_model_s20, ...), not their quantized twins."""
+    """Every fp32 pruned folder present besides pruned_model itself: sweep and frontier points (pruned_model_s20),
+    other seeds (pruned_model_seed43, pruned_model_s50_seed43) and the magnitude baseline (pruned_magnitude_s50,
+    ...), named as common.paths.pruned_folder names them; not their quantized twins."""
     root = models_root()
     if not root.is_dir():
         return []
-    return sorted(f for f in root.glob("pruned_model_s*")
-                  if f.is_dir() and f.name[len("pruned_model_s"):].isdigit())  # not the *_quantized twins
+    return sorted(f for f in root.iterdir()
+                  if f.is_dir() and f.name != paths.STAGE_FOLDERS["pruned"]
+                  and (parsed := paths.parse_pruned_name(f.name)) and not parsed["quantized"])
 
 
 def quantized_folder_for(source: Path) -> Path:
@@ -124,13 +132,11 @@ def plan(cfg) -> list:
             )
         jobs.append((stage_dir("pruned"), "pruned", stage_dir("pruned_quantized"), "pruned_quantized"))
     jobs += [(folder, "pruned", quantized_folder_for(folder), "pruned_quantized") for folder in sweep]
-    for source, stage, _, _ in jobs:
+    for source, stage, _, _ in jobs:  # every input checked (cheaply) before the first is quantized
         meta = require_stage(source, stage)
         check_preset(source, meta, cfg.PRESET, stage)
-        stale = is_stale(meta)
-        if stale:
-            raise StageError(f"{source} was made from an earlier {', '.join(stale)} (rebuilt since): run "
-                             f"`python {paths.STAGE_SCRIPTS[stage]}` again first")
+        require_fresh(source, meta, stage)  # names what changed and the scripts to rerun
+        check_loadable(source)  # truncated weights, impossible layout: one line naming the folder
     return jobs
 
 
@@ -142,6 +148,7 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
     labels = loader.dataset.labels
     with stage_output(dest, dest_stage, as_dict(cfg), cfg.SEED) as out:
         out.add_upstream(source, source_stage)
+        out.add_data()
         model = load_model(source).to(device)
         parameters = count_parameters(model)
         fp32_logits = predict_logits(model, loader)
@@ -213,6 +220,7 @@ def export_onnx(cfg, source, tokenizer, loader, fp32_logits, folder) -> dict:
 
 
 def main(argv=None):
+    setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     device = check_config(cfg)
     jobs = plan(cfg)

@@ -7,11 +7,17 @@ wrong types are refused with a message that lists what is allowed.
 
 Two constants read the environment so that `make` and CI can steer every stage at once:
 `PRESET` (minilm | bert) and `QUICK` (1 = tiny slice, one epoch).
+
+Values are then checked against rules (`check_constants`), before a stage loads anything: the shared `RULES`
+for the keys several stages have (EPOCHS, LR, BATCH_SIZE, MAX_LENGTH, SEED, ...) plus a stage's own table.
+A value that cannot give a useful run (EPOCHS=0, LR=0, BATCH_SIZE=0, TRAIN_LIMIT=-5) is refused in one line
+naming the key and the range it must lie in.
 """
 
 import ast
 import os
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 PRESETS = ("minilm", "bert")
 
@@ -38,12 +44,35 @@ def env_preset() -> str:
     return preset
 
 
+RULER = "# ---"
+
+
+def block_names(path) -> list:
+    """The names a stage script assigns between its first two `# ---` ruler lines: its constants block."""
+    import ast
+
+    source = open(path, encoding="utf-8").read()
+    rulers = [i for i, line in enumerate(source.splitlines(), 1) if line.startswith(RULER)][:2]
+    if len(rulers) < 2:
+        return []
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and rulers[0] < node.lineno < rulers[1]:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
 def constants(namespace: dict) -> dict:
-    """The UPPER_CASE names of a module namespace: a stage script's tweakable constants.
+    """A stage script's tweakable constants: the UPPER_CASE names assigned in its own constants block (between
+    the first two `# ---` rulers of the file named by `namespace["__file__"]`), so names it imports (SEQ_LEN,
+    a module imported as F) never become settable keys. Without a file: every UPPER_CASE name of the namespace.
 
     Dict-valued names (QUICK_VALUES, PRESET_VALUES) are tables of defaults, not settable constants."""
-    return {k: v for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and not isinstance(v, dict)}
+    path = namespace.get("__file__")
+    names = block_names(path) if path and os.path.isfile(path) else list(namespace)
+    return {k: namespace[k] for k in names
+            if k in namespace and k.isupper() and not k.startswith("_") and not isinstance(namespace[k], dict)}
 
 
 def _parse_value(key: str, text: str, default):
@@ -123,3 +152,93 @@ def as_dict(cfg: SimpleNamespace) -> dict:
             continue
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# -----------------------------------------------------------------------------
+# Rules: what a constant must be for the run to be worth doing
+
+
+class Rule(NamedTuple):
+    """`ok(value)` is True for an acceptable value; `text` says what is acceptable (used in the error)."""
+
+    ok: Callable
+    text: str
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def at_least(minimum, what: str = "") -> Rule:
+    """An integer (or, for a float minimum, a number) >= minimum."""
+    kind = int if isinstance(minimum, int) else (int, float)
+    name = "an integer" if kind is int else "a number"
+    return Rule(lambda v: _number(v) and isinstance(v, kind) and v >= minimum,
+                f"{name} >= {minimum}" + (f" ({what})" if what else ""))
+
+
+def in_range(low, high, low_open: bool = False, high_open: bool = False, what: str = "") -> Rule:
+    """A number between low and high; `*_open` excludes that end ((0, 1) vs [0, 1])."""
+    def ok(v):
+        return (_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return Rule(ok, f"a number in {interval}" + (f" ({what})" if what else ""))
+
+
+def int_range(low: int, high: int, what: str = "") -> Rule:
+    return Rule(lambda v: _number(v) and isinstance(v, int) and low <= v <= high,
+                f"an integer from {low} to {high}" + (f" ({what})" if what else ""))
+
+
+def one_of(*allowed) -> Rule:
+    return Rule(lambda v: v in allowed, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def each(rule: Rule, empty_ok: bool = False, distinct: bool = False) -> Rule:
+    """A tuple whose every element passes `rule` (non-empty unless `empty_ok`; no repeats if `distinct`)."""
+    def ok(v):
+        return (isinstance(v, (tuple, list)) and (empty_ok or len(v) > 0) and all(rule.ok(x) for x in v)
+                and (not distinct or len(set(v)) == len(v)))
+
+    text = f"a {'' if empty_ok else 'non-empty '}tuple of {'distinct ' if distinct else ''}values, each {rule.text}"
+    return Rule(ok, text)
+
+
+LEARNING_RATE = in_range(0, 1, low_open=True, high_open=True, what="a learning rate, e.g. 1e-4")
+
+# Keys several stages share, with the same meaning everywhere. A stage adds its own keys (check_constants).
+RULES = {
+    "SEED": int_range(0, 2**32 - 1, "a random seed"),
+    "EPOCHS": at_least(1, "training epochs"),
+    "LR": LEARNING_RATE,
+    "BATCH_SIZE": at_least(1, "sentences per training batch"),
+    "EVAL_BATCH_SIZE": at_least(1, "sentences per evaluation batch"),
+    "WEIGHT_DECAY": in_range(0, 1, high_open=True, what="AdamW weight decay, e.g. 0.01"),
+    "WARMUP_RATIO": in_range(0, 1, high_open=True, what="fraction of the steps spent warming up, e.g. 0.06"),
+    "EVALS_PER_EPOCH": at_least(1, "held-out checks per epoch"),
+    "MAX_LENGTH": int_range(8, 512, "tokens per sentence; BERT's position limit is 512, SST-2 fits in 128"),
+    "TRAIN_LIMIT": at_least(0, "training sentences; 0 = all"),
+    "TEMPERATURE": in_range(0, 100, low_open=True, what="softmax temperature of the soft targets, e.g. 2.0"),
+    "ALPHA": in_range(0, 1, what="weight of the soft-target loss"),
+}
+
+
+def check_constants(cfg: SimpleNamespace, rules: dict = None) -> None:
+    """Refuse (ConfigError, one line naming the key and its range) the first constant of `cfg` that breaks its
+    rule: the shared RULES for every key the stage has, then the stage's own `rules` ({KEY: Rule})."""
+    table = {key: rule for key, rule in RULES.items() if hasattr(cfg, key)}
+    table.update(rules or {})
+    for key, rule in table.items():
+        require(cfg, key, rule)
+
+
+def require(cfg: SimpleNamespace, key: str, rule: Rule) -> None:
+    """One rule for one constant: ConfigError `KEY=value: must be <rule text>` when it fails."""
+    value = getattr(cfg, key)
+    try:
+        ok = rule.ok(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {rule.text}")

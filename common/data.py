@@ -10,8 +10,9 @@ Splits used by every stage:
   validation  GLUE dev, 872 sentences: for reported numbers only, never for choosing a checkpoint
 """
 
-import csv
+import codecs
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ HELDOUT_SEED = 0  # the held-out slice is the same whatever a stage's training s
 MAX_LENGTH = 128
 SPLIT_FILES = {"train": "train.tsv", "validation": "validation.tsv"}
 MANIFEST = "manifest.json"
+MAX_FIELD_CHARS = 100_000  # per line: SST-2 sentences are under 300 characters; longer reviews still fit
 
 
 class DataError(ValueError):
@@ -33,34 +35,61 @@ class DataError(ValueError):
 
 
 def read_glue_tsv(path) -> list:
-    """Rows (sentence, label) of a GLUE-format TSV, validated line by line."""
+    """Rows (sentence, label) of a GLUE-format TSV, validated line by line.
+
+    UTF-8, with or without a byte-order mark; LF or CRLF line ends; no quoting (a quote is plain text). A
+    UTF-16 file, bytes that are not UTF-8 and a field over MAX_FIELD_CHARS are refused, each in one line naming
+    the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a GLUE-format TSV with header 'sentence<TAB>label')")
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}, line 1: the file is UTF-16 (it starts with a UTF-16 byte-order mark): "
+                        f"save it as UTF-8")
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    lines = raw.split(b"\n")
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        header = f.readline().rstrip("\r\n")
-        if not header:
-            raise DataError(f"{path}: the file is empty (expected header 'sentence<TAB>label' and rows)")
-        if header.split("\t") != ["sentence", "label"]:
-            raise DataError(f"{path}, line 1: header is {header!r}, expected 'sentence<TAB>label'")
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for lineno, fields in enumerate(reader, start=2):
-            if not fields or fields == [""]:
-                continue
-            if len(fields) != 2:
-                raise DataError(
-                    f"{path}, line {lineno}: expected 2 tab-separated fields (sentence, label), got {len(fields)}"
-                )
-            sentence, label = fields
-            if label not in ("0", "1"):
-                raise DataError(f"{path}, line {lineno}: label {label!r} is not 0 or 1")
-            if not sentence.strip():
-                raise DataError(f"{path}, line {lineno}: empty sentence")
-            rows.append((sentence, int(label)))
+    for lineno, line in enumerate(lines, start=1):
+        text = _decode_line(path, lineno, line[:-1] if line.endswith(b"\r") else line)
+        if lineno == 1:
+            if not text:
+                raise DataError(f"{path}: the file is empty (expected header 'sentence<TAB>label' and rows)")
+            if text.split("\t") != ["sentence", "label"]:
+                raise DataError(f"{path}, line 1: header is {text!r}, expected 'sentence<TAB>label'")
+            continue
+        if not text:
+            continue
+        fields = text.split("\t")
+        if len(fields) != 2:
+            raise DataError(
+                f"{path}, line {lineno}: expected 2 tab-separated fields (sentence, label), got {len(fields)}"
+            )
+        sentence, label = fields
+        if label not in ("0", "1"):
+            raise DataError(f"{path}, line {lineno}: label {label[:20]!r} is not 0 or 1")
+        if not sentence.strip():
+            raise DataError(f"{path}, line {lineno}: empty sentence")
+        rows.append((sentence, int(label)))
     if not rows:
         raise DataError(f"{path}: no data rows after the header")
     return rows
+
+
+def _decode_line(path, lineno: int, line: bytes) -> str:
+    if b"\x00" in line:
+        raise DataError(f"{path}, line {lineno}: NUL bytes, so not UTF-8 text (UTF-16 without a byte-order mark, "
+                        f"or a binary file?): save it as UTF-8")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}, line {lineno}: byte {line[err.start]:#04x} at column {err.start + 1} is not "
+                        f"UTF-8: save the file as UTF-8") from None
+    if len(text) > MAX_FIELD_CHARS:
+        raise DataError(f"{path}, line {lineno}: {len(text):,} characters, more than the {MAX_FIELD_CHARS:,} a "
+                        f"sentence<TAB>label line may have (is it one line of a GLUE-format TSV?)")
+    return text
 
 
 def write_glue_tsv(path, rows) -> None:
@@ -116,8 +145,6 @@ def rows_from_hub() -> dict:
 
 def check_prepared(folder=None) -> dict:
     """The manifest of the prepared data, after checking the files still match it."""
-    import json
-
     folder = Path(folder) if folder else sst2_dir()
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -131,6 +158,23 @@ def check_prepared(folder=None) -> dict:
                 f"run `python download_model.py` again"
             )
     return manifest
+
+
+def data_sha256(manifest: dict) -> str:
+    """The fingerprint of a prepared dataset: sha256 over its splits' file checksums (from the manifest).
+    Stages record it in metadata.json ("data_sha256"), so a model built from other data is seen as stale."""
+    checksums = {split: info["sha256"] for split, info in manifest["splits"].items()}
+    return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+
+
+def current_data_sha256(folder=None):
+    """data_sha256 of the prepared data as its manifest describes it now; None when there is none (cheap: the
+    files themselves are checked against the manifest by `check_prepared` whenever a stage reads them)."""
+    folder = Path(folder) if folder else sst2_dir()
+    try:
+        return data_sha256(json.loads((folder / MANIFEST).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def load_sst2_splits(heldout_fraction: float = HELDOUT_FRACTION, seed: int = HELDOUT_SEED,

@@ -117,9 +117,10 @@ def teacher_logits_for(teacher_folder, encoded, cache_dir, batch_size: int = 128
             if cached["key"] == key and cached["logits"].shape[0] == len(encoded):
                 logger.info(f"teacher logits: reusing cache {path.name}")
                 return cached["logits"]
-            logger.info(f"teacher logits: cache {path.name} does not match (key or size); rebuilding")
+            logger.warning(f"WARNING: teacher logits: cache {path} does not match (key or size); rebuilding")
         except Exception as err:  # a corrupt file of any kind: say so and rebuild
-            logger.info(f"teacher logits: cache {path.name} unreadable ({type(err).__name__}: {err}); rebuilding")
+            logger.warning(f"WARNING: teacher logits: cache {path} unreadable "
+                           f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); rebuilding")
     teacher = load_model(teacher_folder)
     if torch.cuda.is_available():
         teacher.to("cuda")

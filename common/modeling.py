@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common.modeling_dpq import LAYOUT_KEY, QUANT_KEY, encoder_layers, read_state_dict  # noqa: F401 (re-exported)
+from common.stage import StageError
 
 NUM_LABELS = 2
 ID2LABEL = {0: "negative", 1: "positive"}
@@ -83,17 +84,54 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+class UnreadableModel(StageError):
+    """A model folder that cannot be read (no config, truncated weights, an impossible layout); the message is
+    one line naming the folder and the script that writes it."""
+
+
+def _load_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, SafetensorError)
+
+
+def _unreadable(folder, err) -> UnreadableModel:
+    from common.stage import writer_script
+
+    text = " ".join(str(err).split())
+    text = text[:300] + ("..." if len(text) > 300 else "")
+    script = writer_script(folder)
+    fix = f"it is written by `python {script}`; run it again" if ".py" in script else "rebuild or remove it"
+    return UnreadableModel(f"{folder} cannot be read ({type(err).__name__}: {text}): {fix}")
+
+
 def load_model(folder, device=None):
-    """Load any model folder the pipeline writes (plain, pruned or 4-bit), in eval mode."""
+    """Load any model folder the pipeline writes (plain, pruned or 4-bit), in eval mode.
+
+    A folder that cannot be read raises UnreadableModel (one line: the folder and the script that writes it)."""
+    folder = Path(folder)
+    try:
+        model, config = _load(folder)
+    except UnreadableModel:
+        raise
+    except _load_errors() as err:
+        raise _unreadable(folder, err) from err
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _load(folder: Path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     quiet_transformers()
-    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, QUANT_KEY, None):
         from common.quantization import load_quantized
 
-        model = load_quantized(folder, device=device)
+        model = load_quantized(folder)
     elif getattr(config, LAYOUT_KEY, None):
         from common.modeling_dpq import load_folder
 
@@ -102,9 +140,64 @@ def load_model(folder, device=None):
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
     if config.num_labels != NUM_LABELS:
         raise ValueError(f"{folder} is a {config.num_labels}-label model; this pipeline needs {NUM_LABELS} labels")
-    if device is not None and not getattr(config, QUANT_KEY, None):
-        model.to(device)
-    return model.eval()
+    return model, config
+
+
+def check_loadable(folder) -> None:
+    """What `load_model(folder)` needs, checked cheaply (no weights read), for stages to run before heavy work:
+    config.json readable with 2 labels, every model*.safetensors complete (header and data span), the model
+    skeleton buildable from the config (an impossible `dpq_layout` fails here), and for fp32 folders every weight
+    the skeleton has, saved with its shape. Raises UnreadableModel naming the folder and the script that writes it.
+    """
+    folder = Path(folder)
+    try:
+        _check_loadable(folder)
+    except UnreadableModel:
+        raise
+    except _load_errors() as err:
+        raise _unreadable(folder, err) from err
+
+
+def _check_loadable(folder: Path) -> None:
+    import copy
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from common.modeling_dpq import build_model, check_settings
+
+    quiet_transformers()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config = AutoConfig.from_pretrained(str(folder))
+    if config.num_labels != NUM_LABELS:
+        raise ValueError(f"a {config.num_labels}-label model; this pipeline needs {NUM_LABELS} labels")
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {folder}")
+    saved = {}
+    for path in files:  # safe_open checks the header and that the data it describes is all there
+        with safe_open(str(path), "pt") as f:
+            saved.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    quantized = getattr(config, QUANT_KEY, None)
+    skeleton_config = copy.deepcopy(config)
+    if quantized:
+        check_settings(quantized)
+        for key in (QUANT_KEY, "quantization_config"):
+            if hasattr(skeleton_config, key):
+                delattr(skeleton_config, key)
+    if getattr(config, LAYOUT_KEY, None):
+        skeleton = build_model(skeleton_config)  # shrinks to the layout: refuses an impossible one
+    else:
+        with torch.device("meta"):  # no memory, no init cost
+            skeleton = AutoModelForSequenceClassification.from_config(skeleton_config)
+    if quantized:
+        return  # 4-bit weights are stored packed: their shapes are checked when loading
+    for key, tensor in skeleton.state_dict().items():
+        if key not in saved:
+            raise KeyError(f"weight {key} is missing from the saved files")
+        if saved[key] != tuple(tensor.shape):
+            raise ValueError(f"weight {key} has shape {list(saved[key])}, the config says {list(tensor.shape)}")
 
 
 def save_model(model, tokenizer, folder) -> None:

@@ -37,10 +37,21 @@ held-out sentences, 85.3% before): "fisher" kept 85.2 / 84.3 / 84.0% at 20 / 35 
 "abs" 84.7 / 83.5 / 81.8%: |dL/dg| under-rates heads (large perturbations, where the squared term matters)
 and removes most of them.
 
+Baseline importance
+`magnitude_importance(model)`: the squared L2 norm of each unit's weights (no data), for the one-shot magnitude
+baseline; `prune_to_target` ranks it per FLOP exactly as it ranks Taylor importance.
+
+Frontier
+`gradual_prune(..., milestones=(0.2, 0.35, ...), on_milestone=callback)` passes through every milestone on its
+way to the final sparsity (events placed where the cubic schedule crosses each one, so each is hit exactly) and
+hands the callback a copy of the model at that point (a branch, e.g. for a short recovery on
+`partial_epoch_loader`); the run itself goes on from the un-recovered model.
+
 FLOPs follow common.flops (fvcore, one multiply-add = 1 FLOP, batch 1, sequence length 128). The per-unit
 costs below only rank units; every target check and reported number is measured with common.flops.
 """
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -262,6 +273,32 @@ class TaylorImportance:
         self.close()
 
 
+def magnitude_importance(model) -> dict:
+    """Weight-magnitude importance, the one-shot baseline's: no data, no gradients.
+
+    {"heads": [per layer], "ffn": [per layer]} in the current numbering, the format `removal_order` and
+    `prune_to_target` take (as they take a TaylorImportance). A head scores the squared L2 norm of its weights: its
+    rows of the query, key and value weights and its columns of the attention-output weight; an FFN neuron the
+    squared L2 norm of its row of the first FFN weight and its column of the second (biases not counted). Squared,
+    so that a block of neurons (removal_order sums its neurons) scores the squared norm of all its weights, as a
+    head does; within one unit type the order is that of the L2 norm. Ranked per FLOP like Taylor importance.
+    """
+    heads, ffn = [], []
+    with torch.no_grad():
+        for layer in encoder_layers(model):
+            p = _parts(layer)
+            n, d = _num_heads(p), _head_size(p)
+            qkv = sum(lin.weight.detach().double().pow(2).sum(1) for lin in (p.query, p.key, p.value))
+            out = p.attn_out.weight.detach().double().pow(2).sum(0)
+            heads.append((qkv + out).view(n, d).sum(1).cpu())
+            ffn.append((p.ffn_in.weight.detach().double().pow(2).sum(1)
+                        + p.ffn_out.weight.detach().double().pow(2).sum(0)).cpu())
+    return {"heads": heads, "ffn": ffn}
+
+
+IMPORTANCE_METHODS = ("taylor", "magnitude")  # how units are ranked: data-driven (gradual_prune) or weights only
+
+
 def estimate_importance(model, batches, loss_fn, max_batches: int | None = None,
                         criterion: str = "fisher") -> TaylorImportance:
     """Taylor importance over `batches` (forward + backward, no weight update; eval mode, grads cleared)."""
@@ -299,7 +336,8 @@ class _Candidate:
 def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -> list:
     """Every removable unit, least important per FLOP first.
 
-    `importance` is a TaylorImportance or {"heads": [...], "ffn": [...]} per layer (current numbering).
+    `importance` is a TaylorImportance or {"heads": [...], "ffn": [...]} per layer (current numbering), e.g.
+    `magnitude_importance(model)`.
     Heads are single units (a layer may lose them all). FFN neurons go in blocks of
     `ffn_granularity(original width)`, the least important neurons of a layer first; each layer keeps at
     least `min_ffn_blocks` blocks.
@@ -422,17 +460,47 @@ def cubic_sparsity(step: float, total_steps: float, final_sparsity: float) -> fl
     return final_sparsity * (1.0 - (1.0 - t) ** 3)
 
 
+def cubic_step(sparsity: float, total_steps: float, final_sparsity: float) -> float:
+    """Where the cubic schedule reaches `sparsity` (the inverse of cubic_sparsity): T (1 - (1 - s/s_f)^(1/3))."""
+    if not 0 <= sparsity <= final_sparsity:
+        raise ValueError(f"sparsity {sparsity} is outside the schedule's range 0..{final_sparsity}")
+    return total_steps * (1.0 - (1.0 - sparsity / final_sparsity) ** (1.0 / 3.0))
+
+
 def pruning_schedule(total_train_steps: int, prune_steps: int, final_sparsity: float,
-                     end_fraction: float = 0.8) -> list:
+                     end_fraction: float = 0.8, milestones=()) -> list:
     """[(train step, sparsity target)] for `prune_steps` pruning events spread evenly over the first
-    `end_fraction` of training (the rest lets the model settle); the last event reaches `final_sparsity`."""
+    `end_fraction` of training (the rest lets the model settle); the last event reaches `final_sparsity`.
+
+    `milestones` (sparsities below `final_sparsity`) add events that hit each of them EXACTLY, placed where the
+    cubic curve crosses them (a frontier run branches there). Every event gets its own training step: a regular
+    event due at the step of a later one is dropped, two milestones due together are a step apart. Raises
+    ValueError when the events do not fit in the training steps.
+    """
     if prune_steps < 1:
         raise ValueError("prune_steps must be >= 1")
+    bad = [m for m in milestones if not 0 < m <= final_sparsity]
+    if bad:
+        raise ValueError(f"milestones {bad} must lie in (0, {final_sparsity}] (the final sparsity)")
     end = max(1, int(round(total_train_steps * end_fraction)))
-    events = []
+    by_target = {}
     for k in range(1, prune_steps + 1):
-        step = max(1, int(round(end * k / prune_steps)))
-        events.append((step, cubic_sparsity(k, prune_steps, final_sparsity)))
+        by_target[cubic_sparsity(k, prune_steps, final_sparsity)] = max(1, int(round(end * k / prune_steps)))
+    for m in milestones:
+        if m < final_sparsity:
+            by_target[m] = max(1, int(round(cubic_step(m, end, final_sparsity))))
+    required = set(milestones) | {final_sparsity}
+    events = []
+    for target in sorted(by_target):  # the cubic curve rises: by target = by step
+        step = by_target[target]
+        while events and events[-1][0] >= step and events[-1][1] not in required:
+            events.pop()  # a regular event superseded by a later one due at the same step
+        if events and events[-1][0] >= step:
+            step = events[-1][0] + 1
+        events.append((step, target))
+    if events[-1][0] > total_train_steps:
+        raise ValueError(f"{len(events)} pruning events ({len(required) - 1} milestones) do not fit in "
+                         f"{total_train_steps} training steps: use fewer pruning steps or more training data")
     return events
 
 
@@ -445,13 +513,15 @@ class PruneRun:
     trajectory: list = field(default_factory=list)  # one dict per pruning event (and step 0)
     history: list = field(default_factory=list)  # training loss every `log_every` steps
     base_encoder_gflops: float = 0.0
+    milestones: list = field(default_factory=list)  # {"step", "sparsity_target", "branch_s"} per milestone branched
+    wall_time_s: float = 0.0  # the whole run, branches included
 
 
 def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsity: float, epochs: int,
                   prune_steps: int, lr: float, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                   end_fraction: float = 0.8, max_grad_norm: float = 1.0, seq_len: int = SEQ_LEN,
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
-                  desc: str = "prune") -> PruneRun:
+                  milestones=(), on_milestone=None, desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -460,17 +530,29 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     then the importance is reset and AdamW and the lr schedule (linear warmup and decay over the whole
     run) are rebuilt for the new parameters. Held-out accuracy is measured after every event. Runs on one
     device (a structural change would have to rebuild any data-parallel wrapper).
+
+    Frontier: `milestones` (sparsities up to `target_sparsity`) get events of their own that hit them exactly
+    (`pruning_schedule`); right after each, `on_milestone(step, target, branch, run)` is called with `branch` a
+    deep copy of the model at that point (no importance hooks attached; the callback may train and save it)
+    and `run` this PruneRun so far (`run.trajectory[-1]` is the milestone's entry). The random-number state is
+    restored after the callback, so the main run continues from the un-recovered model exactly as it would
+    without branches.
     """
+    import copy
+    import time
+
     from tqdm.auto import tqdm
 
     from common.stage import logger
     from common.training import evaluate, linear_schedule, make_accelerator, make_optimizer
 
+    started = time.time()
     device = make_accelerator().device
     model.to(device)
     base = base_encoder_gflops or measure_encoder_gflops(model, seq_len)
     total = len(train_loader) * epochs
-    events = pruning_schedule(total, prune_steps * epochs, target_sparsity, end_fraction)
+    events = pruning_schedule(total, prune_steps * epochs, target_sparsity, end_fraction, milestones)
+    branch_at = set(milestones) if on_milestone else set()
     warmup = math.ceil(total * warmup_ratio)
     run = PruneRun(base_encoder_gflops=base)
 
@@ -483,6 +565,8 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
         if removed is not None:
             entry["removed_heads"] = {str(k): v for k, v in removed["removed_heads"].items()}
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
+        if target in branch_at:
+            entry["milestone"] = True
         run.trajectory.append(entry)
         logger.info(f"[{desc}] step {step}: target {target:.3f}, measured sparsity {entry['sparsity']:.3f} "
                     f"({gflops:.4f} encoder GFLOPs), heads {entry['layout']['heads']}, "
@@ -510,14 +594,24 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                if pending and step >= pending[0][0]:
-                    while pending and step >= pending[0][0]:  # several events due at once: the last one
-                        _, target = pending.pop(0)
+                if pending and step >= pending[0][0]:  # one event per step (pruning_schedule)
+                    _, target = pending.pop(0)
                     removed = prune_to_target(model, importance, (1 - target) * base, seq_len)
                     importance.reset()
                     optimizer = make_optimizer(model, lr, weight_decay)
                     scheduler = linear_schedule(optimizer, total, warmup, start_step=step)
                     entry = record(step, target, removed)
+                    if target in branch_at:
+                        importance.close()  # the copy must not carry hooks that feed this run's importance
+                        branch = copy.deepcopy(model)
+                        importance = TaylorImportance(model, criterion)
+                        state = _rng_state()
+                        branch_started = time.time()
+                        on_milestone(step, target, branch, run)
+                        del branch
+                        _set_rng_state(state)
+                        run.milestones.append({"step": step, "sparsity_target": target,
+                                               "branch_s": round(time.time() - branch_started, 1)})
                     model.train()
                     bar.set_postfix(loss=f"{running:.4f}", sparsity=f"{entry['sparsity']:.3f}")
                 else:
@@ -527,4 +621,62 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     finally:
         importance.close()
     # every event ran: the measured sparsity reached the schedule's final target
+    run.wall_time_s = round(time.time() - started, 1)
     return run
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frontier helpers: a fraction of an epoch for the short recovery of each branch
+
+
+class PartialEpoch:
+    """Batch sampler: the first `n_batches` batches of a fresh length-grouped shuffle of the data (seeded), i.e. a
+    fraction of an epoch. Same batches (same seed) for every model given the same budget."""
+
+    def __init__(self, lengths, batch_size: int, n_batches: int, seed: int):
+        from common.data import LengthGroupedSampler
+
+        self.sampler = LengthGroupedSampler(lengths, batch_size, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.n_batches = max(1, min(n_batches, len(self.sampler)))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.n_batches)
+
+    def __len__(self):
+        return self.n_batches
+
+
+def partial_epoch_loader(train_loader, fraction: float, seed: int):
+    """A loader over `fraction` of an epoch of `train_loader`'s data (at least one batch), shuffled with `seed`:
+    the short recovery of a frontier branch (and of the baseline at the same target: same seed, same batches)."""
+    from torch.utils.data import DataLoader
+
+    dataset = train_loader.dataset
+    batch_size = train_loader.batch_sampler.batch_size
+    n_batches = math.ceil(fraction * len(train_loader))
+    sampler = PartialEpoch(dataset.lengths, batch_size, n_batches, seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=train_loader.collate_fn)

@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from common.flops import FLOPS_CONVENTION, count_flops
-from common.modeling import LAYOUT_KEY, QUANT_KEY, load_model, load_tokenizer, weight_bytes
-from common.paths import REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS
-from common.stage import METADATA, StageError, git_commit, is_stale, json_dump, library_versions, read_metadata
+from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
+from common.paths import (PRUNED_NAME_RE, REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS, STUDENT_SEED_RE, parse_pruned_name,
+                          stage_of_folder, without_seed)
+from common.stage import (METADATA, StageError, describe_stale, git_commit, json_dump, library_versions,
+                          read_metadata, rerun_commands, resolve_upstream, stale_reasons)
 
 logger = logging.getLogger("dpq")
 
@@ -49,7 +51,9 @@ FINAL = STAGE_FOLDERS["pruned_quantized"]  # pruned_quantized_final
 # Folders every full pipeline writes (a missing one is warned about), then optional ones (silently absent).
 EXPECTED = [STAGE_FOLDERS[s] for s in ("teacher", "student", "student_quantized", "pruned", "pruned_quantized")]
 OPTIONAL = [STAGE_FOLDERS["student_nodistill"]]
-SWEEP_RE = re.compile(r"^pruned_model_s(\d+)(.*)$")
+# Pruned folders besides the pipeline's own (sweep and frontier points, other seeds, the magnitude baseline, and their
+# 4-bit twins): <base>[_sNN][_seedN][_quantized], base pruned_model or pruned_magnitude (common.paths.pruned_folder).
+SWEEP_RE = PRUNED_NAME_RE
 NOT_MODELS = {STAGE_FOLDERS["pretrained_teacher"], STAGE_FOLDERS["pretrained_student"]}
 
 
@@ -67,13 +71,21 @@ def report_dir(override: str = "") -> Path:
 
 
 def _order_key(name: str):
-    """Fixed reading order: teacher, students, final pipeline, then the sweep by target (fp32 before 4-bit)."""
+    """Fixed reading order: teacher, students (other seeds after each), the final pipeline (pruned_model's other seeds
+    after it), then the sweep / frontier by target: ours before the magnitude baseline, fp32 before 4-bit, seed SEED
+    before the others."""
     fixed = ["teacher_model", "student_model", "student_model_nodistill", BASELINE, "pruned_model", FINAL]
     if name in fixed:
-        return (0, fixed.index(name), 0, name)
-    match = SWEEP_RE.match(name)
-    if match:
-        return (1, int(match.group(1)), 1 if match.group(2) else 0, name)
+        return (0, fixed.index(name), -1, name)
+    student = STUDENT_SEED_RE.match(name)
+    if student:
+        return (0, fixed.index(student["base"]), int(student["seed"]), name)
+    parsed = parse_pruned_name(name)
+    if parsed and parsed["target"] is None:  # pruned_model_seed43 (+ its 4-bit twin): beside pruned_model / FINAL
+        return (0, fixed.index(FINAL if parsed["quantized"] else "pruned_model"), parsed["seed"] or 0, name)
+    if parsed:
+        return (1, round(100 * parsed["target"]), parsed["method"] != "taylor", parsed["quantized"],
+                -1 if parsed["seed"] is None else parsed["seed"], name)
     return (2, 0, 0, name)
 
 
@@ -85,8 +97,9 @@ def discover_models(models_root, names=None):
     """The model folders to report on, in reading order, and the warnings about expected ones missing.
 
     `names` (optional) restricts the report to those folder names. Without it: the pipeline's stage folders,
-    every `pruned_model_s*` sweep folder (fp32 and quantized twins, whatever suffix the twin carries), and any
-    other folder holding a 4-bit model (a quantized twin named differently).
+    every pruned folder named by common.paths.pruned_folder (sweep and frontier points, other seeds, the magnitude
+    baseline; fp32 and their `_quantized` twins), students of other seeds (student_model_seed43), and any other
+    folder holding a 4-bit model (a quantized twin named differently).
     """
     models_root = Path(models_root)
     found, notes = {}, []
@@ -111,7 +124,8 @@ def discover_models(models_root, names=None):
             for folder in sorted(models_root.iterdir()):
                 if folder.name in found or folder.name in NOT_MODELS or not _is_model_folder(folder):
                     continue
-                if SWEEP_RE.match(folder.name) or _config_dict(folder).get(QUANT_KEY):
+                if (parse_pruned_name(folder.name) or STUDENT_SEED_RE.match(folder.name)
+                        or _config_dict(folder).get(QUANT_KEY)):
                     found[folder.name] = folder
     ordered = sorted(found, key=_order_key)
     return [(name, found[name]) for name in ordered], notes
@@ -126,7 +140,9 @@ def _config_dict(folder: Path) -> dict:
 
 
 def folder_status(folder: Path):
-    """(metadata or {}, warnings): half-made folders (no metadata.json) and stale ones (upstream rebuilt)."""
+    """(metadata or {}, warnings): half-made folders (no metadata.json) and stale ones: anything they were built
+    from, directly or through their upstream folders, rebuilt, removed or (the data) changed since
+    (common.stage.stale_reasons); the warning names it and the scripts to rerun."""
     folder = Path(folder)
     notes = []
     if not (folder / METADATA).is_file():
@@ -135,9 +151,10 @@ def folder_status(folder: Path):
         meta = read_metadata(folder)
     except (OSError, json.JSONDecodeError) as err:
         return {}, [f"unreadable {METADATA} ({err})"]
-    stale = is_stale(meta)
-    if stale:
-        notes.append("stale: upstream rebuilt since this folder was made: " + ", ".join(stale))
+    reasons = stale_reasons(meta, folder.parent)
+    if reasons:
+        notes.append(f"stale: built from inputs that changed since ({'; '.join(describe_stale(reasons))}): rerun "
+                     + rerun_commands(reasons, meta.get("stage") or stage_of_folder(folder.name) or []))
     return meta, notes
 
 
@@ -252,9 +269,7 @@ def _upstream_twin(folder: Path, meta: dict, models_root: Path):
     (same run_id as recorded), not 4-bit, same model type, width and pruning layout."""
     mine = _config_dict(folder)
     for record in meta.get("upstream", {}).values():
-        source = Path(record.get("folder", ""))
-        if not _is_model_folder(source):  # models moved: look for the same name under the current root
-            source = Path(models_root) / source.name
+        source = resolve_upstream(record, models_root)  # relative to the models root (old records: by name)
         if not _is_model_folder(source) or source.resolve() == Path(folder).resolve():
             continue
         theirs = _config_dict(source)
@@ -263,7 +278,8 @@ def _upstream_twin(folder: Path, meta: dict, models_root: Path):
         try:
             if read_metadata(source).get("run_id") != record.get("run_id"):
                 continue  # rebuilt since: not the twin of this 4-bit model any more
-        except (OSError, json.JSONDecodeError):
+            check_loadable(source)  # unreadable (truncated weights, ...): the twin is rebuilt from config instead
+        except (OSError, json.JSONDecodeError, StageError):
             continue
         return source
     return None
@@ -298,7 +314,12 @@ def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_cla
 
         def load_source():
             if "model" not in twin:
-                twin["model"] = load_model(source)
+                try:
+                    twin["model"] = load_model(source)
+                except StageError as err:  # passed check_loadable, failed to load: same matmuls from config
+                    logger.warning(f"[report] {folder.name}: {err}; FLOPs from the fp32 twin rebuilt from config")
+                    twin["model"] = rebuild_fp32_twin(folder)
+                    return twin["model"]
                 twin_sig = architecture_signature(type(twin["model"]).__name__, architecture(twin["model"]))
                 if twin_sig != signature:
                     raise StageError(f"{source.name} does not have the layout of {folder.name}")
@@ -429,8 +450,33 @@ def family(name: str, config: dict, meta: dict) -> str:
 
 
 def sweep_target(name: str):
-    match = SWEEP_RE.match(name)
-    return int(match.group(1)) / 100 if match else None
+    parsed = parse_pruned_name(name)
+    return parsed["target"] if parsed else None
+
+
+def seed_group(name: str) -> str:
+    """The folder name seed SEED gives the same model (pruned_model_s50_seed43 -> pruned_model_s50,
+    pruned_model_seed43_quantized -> pruned_quantized_final, student_model_seed43 -> student_model): the models of
+    one seed group differ only by training seed."""
+    base = without_seed(name)
+    return FINAL if base == f"{STAGE_FOLDERS['pruned']}_quantized" else base
+
+
+def pruning_fields(name: str, meta: dict) -> dict:
+    """What a pruned folder says about how it was made: method (ours "taylor" or the "magnitude" baseline),
+    sparsity target, stage-8 mode (single / sweep / frontier), seed, and the frontier run it came from."""
+    parsed = parse_pruned_name(name) or {}
+    results = meta.get("results", {})
+    out = {"seed": meta.get("seed"), "seed_group": seed_group(name),
+           "pruning_method": parsed.get("method") or results.get("method"),
+           "sparsity_target": parsed.get("target") if parsed.get("target") is not None
+           else results.get("target_sparsity")}
+    if results.get("mode"):
+        out["pruning_mode"] = results["mode"]
+    if results.get("frontier"):
+        out["frontier_run"] = {k: results["frontier"][k] for k in ("sweep_id", "branch_step", "recovery_fraction",
+                                                                   "sweep_wall_time_s") if k in results["frontier"]}
+    return out
 
 
 def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, settings: dict) -> dict:
@@ -566,6 +612,7 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         record["quantization"] = config[QUANT_KEY]
     if sweep_target(name) is not None:
         record["sweep_target"] = sweep_target(name)
+    record.update(pruning_fields(name, meta))
     for note in notes:
         logger.warning(f"[report] {name}: {note}")
     logger.info(
@@ -698,6 +745,117 @@ def find_comparison(comps: list, a: str, b: str, a_artifact="pytorch", b_artifac
 
 
 # ----------------------------------------------------------------------------------------------------
+# Seeds and the frontier: mean and spread across training seeds; ours against the magnitude baseline
+
+SEED_CONVENTION = (
+    "Two different uncertainties. accuracy_seed_spread: mean and sample standard deviation (ddof=1) of the "
+    "accuracy in points across the training seeds of one seed group (seed-to-seed variation of the training run, "
+    "common.stats.seed_spread; 0 with one seed). accuracy_ci_per_seed / accuracy_ci: 95% percentile bootstrap "
+    "interval over the validation sentences of each model (sentence-sampling uncertainty: how much the accuracy "
+    "would move on another draw of sentences). vs_student: each seed's model paired against the student of its "
+    "precision (fp32: student_model; 4-bit: distilled_quantized_student) on the same sentences: difference in "
+    "points, 95% paired-bootstrap interval, exact McNemar p; vs_magnitude (frontier rows): ours against the "
+    "magnitude baseline at the same target and precision, seed-SEED models, the same paired test")
+METHOD_WORDS = {"taylor": "ours (gradual, Taylor)", "magnitude": "magnitude one-shot (baseline)"}
+
+
+def _source_record(name: str, models: dict) -> dict:
+    """The fp32 record a model was made from (itself for fp32): where a 4-bit twin's pruning facts live."""
+    source = fp32_source(name, models[name], models)
+    return models[source] if source else models[name]
+
+
+def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
+    from common.stats import paired_comparison
+
+    result = paired_comparison(from_bits(models[a]["artifacts"]["pytorch"]["correct"]),
+                               from_bits(models[b]["artifacts"]["pytorch"]["correct"]), seed=seed)
+    return {"model": a, "reference": b, "seed": models[a].get("seed"),
+            **{k: result[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
+                                      "only_b_right", "mcnemar_p", "significant")}}
+
+
+def seed_groups(models: dict, seed: int) -> dict:
+    """{group: summary} for every student and pruned model, grouped with its other-seed twins (`seed_group`).
+
+    Each: members (reading order, seed SEED first when present) and their seeds; method, sparsity target and
+    stage-8 mode (a 4-bit twin's from its fp32 source); accuracy mean and seed-to-seed spread in points
+    (common.stats.seed_spread) next to each member's 95% bootstrap interval over sentences; mean GFLOPs, GFLOPs
+    cut against the student, size and latency; and for pruned groups every member paired against the student of
+    its precision (SEED_CONVENTION)."""
+    from common.stats import seed_spread
+
+    student = STAGE_FOLDERS["student"]
+    members = {}
+    for name, r in models.items():
+        if r["family"] in ("student", "pruned") and name != STAGE_FOLDERS["student_nodistill"]:
+            members.setdefault(r.get("seed_group") or seed_group(name), []).append(name)
+    out = {}
+    for group, names in members.items():
+        rs = [models[n] for n in names]
+        first, source = rs[0], _source_record(names[0], models)
+        bits = first["bits"]
+        batches = sorted({k for r in rs for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+        entry = {
+            "members": names, "seeds": [_source_record(n, models).get("seed") for n in names],  # training seed
+            "n_seeds": len(names),
+            "family": first["family"], "bits": bits,
+            "method": source.get("pruning_method") if first["family"] == "pruned" else None,
+            "sparsity_target": source.get("sparsity_target") if first["family"] == "pruned" else None,
+            "mode": source.get("pruning_mode"),
+            "accuracy_seed_spread": seed_spread([100 * r["accuracy"] for r in rs]),
+            "accuracy_ci_per_seed": {n: [round(100 * v, 4) for v in models[n]["accuracy_ci"]] for n in names},
+            "gflops": statistics.fmean(r["gflops"] for r in rs),
+            "size_mb": statistics.fmean(r["size_mb"] for r in rs),
+            "params": statistics.fmean(r["params"] for r in rs),
+            "latency_ms": {k: statistics.fmean(r["latency_ms"][k] for r in rs if k in r["latency_ms"])
+                           for k in batches},
+        }
+        if student in models:
+            entry["gflops_reduction_vs_student"] = round(1 - entry["gflops"] / models[student]["gflops"], 5)
+        reference = BASELINE if bits == 4 and BASELINE in models else student
+        if first["family"] == "pruned" and reference in models:
+            per_seed = [_paired_vs(models, n, reference, seed) for n in names]
+            entry["vs_student"] = {"reference": reference, "per_seed": per_seed,
+                                   "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed])}
+        out[group] = entry
+    return out
+
+
+def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
+    """The accuracy-compute frontier: one row per pruned seed group with a sparsity target (ours and the magnitude
+    baseline, fp32 and 4-bit), by target; ours paired against the magnitude baseline at the same target and
+    precision; the frontier run's wall time (stage 8 metadata / models/frontier.json). None without such groups."""
+    rows = []
+    for group, g in groups.items():
+        if g["family"] != "pruned" or g["sparsity_target"] is None:
+            continue
+        rows.append({"group": group, **{k: g[k] for k in ("members", "seeds", "n_seeds", "method", "bits",
+                                                          "sparsity_target", "mode", "gflops", "latency_ms",
+                                                          "accuracy_seed_spread", "accuracy_ci_per_seed")},
+                     "gflops_reduction_vs_student": g.get("gflops_reduction_vs_student"),
+                     "vs_student": g.get("vs_student")})
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["sparsity_target"], r["mode"] != "frontier", r["method"] != "taylor", r["bits"] == 4))
+    for row in rows:
+        if row["method"] != "taylor":
+            continue
+        rival = next((r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
+                      and r["sparsity_target"] == row["sparsity_target"]), None)
+        if rival:
+            row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
+    walls = {}
+    for name, r in models.items():
+        run = r.get("frontier_run") or {}
+        if run.get("sweep_id") and run.get("sweep_wall_time_s") is not None:
+            walls[run["sweep_id"]] = {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
+                                      "recovery_fraction": run.get("recovery_fraction")}
+    return {"rows": rows, "frontier_runs": walls,
+            "methods": {m: METHOD_WORDS.get(m, m) for m in sorted({r["method"] for r in rows})}}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Headline
 
 
@@ -726,6 +884,11 @@ def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = B
     if big:
         result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
     result["sentence"] = headline_sentence(result, b, f)
+    stale = [n for n in (baseline, final) if models[n].get("stale")]
+    if stale:  # numbers of a model built from inputs that changed since: say so in the headline itself
+        result["stale"] = stale
+        result["sentence"] += (f" Caveat: {' and '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (built "
+                               f"from inputs that changed since; see the warnings for what to rerun).")
     deploy = deployment(models, cpu)
     if deploy:
         result["deployment"] = deploy
@@ -755,9 +918,9 @@ def deployment(models: dict, cpu: dict) -> dict | None:
         return None
     (fn, fa, fr), (sn, sa, sr) = final, student
     speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"] if k in sr["latency_ms"]}
-    words = ", ".join(f"{v:.2f}x at {k.replace('_', ' ')} ({fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)"
-                      for k, v in speedups.items())
-    sentence = (f"Deployment on this CPU ({cpu_words(cpu)}): the final model's fastest artifact, "
+    words = ", ".join((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} "
+                      f"({fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)" for k, v in speedups.items())
+    sentence = (f"On this CPU ({cpu_words(cpu)}), the final model's fastest artifact, "
                 f"{artifact_label(fn, fa)} ({fr['accuracy']:.2%}, {fr['size_mb']:.3g} MiB), runs {words} against "
                 f"the student's fastest, {artifact_label(sn, sa)} ({sr['accuracy']:.2%}, {sr['size_mb']:.3g} MiB).")
     return {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
@@ -799,6 +962,7 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
                  skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
     cpu = cpu_info()
     comps = comparisons(models, eval_files, settings["seed"])
+    groups = seed_groups(models, settings["seed"])
     head, reason = headline(models, comps, cpu)
     report = {
         "run": {
@@ -834,11 +998,14 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
         "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
         "models": models,
         "comparisons": comps,
-        "comparison_convention": "paired on the same sentences: difference a - b in accuracy points, 95% "
+        "comparison_convention": "Paired on the same sentences: difference a - b in accuracy points, 95% "
                                  "paired-bootstrap interval (10000 resamples of the sentences, seeded), "
                                  "only_a_right / only_b_right = sentences only one of the two got right, exact "
                                  "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
         "model_order": list(models),  # reading order (the JSON itself has sorted keys)
+        "seed_groups": groups,
+        "frontier": frontier_summary(models, groups, settings["seed"]),
+        "seed_convention": SEED_CONVENTION,
         "skipped": skipped,
         "warnings": notes,
         "headline": head,
@@ -859,6 +1026,7 @@ def write_json(report: dict, path) -> None:
 # Chart
 
 FAMILY_COLORS = {"teacher": "#6b6b6b", "student": "#1f77b4", "pruned": "#e6550d"}
+METHOD_COLORS = {"taylor": FAMILY_COLORS["pruned"], "magnitude": "#756bb1"}  # ours / the magnitude baseline
 MAX_MARKER_AREA = 1000.0  # pt^2 of the largest model on disk
 FIXED_LABELS = {
     "teacher_model": "teacher",
@@ -874,17 +1042,109 @@ def display_label(name: str) -> str:
     """Short chart label: what the model is, not its folder name (the table gives both)."""
     if name in FIXED_LABELS:
         return FIXED_LABELS[name]
-    match = SWEEP_RE.match(name)
-    if match:
-        return f"pruned s{match.group(1)}" + (" 4-bit" if match.group(2) else "")
+    parsed = parse_pruned_name(name)
+    if parsed:
+        return (("magnitude" if parsed["method"] == "magnitude" else "pruned")
+                + (f" s{round(100 * parsed['target']):02d}" if parsed["target"] is not None else "")
+                + (f" seed {parsed['seed']}" if parsed["seed"] is not None else "")
+                + (" 4-bit" if parsed["quantized"] else ""))
+    student = STUDENT_SEED_RE.match(name)
+    if student:
+        return f"{FIXED_LABELS[student['base']]} seed {student['seed']}"
     return name
 
 
-def _lineage(models: dict, bits: int):
-    """Student and its pruned versions at one precision, by GFLOPs: the pruning frontier."""
-    points = [(r["gflops"], r["accuracy"] * 100, n) for n, r in models.items()
-              if r["bits"] == bits and r["family"] in ("student", "pruned") and n != "student_model_nodistill"]
-    return sorted(points)
+def _color(r: dict) -> str:
+    if r.get("family") == "pruned" and r.get("pruning_method") == "magnitude":
+        return METHOD_COLORS["magnitude"]
+    return FAMILY_COLORS.get(r.get("family"), "#555555")
+
+
+def _curves(groups: dict) -> dict:
+    """{(method, bits): [seed group entries]}: the frontier lines through the seed-group means, from the student of
+    that precision (student_model / distilled_quantized_student) down to the smallest model; frontier points only
+    where a frontier run exists for that method (else every pruned group of it)."""
+    starts = {32: STAGE_FOLDERS["student"], 4: BASELINE}
+    curves = {}
+    for g in groups.values():
+        if g["family"] == "pruned" and g["method"] in METHOD_COLORS:
+            curves.setdefault((g["method"], g["bits"]), []).append(g)
+    out = {}
+    for (method, bits), points in curves.items():
+        if any(g["mode"] == "frontier" for g in points):
+            points = [g for g in points if g["mode"] == "frontier"]
+        start = [groups[starts[bits]]] if starts[bits] in groups else []
+        out[(method, bits)] = start + sorted(points, key=lambda g: -g["gflops"])
+    return out
+
+
+def _labelled(name: str) -> bool:
+    """Models that get a text label on the chart: the pipeline's own (sweep, frontier, seed and baseline points are
+    drawn as lines and marked with their target instead)."""
+    return name in FIXED_LABELS or not (parse_pruned_name(name) or STUDENT_SEED_RE.match(name))
+
+
+def _scale_x(ax, xs) -> None:
+    import matplotlib.ticker
+
+    xspan = (max(xs) - min(xs)) or max(xs) or 1.0
+    if min(xs) > 0 and max(xs) / min(xs) > 3:  # teacher far right: a log axis keeps the pruned points apart
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+        nice = [m * 10.0 ** e for e in range(-4, 6) for m in (1, 1.5, 2, 3, 5, 7)]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+            [t for t in nice if min(xs) / 1.3 <= t <= max(xs) * 1.3]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax.set_xlim(max(0.0, min(xs) - 0.15 * xspan), max(xs) + 0.15 * xspan)
+
+
+def _accuracy_panel(ax, models: dict, groups: dict, x_of, area: dict, labels: dict) -> list:
+    """Accuracy against one cost (x_of: record -> x, or None when not measured) for every model: marker area = size on
+    disk, circle fp32, diamond 4-bit, thin bar = 95% bootstrap interval over sentences; frontier lines through the
+    seed-group means, thick capped bar = +-1 s.d. across seeds. Returns the label items for _place_labels."""
+    ys_all, xs_all = [], []
+    for (method, bits), points in _curves(groups).items():
+        pts = [(x_of(g), g["accuracy_seed_spread"]["mean"], g) for g in points if x_of(g) is not None]
+        if len(pts) >= 2:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if bits == 32 else "--", color=METHOD_COLORS[method],
+                    alpha=0.65, lw=1.6, zorder=1)
+        for x, y, g in pts:
+            if g["sparsity_target"] is not None:
+                ax.annotate(f"{round(100 * g['sparsity_target'])}", (x, y), xytext=(5, 5 if bits == 32 else -10),
+                            textcoords="offset points", fontsize=6.5, color=METHOD_COLORS[method], zorder=5)
+    for name in sorted(models, key=lambda n: -area[n]):  # big markers first, small ones stay visible on top
+        r = models[name]
+        x = x_of(r)
+        if x is None:
+            continue
+        color, four, y = _color(r), r["bits"] == 4, r["accuracy"] * 100
+        ax.scatter(x, y, s=area[name], marker="D" if four else "o", facecolor="white" if four else color,
+                   edgecolor=color, linewidth=2.0 if four else 0.8, alpha=1.0 if four else 0.6, zorder=3 if four else 2)
+        xs_all.append(x)
+        ys_all.append(y)
+        if r.get("accuracy_ci"):  # 95% bootstrap interval over sentences
+            low, high = (100 * v for v in r["accuracy_ci"])
+            ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="none", ecolor=color, elinewidth=1.0, alpha=0.45,
+                        capsize=3, zorder=1)
+            ys_all += [low, high]
+    for g in groups.values():  # seed-to-seed spread where a group has several seeds
+        x = x_of(g)
+        if g["n_seeds"] >= 2 and x is not None:
+            spread = g["accuracy_seed_spread"]
+            ax.errorbar(x, spread["mean"], yerr=spread["std"], fmt="_", color="black", markersize=12,
+                        elinewidth=2.2, capsize=5, capthick=2.0, zorder=4)
+            ys_all += [spread["mean"] - spread["std"], spread["mean"] + spread["std"]]
+    if xs_all:
+        _scale_x(ax, xs_all)
+        yspan = max(max(ys_all) - min(ys_all), 1.0)
+        ax.set_ylim(min(ys_all) - 0.08 * yspan, max(ys_all) + 0.08 * yspan)
+    ax.grid(alpha=0.3)
+    return [(x_of(models[n]), models[n]["accuracy"] * 100, labels[n], (area[n] ** 0.5) / 2,
+             "below" if models[n]["bits"] == 4 else "above")
+            for n in sorted(models, key=lambda n: (models[n]["bits"] == 4, -models[n]["gflops"]))
+            if _labelled(n) and x_of(models[n]) is not None]
 
 
 def _place_labels(ax, fig, items):
@@ -943,74 +1203,53 @@ def matplotlib_bbox(x0, y0, x1, y1):
 
 
 def plot_report(report: dict, path) -> None:
-    """Accuracy vs GFLOPs (marker area = size on disk, circle = fp32, diamond = 4-bit, pruning frontier),
-    and per-model size and latency bars."""
+    """Top: accuracy vs GFLOPs and accuracy vs measured CPU latency at the largest batch timed (marker area = size on
+    disk, circle = fp32, diamond = 4-bit; frontier lines for ours and the magnitude baseline, fp32 solid, 4-bit
+    dashed; thin bars = 95% bootstrap interval over sentences, thick capped bars = +-1 s.d. across seeds).
+    Bottom: per-model size and latency bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     from matplotlib.lines import Line2D
 
     models = report["models"]
+    groups = report.get("seed_groups") or seed_groups(models, report["run"]["latency"]["seed"])
     names = list(models)
     labels = {n: display_label(n) + (" (stale)" if models[n].get("stale") else "")
               + ("" if models[n].get("complete", True) else " (incomplete)") for n in names}
-    fig = plt.figure(figsize=(16, 7))
-    outer = fig.add_gridspec(1, 2, width_ratios=[1.6, 2], wspace=0.2)
-    ax = fig.add_subplot(outer[0])
-    bars_grid = outer[1].subgridspec(1, 2, wspace=0.05)
-    ax_size = fig.add_subplot(bars_grid[0])
-    ax_lat = fig.add_subplot(bars_grid[1], sharey=ax_size)
+    batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+    big = batch_keys[-1] if batch_keys else None
 
-    # Panel 1: accuracy vs GFLOPs
+    # geometry in inches: title, the two accuracy panels, their legend, the bars (one row per model)
+    title_h, top_h, legend_h, bar_h, bottom_h = 1.2, 4.8, 1.6, max(2.6, 0.32 * len(names)), 0.6
+    height = title_h + top_h + legend_h + bar_h + bottom_h
+    fig = plt.figure(figsize=(16, height))
+    top = fig.add_gridspec(1, 2, left=0.05, right=0.99, top=1 - title_h / height,
+                           bottom=1 - (title_h + top_h) / height, wspace=0.16)
+    bottom = fig.add_gridspec(1, 2, left=0.17, right=0.99, top=(bar_h + bottom_h) / height,
+                              bottom=bottom_h / height, wspace=0.05)
+    ax, ax_speed = fig.add_subplot(top[0]), fig.add_subplot(top[1])
+    ax_size = fig.add_subplot(bottom[0])
+    ax_lat = fig.add_subplot(bottom[1], sharey=ax_size)
+
     biggest = max(r["size_mb"] for r in models.values()) or 1.0
     area = {n: max(r["size_mb"] / biggest * MAX_MARKER_AREA, 15.0) for n, r in models.items()}
-    for bits, style in ((32, "-"), (4, "--")):
-        line = _lineage(models, bits)
-        if len(line) >= 2:
-            xs, ys, _ = zip(*line)
-            ax.plot(xs, ys, style, color=FAMILY_COLORS["pruned"], alpha=0.5, lw=1.5, zorder=1)
-    for name in sorted(names, key=lambda n: -area[n]):  # big markers first, small ones stay visible on top
-        r = models[name]
-        color = FAMILY_COLORS.get(r["family"], "#555555")
-        four = r["bits"] == 4
-        ax.scatter(r["gflops"], r["accuracy"] * 100, s=area[name], marker="D" if four else "o",
-                   facecolor="white" if four else color, edgecolor=color, linewidth=2.0 if four else 0.8,
-                   alpha=1.0 if four else 0.6, zorder=3 if four else 2)
-        if r.get("accuracy_ci"):  # 95% bootstrap interval over sentences
-            low, high = (100 * v for v in r["accuracy_ci"])
-            ax.errorbar(r["gflops"], r["accuracy"] * 100, yerr=[[r["accuracy"] * 100 - low], [high - r["accuracy"] * 100]],
-                        fmt="none", ecolor=color, elinewidth=1.0, alpha=0.45, capsize=3, zorder=1)
-    xs = [r["gflops"] for r in models.values()]
-    ys = [r["accuracy"] * 100 for r in models.values()]
-    xspan = (max(xs) - min(xs)) or max(xs) or 1.0
-    yspan = max(max(ys) - min(ys), 1.0)
-    if min(xs) > 0 and max(xs) / min(xs) > 3:  # teacher far right: a log axis keeps the pruned points apart
-        ax.set_xscale("log")
-        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
-        nice = [m * 10.0 ** e for e in range(-4, 4) for m in (1, 1.5, 2, 3, 5, 7)]
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
-            [t for t in nice if min(xs) / 1.3 <= t <= max(xs) * 1.3]))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    else:
-        ax.set_xlim(max(0.0, min(xs) - 0.15 * xspan), max(xs) + 0.15 * xspan)
-    lows = [100 * r["accuracy_ci"][0] for r in models.values() if r.get("accuracy_ci")] or ys
-    highs = [100 * r["accuracy_ci"][1] for r in models.values() if r.get("accuracy_ci")] or ys
-    ax.set_ylim(min(lows + ys) - 0.15 * yspan, max(highs + ys) + 0.15 * yspan)
     seq = re.search(r"sequence length (\d+)", report["flops_convention"])
+    accuracy_words = (f"accuracy on {report['dataset']['name'].upper()} {report['dataset']['split']} (%)")
+    flops_items = _accuracy_panel(ax, models, groups, lambda r: r["gflops"], area, labels)
     ax.set_xlabel(f"GFLOPs per forward pass (fvcore, batch 1, {seq.group(1) if seq else '?'} tokens; "
                   f"4-bit counted on its fp32 twin)" + ("; log scale" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel(f"accuracy on {report['dataset']['name'].upper()} {report['dataset']['split']} (%), "
-                  f"bars: 95% interval")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel(accuracy_words)
     ax.set_title("Accuracy vs compute (up and to the left is better)", fontsize=11)
-    label_items = [
-        (models[n]["gflops"], models[n]["accuracy"] * 100, labels[n], (area[n] ** 0.5) / 2,
-         "below" if models[n]["bits"] == 4 else "above")
-        for n in sorted(names, key=lambda n: (models[n]["bits"] == 4, -models[n]["gflops"]))
-    ]
+    speed_items = _accuracy_panel(ax_speed, models, groups, lambda r: r["latency_ms"].get(big) if big else None,
+                                  area, labels)
+    threads = report["run"]["threads"]
+    ax_speed.set_xlabel(f"CPU latency at {big.replace('_', ' ') if big else '?'}, median ms per forward pass "
+                        f"({threads} thread{'s' if threads != 1 else ''}, PyTorch)"
+                        + ("; log scale" if ax_speed.get_xscale() == "log" else ""))
+    ax_speed.set_ylabel(accuracy_words)
+    ax_speed.set_title("Accuracy vs measured latency (up and to the left is better)", fontsize=11)
 
     handles = [
         Line2D([], [], marker="o", ls="", markerfacecolor="#999999", markeredgecolor="#999999", alpha=0.7,
@@ -1018,20 +1257,27 @@ def plot_report(report: dict, path) -> None:
         Line2D([], [], marker="D", ls="", markerfacecolor="white", markeredgecolor="#555555",
                markeredgewidth=2, markersize=8, label="4-bit (bitsandbytes NF4)"),
     ]
-    handles += [Line2D([], [], marker="s", ls="", color=c, markersize=9, label=f)
+    handles += [Line2D([], [], marker="s", ls="", color=c, markersize=9, label="pruned (ours)" if f == "pruned" else f)
                 for f, c in FAMILY_COLORS.items() if any(r["family"] == f for r in models.values())]
-    if len(_lineage(models, 32)) >= 2:
-        handles.append(Line2D([], [], ls="-", color=FAMILY_COLORS["pruned"], alpha=0.6,
-                              label="student -> pruned, fp32"))
-    if len(_lineage(models, 4)) >= 2:
-        handles.append(Line2D([], [], ls="--", color=FAMILY_COLORS["pruned"], alpha=0.6,
-                              label="student -> pruned, 4-bit"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=4, fontsize=8,
-              frameon=False, title="marker area = size on disk", title_fontsize=8)
+    if any(r.get("pruning_method") == "magnitude" for r in models.values()):
+        handles.append(Line2D([], [], marker="s", ls="", color=METHOD_COLORS["magnitude"], markersize=9,
+                              label="pruned by magnitude (baseline)"))
+    for (method, bits), points in sorted(_curves(groups).items(), key=lambda kv: (kv[0][0] != "taylor", -kv[0][1])):
+        if len(points) >= 2:
+            handles.append(Line2D([], [], ls="-" if bits == 32 else "--", color=METHOD_COLORS[method], alpha=0.8,
+                                  label=f"{METHOD_WORDS.get(method, method)}, {'fp32' if bits == 32 else '4-bit'}"))
+    handles.append(Line2D([], [], color="#777777", marker="|", markersize=10, lw=1,
+                          label="thin bar: 95% bootstrap interval over sentences"))
+    if any(g["n_seeds"] >= 2 for g in groups.values()):
+        handles.append(Line2D([], [], color="black", lw=2.2, marker="_", markersize=12,
+                              label="thick bar: mean +-1 s.d. across seeds"))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - (title_h + top_h + 0.5) / height),
+               ncol=5, fontsize=8, frameon=False,
+               title="marker area = size on disk; small numbers = % fewer encoder GFLOPs targeted", title_fontsize=8)
 
-    # Panel 2: size and latency per model, in table order (top to bottom)
+    # Bottom: size and latency per model, in table order (top to bottom)
     rows = list(range(len(names)))[::-1]
-    colors = [FAMILY_COLORS.get(models[n]["family"], "#555555") for n in names]
+    colors = [_color(models[n]) for n in names]
     sizes = [models[n]["size_mb"] for n in names]
     bars = ax_size.barh(rows, sizes, color=colors, alpha=0.85, edgecolor="white", height=0.7)
     for bar, n in zip(bars, names):
@@ -1041,26 +1287,25 @@ def plot_report(report: dict, path) -> None:
         ax_size.text(v, y, f" {v:.3g}", va="center", fontsize=8)
     ax_size.set_yticks(rows)
     ax_size.set_yticklabels([f"{labels[n]}\n{n}" if labels[n] != n else n for n in names], fontsize=8)
+    ax_size.set_ylim(-0.6, len(names) - 0.4)
     ax_size.set_xlabel("weight files on disk (MiB)")
     ax_size.set_xlim(0, max(sizes) * 1.25)
     ax_size.set_title("Size on disk (hatched = 4-bit)", fontsize=11)
     ax_size.grid(axis="x", alpha=0.3)
 
-    batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
-    height = 0.7 / max(len(batch_keys), 1)
+    height_bar = 0.7 / max(len(batch_keys), 1)
     shades = [0.4, 0.95, 0.7, 0.25]
-    top = 0.0
+    longest = 0.0
     for i, key in enumerate(batch_keys):
-        offset = ((len(batch_keys) - 1) / 2 - i) * height
+        offset = ((len(batch_keys) - 1) / 2 - i) * height_bar
         values = [models[n]["latency_ms"].get(key, 0.0) for n in names]
-        top = max([top] + values)
-        ax_lat.barh([y + offset for y in rows], values, height=height, color=colors, alpha=shades[i % len(shades)],
-                    edgecolor="white")
+        longest = max([longest] + values)
+        ax_lat.barh([y + offset for y in rows], values, height=height_bar, color=colors,
+                    alpha=shades[i % len(shades)], edgecolor="white")
         for y, v in zip(rows, values):
             ax_lat.text(v, y + offset, f" {v:.3g}", va="center", fontsize=7)
-    ax_lat.set_xlim(0, (top or 1.0) * 1.25)
+    ax_lat.set_xlim(0, (longest or 1.0) * 1.25)
     ax_lat.tick_params(axis="y", labelleft=False)
-    threads = report["run"]["threads"]
     ax_lat.set_xlabel(f"CPU latency, median ms per forward pass ({threads} thread{'s' if threads != 1 else ''})")
     ax_lat.set_title("Latency: " + ", ".join(f"{k.replace('_', ' ')} ({'light' if i == 0 else 'dark'})"
                                              for i, k in enumerate(batch_keys)), fontsize=11)
@@ -1069,11 +1314,11 @@ def plot_report(report: dict, path) -> None:
     head = report.get("headline")
     subtitle = head["sentence"] if head else report.get("headline_note", "")
     quick = "   [QUICK run: smoke numbers, not a benchmark]" if report["run"]["quick"] else ""
-    fig.suptitle("Distill-Prune-Quantize on SST-2" + quick, fontsize=13, y=0.985)
-    fig.text(0.5, 0.935, _wrap(subtitle, 190), ha="center", va="top", fontsize=9.5, style="italic")
-    fig.subplots_adjust(left=0.045, right=0.99, top=0.84, bottom=0.2)
+    fig.suptitle("Distill-Prune-Quantize on SST-2" + quick, fontsize=13, y=1 - 0.15 / height)
+    fig.text(0.5, 1 - 0.5 / height, _wrap(subtitle, 190), ha="center", va="top", fontsize=9.5, style="italic")
     fig.canvas.draw()  # labels are placed against the final layout
-    _place_labels(ax, fig, label_items)
+    _place_labels(ax, fig, flops_items)
+    _place_labels(ax_speed, fig, speed_items)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -1099,6 +1344,8 @@ def markdown_report(report: dict) -> str:
     lines = ["# Distill-Prune-Quantize: final report", ""]
     head = report.get("headline")
     lines += [f"**Headline.** {head['sentence']}" if head else f"**Headline.** {report.get('headline_note')}", ""]
+    if report.get("skipped"):  # at the top: a model that is missing from the tables below, and why
+        lines += ["**Skipped.** " + "; ".join(f"`{n}`: {why}" for n, why in report["skipped"].items()), ""]
     if head and head.get("deployment"):
         lines += [f"**Deployment.** {head['deployment']['sentence']}", ""]
     if run["quick"]:
@@ -1135,6 +1382,7 @@ def markdown_report(report: dict) -> str:
                + [str(r["layers"]), str(r["heads"]), str(r["ffn_neurons"]), "; ".join(notes)])
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += frontier_table(report, batch_keys)
     lines += artifact_table(report, batch_keys)
     lines += comparison_table(report)
     if report.get("skipped") or report.get("warnings"):
@@ -1145,6 +1393,90 @@ def markdown_report(report: dict) -> str:
     lines += [f"Run: preset {run['preset']}, git {run['git_commit']}, created {run['created']}, "
               f"{run['wall_time_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def _seed_mean(spread: dict, digits: int = 2) -> str:
+    """'88.88' for one seed, '88.88 ± 0.31 (3 seeds)' for several (± = sample s.d. across seeds)."""
+    if spread["n_seeds"] < 2:
+        return f"{spread['mean']:.{digits}f}"
+    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f} ({spread['n_seeds']} seeds)"
+
+
+def _versus(c: dict) -> str:
+    return f"{c['diff_points']:+.2f} [{c['ci_low_points']:+.2f}, {c['ci_high_points']:+.2f}], p {_p(c['mcnemar_p'])}"
+
+
+def _versus_seeds(v: dict) -> str:
+    if not v:
+        return ""
+    per_seed = v["per_seed"]
+    if len(per_seed) == 1:
+        return _versus(per_seed[0])
+    spread = v["diff_points_seed_spread"]
+    return (f"{spread['mean']:+.2f} ± {spread['std']:.2f} over {len(per_seed)} seeds; per seed p "
+            + ", ".join(_p(c["mcnemar_p"]) for c in per_seed))
+
+
+def frontier_table(report: dict, batch_keys) -> list:
+    """The frontier (ours vs the magnitude baseline, fp32 and 4-bit, by target) and the seed groups."""
+    front, groups = report.get("frontier"), report.get("seed_groups") or {}
+    lines = []
+    if front:
+        lines += ["## Accuracy-compute frontier", "",
+                  "One row per pruned model (seed group) with a sparsity target: ours = gradual Taylor pruning (a "
+                  "frontier branch, or a full stage-8 run), baseline = one-shot weight-magnitude pruning with the same "
+                  "short recovery. GFLOPs cut: measured, against student_model. Accuracy: mean ± sample s.d. ACROSS "
+                  "TRAINING SEEDS where a group has several (seed-to-seed spread); the bracketed interval next to it "
+                  "is the 95% bootstrap interval OVER SENTENCES of the first seed's model (sentence sampling). "
+                  "vs student: paired on the same sentences against student_model (fp32 rows) or "
+                  "distilled_quantized_student (4-bit rows): difference in points [95% paired-bootstrap interval], "
+                  "exact McNemar p. ours - magnitude: the same paired test against the baseline at the same target "
+                  "and precision. Latency: PyTorch, as in the table above.", "",
+                  "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
+                  "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
+                  + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batch_keys)]
+        for row in front["rows"]:
+            low, high = row["accuracy_ci_per_seed"][row["members"][0]]
+            cut = row.get("gflops_reduction_vs_student")
+            others = row["n_seeds"] - 1
+            extra = f" (+{others} seed{'s' if others > 1 else ''})" if others else ""
+            mode = " (full run)" if row["mode"] in ("single", "sweep") else ""
+            lines.append(
+                f"| {100 * row['sparsity_target']:.0f}% | `{row['group']}`{extra} | "
+                f"{front['methods'].get(row['method'], row['method'])}{mode} | {row['bits']} | "
+                + (f"{100 * cut:.1f}%" if cut is not None else "") + f" | {_seed_mean(row['accuracy_seed_spread'])} | "
+                f"[{low:.1f}, {high:.1f}] | {_versus_seeds(row.get('vs_student'))} | "
+                + (_versus(row["vs_magnitude"]) if row.get("vs_magnitude") else "") + " | "
+                + " | ".join(f"{row['latency_ms'][k]:.4g}" if k in row["latency_ms"] else "" for k in batch_keys)
+                + " |")
+        runs = sorted(front.get("frontier_runs", {}).items(), key=lambda kv: (str(kv[1]["seed"]), kv[0]))
+        for sweep_id, run in runs:
+            lines.append(f"\nFrontier run {sweep_id} (seed {run['seed']}): {run['wall_time_s']:.0f} s wall time for "
+                         f"the whole sweep (one gradual run with a branch per target, plus the baseline), "
+                         f"{run.get('recovery_fraction')} epoch of recovery per point; details in "
+                         f"models/frontier.json.")
+        lines.append("")
+    several = {g: e for g, e in groups.items() if e["n_seeds"] >= 2}
+    if several:
+        lines += ["## Seeds", "",
+                  "Models that differ only by training seed. mean ± s.d.: across seeds (seed-to-seed spread); "
+                  "each seed's [95% interval] is over sentences (sentence sampling).", "",
+                  "| seed group | seeds | accuracy (%) mean ± s.d. | min - max | each seed: accuracy [95% interval] | "
+                  "vs student (points) |", "|---|---|---:|---:|---|---:|"]
+        for group, e in several.items():
+            spread = e["accuracy_seed_spread"]
+            per_seed = "; ".join(f"{s}: {report['models'][n]['accuracy'] * 100:.2f} "
+                                 f"[{e['accuracy_ci_per_seed'][n][0]:.1f}, {e['accuracy_ci_per_seed'][n][1]:.1f}]"
+                                 for n, s in zip(e["members"], e["seeds"]))
+            lines.append(f"| `{group}` | {', '.join(str(s) for s in e['seeds'])} | {_seed_mean(spread)} | "
+                         f"{spread['min']:.2f} - {spread['max']:.2f} | {per_seed} | "
+                         f"{_versus_seeds(e.get('vs_student'))} |")
+        lines.append("")
+    return lines
 
 
 def artifact_table(report: dict, batch_keys) -> list:
@@ -1192,6 +1524,31 @@ def write_text(text: str, path) -> None:
     os.replace(tmp, path)
 
 
+def recorded_preset(found, requested: str, notes: list) -> str:
+    """The preset the models were made with (results.preset in their metadata.json), not this run's PRESET: a
+    report of MiniLM models is never labelled "bert". `requested` only when no folder records one; a mismatch
+    or a mix of presets is a warning."""
+    presets = set()
+    for _, folder in found:
+        try:
+            made = read_metadata(folder).get("results", {}).get("preset")
+        except (OSError, ValueError, AttributeError):
+            made = None
+        if made:
+            presets.add(made)
+    if not presets:
+        return requested
+    note = None
+    if len(presets) > 1:
+        note = f"the models were made with different presets ({', '.join(sorted(presets))}): compare with care"
+    elif requested and requested not in presets:
+        note = f"PRESET={requested} ignored: the models were made with preset {next(iter(presets))}"
+    if note:
+        notes.append(note)
+        logger.warning(f"[report] {note}")
+    return next(iter(presets)) if len(presets) == 1 else "mixed: " + ", ".join(sorted(presets))
+
+
 def generate(models_root, *, validation, dataset: dict, eval_files: dict, settings: dict, out_dir,
              preset: str, quick: bool, constants: dict, names=None) -> dict:
     """Discover, measure, and write final_report.json/.png/.md into `out_dir`; return the report."""
@@ -1204,6 +1561,7 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
             f"no model folders found in {models_root}: run the pipeline first "
             f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)"
         )
+    preset = recorded_preset(found, preset, notes)
     settings = dict(settings, load_average=load_average())
     busy = machine_busy(settings["load_average"])
     if busy:
@@ -1221,6 +1579,9 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
     if not models:
         raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
     for name, r in models.items():
+        needs = [u for u in r.get("upstream", []) if u in skipped]
+        if needs:  # measured on its own; what it was compared with or counted through is gone
+            r["warnings"].append(f"made from {', '.join(needs)}, which was skipped; GFLOPs: {r['gflops_source']}")
         notes += [f"{name}: {w}" for w in r["warnings"]]
     report = build_report(models, settings=settings, dataset=dataset, eval_files=eval_files, preset=preset,
                           quick=quick, skipped=skipped, notes=notes, constants=constants,

@@ -43,6 +43,24 @@ def test_constants_takes_upper_case_scalars_only():
     assert constants(ns) == {"EPOCHS": 1}
 
 
+@pytest.mark.parametrize("script", ["download_model.py", "1_train_teacher.py", "2_distill_student.py",
+                                    "8_pruning_with_finetuning.py", "9_quantize_pruned_model.py",
+                                    "7_evaluate_and_generate_report.py"])
+def test_settable_keys_are_exactly_the_scripts_own_constants_block(script):
+    """Imported names (SEQ_LEN, CRITERIA, MANIFEST, a module imported as F) are not settable."""
+    import runpy
+
+    from common.config import block_names
+
+    namespace = runpy.run_path(str(REPO / script), run_name="dpq_test")
+    keys = set(constants(namespace))
+    assert keys == {n for n in block_names(REPO / script) if not isinstance(namespace[n], dict)}
+    assert {"PRESET", "SEED"} <= keys and not keys & {"F", "MANIFEST", "SEQ_LEN", "CRITERIA", "FLOPS_CONVENTION",
+                                                       "METADATA", "LEARNING_RATE", "FRONTIER_SUMMARY"}
+    with pytest.raises(ConfigError, match="unknown key 'SEQ_LEN'"):
+        parse_overrides(constants(namespace), ["SEQ_LEN=64"], quiet=True)
+
+
 def test_stage_output_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path):
     final = tmp_path / "teacher_model"
     with stage_output(final, "teacher", {"EPOCHS": 1}, seed=7) as out:
@@ -81,10 +99,11 @@ def test_downstream_notices_a_rebuilt_upstream(tmp_path):
     with stage_output(tmp_path / "student_model", "student", {}, seed=0) as out:
         out.add_upstream(teacher, "teacher")
     student_meta = json.loads((tmp_path / "student_model" / "metadata.json").read_text())
-    assert is_stale(student_meta) == []
+    assert student_meta["upstream"]["teacher"]["folder"] == "teacher_model"  # relative to the models root
+    assert is_stale(student_meta, tmp_path) == []
     with stage_output(teacher, "teacher", {}, seed=0):
         pass
-    assert is_stale(student_meta) == [str(teacher)]
+    assert is_stale(student_meta, tmp_path) == ["teacher_model rebuilt since"]
 
 
 def test_a_killed_stage_leaves_no_partial_folder(tmp_path):
@@ -112,7 +131,8 @@ def test_a_killed_stage_leaves_no_partial_folder(tmp_path):
     assert proc.wait(timeout=30) == 130
     assert list(tmp_path.glob(".out.partial-*")) == [] and not (tmp_path / "out").exists()
 
-    # a partial folder from a run killed outright (SIGKILL) is removed by the next run
+    # a partial folder from a run killed outright (SIGKILL) is removed by the next run (its owner pid is gone;
+    # names from before pids were recorded count as ownerless)
     leftover = tmp_path / ".out.partial-deadbeef"
     leftover.mkdir()
     with stage_output(tmp_path / "out", "teacher", {}, seed=0):

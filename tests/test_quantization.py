@@ -237,7 +237,7 @@ def test_stage_quantizes_final_baseline_and_sweep(prepared, trained):
         meta = read_metadata(folder)
         r = meta["results"]
         assert r == results[name] and meta["stage"] == stage
-        assert [u["folder"] for u in meta["upstream"].values()] == [str(models / source)]
+        assert [u["folder"] for u in meta["upstream"].values()] == [source]  # relative to the models root
         assert r["source_folder"] == str(models / source)
         assert r["bytes_on_disk"] == weight_bytes(folder) and r["size_vs_source"] < 0.6
         assert r["size_vs_fp32_student"] == round(weight_bytes(folder) / weight_bytes(student), 4)

@@ -1,0 +1,268 @@
+"""Seeds, the single-run frontier and the magnitude baseline (8_pruning_with_finetuning.py FRONTIER=True / SEEDS,
+common.pruning), their 4-bit twins (9_quantize_pruned_model.py) and the report's aggregation (common.report), on a
+tiny random BERT pipeline built here (tiny SST-2-like data, 2-layer student, 3-layer teacher)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from common import pruning
+from common.flops import measure_encoder_gflops
+from conftest import (REPO, run_script, save_tiny, tiny_bert_config, tiny_sentences, write_glue_tsv,
+                      write_stage)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore imports torch.jit.script
+
+STAGE = "8_pruning_with_finetuning.py"
+FAST = ("TRAIN_LIMIT=64", "BATCH_SIZE=8", "PRUNE_STEPS=2", "EVALS_PER_EPOCH=1", "PRUNE_LR=1e-3",
+        "RECOVERY_LR=5e-4")
+TARGETS = (0.2, 0.5, 0.8)  # the tiny student can lose ~87% of its encoder GFLOPs (every head, half the FFN)
+REPORT_ARGS = ("QUICK=True", "LATENCY_RUNS=2", "WARMUP_RUNS=1", "MAX_LENGTH=64", "FLOPS_SEQ_LEN=64",
+               "EVAL_BATCH_SIZE=64", "THREADS=1")
+SEQ = 32
+
+
+def _tiny_pipeline(root, mp):
+    """data/sst2 from the real download stage, tiny teacher_model and student_model folders under root/models."""
+    from transformers import BertForSequenceClassification
+
+    from common.paths import stage_dir
+
+    for key, folder in (("MODELS_DIR", "models"), ("DATA_DIR", "data"), ("REPORT_DIR", "report")):
+        mp.setenv(key, str(root / folder))
+    mp.setenv("PRESET", "minilm")
+    mp.delenv("QUICK", raising=False)
+    glue = root / "glue_sst2"
+    write_glue_tsv(glue / "train.tsv", tiny_sentences(400, seed=1))
+    write_glue_tsv(glue / "dev.tsv", tiny_sentences(60, seed=2))
+    mp.setenv("SST2_DIR", str(glue))
+    torch.manual_seed(0)
+    source = save_tiny(BertForSequenceClassification(tiny_bert_config()).eval(), root / "tiny_bert")
+    run_script("download_model.py", f"TEACHER_SOURCE={source}")
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128, num_hidden_layers=3))
+    write_stage(teacher, stage_dir("teacher"), "teacher")
+    torch.manual_seed(1)
+    student = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128))
+    write_stage(student, stage_dir("student"), "student", [(stage_dir("teacher"), "teacher")])
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def frontier(tmp_path_factory):
+    """ONE stage-8 frontier invocation (3 targets, ours + magnitude, seeds 42 and 43), stage 9 (4-bit twins of every
+    pruned folder) and the report over all of it; gradual_prune calls counted."""
+    root = tmp_path_factory.mktemp("frontier")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        models = _tiny_pipeline(root, mp)
+        real = pruning.gradual_prune
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        mp.setattr(pruning, "gradual_prune", counted)  # the stage imports it from common.pruning at run time
+        results = run_script(STAGE, "FRONTIER=True", f"FRONTIER_TARGETS={TARGETS}", "SEEDS=(42, 43)",
+                             "FRONTIER_PRUNE_STEPS=2", "FRONTIER_RECOVERY_FRACTION=0.25", *FAST)
+        mp.setattr(pruning, "gradual_prune", real)
+        quantized = run_script("9_quantize_pruned_model.py", 'QUANTIZE=("student", "sweep")', "ONNX=()")
+        report = run_script("7_evaluate_and_generate_report.py", *REPORT_ARGS)
+        yield {"root": root, "models": models, "results": results, "calls": calls, "quantized": quantized,
+               "report": report}
+
+
+def _meta(folder):
+    return json.loads((folder / "metadata.json").read_text())
+
+
+def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
+    models, calls = frontier["models"], frontier["calls"]
+    # one gradual run per seed, told to stop at every earlier target on its way to the last
+    assert len(calls) == 2
+    assert all(c["target_sparsity"] == 0.8 and list(c["milestones"]) == [0.2, 0.5] for c in calls)
+    summary = json.loads((models / "frontier.json").read_text())
+    assert summary["targets"] == list(TARGETS) and summary["seeds"] == [42, 43]
+    assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
+    passes = summary["training_passes_per_seed"]
+    assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
+    assert summary["separate_runs_would_take_passes"] == 6
+    for seed, suffix in ((42, ""), (43, "_seed43")):
+        run = summary["runs"][str(seed)]
+        assert run["gradual_runs"] == 1 and run["wall_time_s"] >= run["gradual_run_s"] > 0
+        hits = [e for e in run["trajectory"] if e["milestone"]]
+        assert [e["sparsity_target"] for e in hits] == [0.2, 0.5]  # each earlier target hit exactly by one event
+        assert run["trajectory"][-1]["sparsity_target"] == 0.8
+        steps = [e["step"] for e in run["trajectory"]]
+        assert steps == sorted(set(steps))  # one event per training step
+        gflops = []
+        for target in TARGETS:
+            folder = models / f"pruned_model_s{round(100 * target)}{suffix}"
+            meta = _meta(folder)
+            r = meta["results"]
+            assert meta["seed"] == seed and r["seed"] == seed and r["mode"] == "frontier" and r["method"] == "taylor"
+            assert r["target_sparsity"] == target and r["measured_sparsity"] >= target
+            assert r["frontier"]["sweep_id"] == run["sweep_id"]
+            assert r["frontier"]["sweep_wall_time_s"] == run["wall_time_s"]  # the whole sweep, added at its end
+            if target < 0.8:  # a branch of the run: saved at the event that hit its target
+                assert r["frontier"]["branch_step"] == next(e["step"] for e in hits if e["sparsity_target"] == target)
+            assert r["recovery_batches"] == 2  # a quarter of the 8 batches of an epoch
+            assert r["kept_state"].startswith(("recovery", "pruning"))
+            gflops.append(r["encoder_gflops_after"])
+        assert gflops == sorted(gflops, reverse=True) and len(set(gflops)) == len(gflops)
+        point = {p["target"]: p for p in run["points"]["taylor"]}
+        assert set(point) == set(TARGETS) and all(point[t]["measured_sparsity"] >= t for t in TARGETS)
+
+
+def test_magnitude_baseline_folders(frontier):
+    models = frontier["models"]
+    for seed, suffix in ((42, ""), (43, "_seed43")):
+        ours_batches = None
+        for target in TARGETS:
+            r = _meta(models / f"pruned_magnitude_s{round(100 * target)}{suffix}")["results"]
+            assert r["method"] == "magnitude" and r["seed"] == seed and r["measured_sparsity"] >= target
+            assert len(r["trajectory"]) == 1  # one shot, no gradual schedule
+            ours = _meta(models / f"pruned_model_s{round(100 * target)}{suffix}")["results"]
+            assert r["recovery_batches"] == ours["recovery_batches"]  # the same recovery budget
+            ours_batches = ours["recovery_batches"]
+        assert ours_batches == 2
+    # stage 9 made a 4-bit twin of every fp32 pruned folder
+    names = {p.name for p in models.iterdir() if p.is_dir()}
+    for name in [n for n in names if n.startswith("pruned_") and not n.endswith("_quantized")]:
+        assert f"{name}_quantized" in names, name
+    assert set(frontier["quantized"]) >= {"pruned_magnitude_s50_seed43_quantized", "pruned_model_s80_quantized"}
+
+
+def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
+    report = json.loads((frontier["root"] / "report" / "final_report.json").read_text())
+    models = report["models"]
+    assert {"pruned_model_s50_seed43", "pruned_magnitude_s80", "pruned_magnitude_s20_seed43_quantized"} <= set(models)
+    assert all(models[n]["family"] == "pruned" for n in models if n.startswith("pruned_"))
+    assert models["pruned_magnitude_s50"]["pruning_method"] == "magnitude"
+    assert models["pruned_model_s50_seed43"]["seed"] == 43
+    order = report["model_order"]
+    assert order.index("pruned_model_s20") < order.index("pruned_model_s20_seed43") < order.index(
+        "pruned_magnitude_s20") < order.index("pruned_model_s50")
+
+    group = report["seed_groups"]["pruned_model_s50"]
+    assert group["members"] == ["pruned_model_s50", "pruned_model_s50_seed43"] and group["seeds"] == [42, 43]
+    spread = group["accuracy_seed_spread"]
+    accuracies = [100 * models[n]["accuracy"] for n in group["members"]]
+    assert spread["n_seeds"] == 2 and spread["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert spread["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2 ** 0.5)
+    assert set(group["accuracy_ci_per_seed"]) == set(group["members"])
+    assert [c["model"] for c in group["vs_student"]["per_seed"]] == group["members"]
+    assert group["vs_student"]["reference"] == "student_model"
+    twins = report["seed_groups"]["pruned_model_s50_quantized"]
+    assert twins["seeds"] == [42, 43]  # a 4-bit twin carries the training seed of its fp32 source
+    assert twins["vs_student"]["reference"] == "distilled_quantized_student"
+    assert "seed-to-seed" in report["seed_convention"] and "over the validation sentences" in report["seed_convention"]
+    from common.report import seed_group
+
+    assert seed_group("pruned_model_seed43_quantized") == "pruned_quantized_final"  # pruned_model's 4-bit twin
+    assert seed_group("student_model_seed43") == "student_model"
+    paired = {c["a"] for c in report["comparisons"] if c["kind"] == "pruned vs student"}
+    assert {"pruned_model_s50_seed43", "pruned_magnitude_s80"} <= paired
+
+    rows = report["frontier"]["rows"]
+    kinds = {(r["sparsity_target"], r["method"], r["bits"]) for r in rows}
+    assert kinds == {(t, m, b) for t in TARGETS for m in ("taylor", "magnitude") for b in (32, 4)}
+    assert all(r["n_seeds"] == 2 for r in rows)
+    for row in rows:
+        if row["method"] == "taylor":
+            assert row["vs_magnitude"]["reference"].startswith("pruned_magnitude")
+    assert all(r["gflops_reduction_vs_student"] > 0 for r in rows)
+    assert len(report["frontier"]["frontier_runs"]) == 2
+
+    md = (frontier["root"] / "report" / "final_report.md").read_text()
+    assert "## Accuracy-compute frontier" in md and "## Seeds" in md and "(2 seeds)" in md
+    assert "magnitude one-shot (baseline)" in md and "ours - magnitude" in md
+    png = frontier["root"] / "report" / "final_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_magnitude_ranking_removes_the_smallest_norm_units(tiny_bert):
+    """Hand-made weights: head 2 of layer 1 and the odd FFN neurons of layer 0 have the smallest weights."""
+    from common.modeling import encoder_layers
+
+    with torch.no_grad():
+        for layer in encoder_layers(tiny_bert):
+            parts = pruning._parts(layer)
+            for lin in (parts.query, parts.key, parts.value, parts.attn_out, parts.ffn_in, parts.ffn_out):
+                lin.weight.fill_(1.0)
+        parts = pruning._parts(encoder_layers(tiny_bert)[1])
+        for lin in (parts.query, parts.key, parts.value):
+            lin.weight[16:24] = 0.1  # head 2 = rows 16..23 (head size 8)
+        parts.attn_out.weight[:, 16:24] = 0.1
+        parts = pruning._parts(encoder_layers(tiny_bert)[0])
+        parts.ffn_in.weight[1::2] = 0.5
+        parts.ffn_out.weight[:, 1::2] = 0.5
+    imp = pruning.magnitude_importance(tiny_bert)
+    assert imp["heads"][1].tolist() == pytest.approx([4 * 8 * 32.0, 4 * 8 * 32.0, 4 * 8 * 32 * 0.01, 4 * 8 * 32.0])
+    assert imp["ffn"][0][:2].tolist() == pytest.approx([64.0, 64 * 0.25])
+
+    cost = pruning.unit_flops(tiny_bert, SEQ)
+    base = measure_encoder_gflops(tiny_bert, SEQ)
+    result = pruning.prune_to_target(tiny_bert, imp, base - cost["head"][1] / 1e9, seq_len=SEQ)
+    assert result["removed_heads"] == {1: [2]} and result["removed_ffn"] == {}
+    imp = pruning.magnitude_importance(tiny_bert)  # current numbering after the removal
+    result = pruning.prune_to_target(tiny_bert, imp, measure_encoder_gflops(tiny_bert, SEQ)
+                                     - 32 * cost["ffn_neuron"][0] / 1e9, seq_len=SEQ)
+    assert result["removed_ffn"] == {0: 32} and result["removed_heads"] == {}
+    assert pruning.kept_units(tiny_bert)["ffn"][0] == list(range(0, 64, 2))
+
+
+def test_schedule_places_an_event_exactly_at_each_milestone():
+    events = pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones=(0.2, 0.35, 0.5, 0.65, 0.8, 0.9))
+    steps, targets = zip(*events)
+    assert all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == 1680
+    assert all(a < b for a, b in zip(targets, targets[1:])) and targets[-1] == pytest.approx(0.95)
+    assert {0.2, 0.35, 0.5, 0.65, 0.8, 0.9} <= set(targets)
+    at = dict(zip(targets, steps))
+    assert at[0.5] == round(pruning.cubic_step(0.5, 1680, 0.95))  # where the cubic curve crosses 50%
+    tight = pruning.pruning_schedule(8, 2, 0.8, 0.8, milestones=(0.2, 0.5))
+    assert [t for _, t in tight][:2] == [0.2, 0.5] and len({s for s, _ in tight}) == len(tight)
+    with pytest.raises(ValueError, match="do not fit"):
+        pruning.pruning_schedule(2, 4, 0.8, 0.8, milestones=(0.2, 0.5))
+    with pytest.raises(ValueError, match="milestones"):
+        pruning.pruning_schedule(100, 4, 0.5, milestones=(0.6,))
+
+
+def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refused(tmp_path):
+    from common.config import ConfigError
+
+    with pytest.MonkeyPatch.context() as mp:
+        models = _tiny_pipeline(tmp_path, mp)
+        results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", *FAST)
+        assert set(results) == {"pruned_model", "pruned_model_seed7"}
+        assert [_meta(models / n)["seed"] for n in ("pruned_model", "pruned_model_seed7")] == [42, 7]
+        assert all(_meta(models / n)["results"]["mode"] == "single" for n in results)
+        for args, match in ((("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.95)"), "out of reach"),
+                            (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
+                            (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
+                            (("SEEDS=(1, 1)",), "SEEDS")):
+            with pytest.raises(ConfigError, match=match):
+                run_script(STAGE, *args, *FAST)
+        assert not (models / "pruned_model_s20").exists()  # refused before any work
+
+        results = run_script("2_distill_student.py", "SEEDS=(42, 43)", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1",
+                             "TRAIN_LIMIT=64", "BATCH_SIZE=8", "EVALS_PER_EPOCH=1")
+        assert set(results) == {"student_model", "student_model_seed43"}
+        assert [_meta(models / n)["seed"] for n in ("student_model", "student_model_seed43")] == [42, 43]
+        assert [_meta(models / n)["results"]["seed"] for n in results] == [42, 43]
+
+
+def test_make_frontier_names_the_stages():
+    make = shutil.which("make")
+    text = (REPO / "Makefile").read_text()
+    assert "\nfrontier: setup\n" in text
+    if make:  # dry run: prints the commands, runs nothing
+        out = subprocess.run([make, "-n", "-C", str(REPO), "frontier"], capture_output=True, text=True).stdout
+    else:
+        out = text.split("\nfrontier: setup\n", 1)[1]
+    stages = ["8_pruning_with_finetuning.py FRONTIER=True", "9_quantize_pruned_model.py",
+              "7_evaluate_and_generate_report.py"]
+    assert all(s in out for s in stages) and [out.index(s) for s in stages] == sorted(out.index(s) for s in stages)
