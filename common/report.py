@@ -1244,9 +1244,23 @@ def plot_report(report: dict, path) -> None:
     ax.set_title("Accuracy vs compute (up and to the left is better)", fontsize=11)
     speed_items = _accuracy_panel(ax_speed, models, groups, lambda r: r["latency_ms"].get(big) if big else None,
                                   area, labels)
+    onnx_points = [(n, r["artifacts"]["onnx_int8"]) for n, r in models.items()
+                   if big and big in r.get("artifacts", {}).get("onnx_int8", {}).get("latency_ms", {})]
+    for name, a in onnx_points:  # the CPU serving artifact of the same model: where a user would deploy it
+        color = FAMILY_COLORS.get(models[name]["family"], "#555555")
+        ax_speed.scatter(a["latency_ms"][big], a["accuracy"] * 100, s=60, marker="^", facecolor=color,
+                         edgecolor="black", linewidth=0.6, zorder=4)
+        if name == FINAL:
+            ax_speed.annotate("final, ONNX int8", (a["latency_ms"][big], a["accuracy"] * 100), xytext=(0, -14),
+                              textcoords="offset points", ha="center", fontsize=8, fontweight="bold")
+    if onnx_points:
+        low = min(a["latency_ms"][big] for _, a in onnx_points)
+        left, right = ax_speed.get_xlim()
+        if low < left:
+            ax_speed.set_xlim(low / 1.3, right)
     threads = report["run"]["threads"]
-    ax_speed.set_xlabel(f"CPU latency at {big.replace('_', ' ') if big else '?'}, median ms per forward pass "
-                        f"({threads} thread{'s' if threads != 1 else ''}, PyTorch)"
+    ax_speed.set_xlabel(f"CPU latency at {big.replace('_', ' ') if big else '?'}, median ms "
+                        f"({threads} thread{'s' if threads != 1 else ''}; triangles: ONNX Runtime int8)"
                         + ("; log scale" if ax_speed.get_xscale() == "log" else ""))
     ax_speed.set_ylabel(accuracy_words)
     ax_speed.set_title("Accuracy vs measured latency (up and to the left is better)", fontsize=11)
@@ -1266,6 +1280,9 @@ def plot_report(report: dict, path) -> None:
         if len(points) >= 2:
             handles.append(Line2D([], [], ls="-" if bits == 32 else "--", color=METHOD_COLORS[method], alpha=0.8,
                                   label=f"{METHOD_WORDS.get(method, method)}, {'fp32' if bits == 32 else '4-bit'}"))
+    if onnx_points:
+        handles.append(Line2D([], [], marker="^", ls="", markerfacecolor="#999999", markeredgecolor="black",
+                              markersize=8, label="ONNX Runtime int8 export (right panel)"))
     handles.append(Line2D([], [], color="#777777", marker="|", markersize=10, lw=1,
                           label="thin bar: 95% bootstrap interval over sentences"))
     if any(g["n_seeds"] >= 2 for g in groups.values()):
