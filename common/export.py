@@ -8,7 +8,7 @@ batch at run time, integer matmuls) is the fastest form measured on AVX2 CPUs (s
 What is written (`export_folder`), inside a model folder under `onnx/`:
   model.onnx         fp32 graph of the PyTorch model (legacy TorchScript exporter, opset 18: it exports pruned
                      models with uneven heads and layers that kept no head; outputs equal PyTorch to ~1e-6)
-  model_int8.onnx    ONNX Runtime dynamic quantization (`quantize_dynamic`, signed int8 weights per tensor; the word
+  model_int8.onnx    ONNX Runtime dynamic quantization (`quantize_dynamic`, signed int8 weights per channel; the word
                      embeddings (Gather) become int8 too; LayerNorms, softmax and the classifier bias stay fp32)
   model_int4.onnx    optional: ONNX Runtime weight-only 4-bit (`MatMulNBits`, symmetric, one scale per 32 weights);
                      embeddings stay fp32, activations fp32
@@ -108,7 +108,9 @@ def empty_weight_nodes(path) -> list:
 
 
 def quantize_int8(src, dst) -> None:
-    """ONNX Runtime dynamic quantization: int8 weights (per tensor), activations quantized at run time."""
+    """ONNX Runtime dynamic quantization: int8 weights with one scale per output channel (per tensor, the 20%-pruned
+    MiniLM agreed with its fp32 source on 96.8% of the validation predictions, per channel on 98.7%, at the same
+    speed), activations quantized per batch at run time."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -118,7 +120,8 @@ def quantize_int8(src, dst) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a generic "consider pre-processing" hint on the root logger
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=empty_weight_nodes(src))
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=empty_weight_nodes(src))
     finally:
         root.setLevel(level)
 
@@ -151,6 +154,9 @@ class OnnxClassifier:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # no busy-waiting between runs: spinning threads would steal the cores from whatever runs next (the next
+        # model timed in the same process, the tokenizer of a server)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
