@@ -9,6 +9,7 @@ fixed 2% slice of train, never the validation set) is kept.
 
 Run:    python 1_train_teacher.py
 Quick:  QUICK=1 python 1_train_teacher.py       (2,000 training sentences, one epoch)
+Processes: torchrun --standalone --nproc_per_node 2 1_train_teacher.py   (data-parallel; README: Several processes)
 Override any constant below as KEY=VALUE, e.g. `python 1_train_teacher.py EPOCHS=3 LR=5e-5`.
 Several GPUs: `accelerate launch 1_train_teacher.py`.
 """
@@ -18,7 +19,7 @@ import sys
 from common.config import (apply_preset, apply_quick, as_dict, check_constants, constants, env_flag, env_preset,
                            parse_overrides)
 from common.data import encoded_splits, split_loaders
-from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.paths import stage_dir
 from common.stage import (check_preset, logger, require_fresh, require_stage, run_main, set_seed, setup_logging,
                           stage_output)
@@ -66,8 +67,7 @@ def main(argv=None):
         result = train(model, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                        evals_per_epoch=cfg.EVALS_PER_EPOCH, desc="teacher")
-        save_model(model.cpu(), tokenizer, out.dir)
-        reloaded = load_model(out.dir)
+        reloaded = save_and_reload(model.cpu(), tokenizer, out.dir)
         accuracy = evaluate(reloaded, loaders["validation"])
         logger.info(f"teacher validation accuracy (reloaded from disk): {accuracy:.4f}")
         out.results = {"validation_accuracy": accuracy, "heldout_accuracy": result.best_accuracy,

@@ -16,6 +16,7 @@ runs the teacher live, so an epoch costs about twice as much). The best state by
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
+Processes: torchrun --standalone --nproc_per_node 2 2_distill_student.py   (data-parallel; README: Several processes)
 Ablation: python 2_distill_student.py DISTILL=False
 Seeds:  python 2_distill_student.py "SEEDS=(42, 43, 44)"   (stage 8 keeps pruning student_model, seed SEED)
 Override any constant below as KEY=VALUE.
@@ -31,7 +32,8 @@ from common.config import (ConfigError, apply_preset, apply_quick, as_dict, at_l
                            each, env_flag, env_preset, in_range, parse_overrides)
 from common.data import encoded_splits, model_inputs, split_loaders
 from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
-from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
+from common.modeling_dpq import config_sizes
 from common.paths import models_root, seeded_stage_dir, stage_dir
 from common.stage import (StageError, check_preset, logger, require_fresh, require_stage, run_main, set_seed,
                           setup_logging, stage_output)
@@ -100,7 +102,7 @@ def check_inputs(cfg, teacher_dir) -> dict:
     require_fresh(teacher_dir, teacher_meta, "teacher")
     check_loadable(teacher_dir)
     if cfg.PRESET == "minilm":
-        layers = json.loads((teacher_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+        layers = config_sizes(json.loads((teacher_dir / "config.json").read_text()))["layers"]
         if max(cfg.STUDENT_LAYERS) >= layers:
             raise ConfigError(f"STUDENT_LAYERS={cfg.STUDENT_LAYERS!r}: must be layers of the teacher in {teacher_dir}, "
                               f"which has {layers} (0 to {layers - 1})")
@@ -171,8 +173,7 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
         result = train(student, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
                        weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                        evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=folder.name, **kwargs)
-        save_model(student.cpu(), tokenizer, out.dir)
-        reloaded = load_model(out.dir)
+        reloaded = save_and_reload(student.cpu(), tokenizer, out.dir)
         accuracy = evaluate(reloaded, loaders["validation"])
         teacher_accuracy = teacher_meta["results"]["validation_accuracy"]
         logger.info(f"{folder.name} validation accuracy (reloaded from disk): {accuracy:.4f} "

@@ -40,6 +40,7 @@ no gradual schedule, no data), then the SAME recovery (same fraction, lr, batche
 
 Run:    python 8_pruning_with_finetuning.py
 Quick:  QUICK=1 python 8_pruning_with_finetuning.py       (2,000 training sentences, 4 pruning events)
+Processes: torchrun --standalone --nproc_per_node 2 8_pruning_with_finetuning.py     (README: Several processes)
 Sweep:  python 8_pruning_with_finetuning.py "PRUNE_TARGETS=(0.2, 0.35, 0.5, 0.65)"
 Seeds:  python 8_pruning_with_finetuning.py "SEEDS=(42, 43, 44)"       (prunes student_model with each seed)
 Frontier: python 8_pruning_with_finetuning.py FRONTIER=True           (`make frontier` adds stages 9 and 7)
@@ -60,12 +61,12 @@ from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick
 from common.data import encoded_splits, split_loaders
 from common.distillation import kd_loss_fn, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
-from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_model
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
 from common.pruning import (CRITERIA, get_layout, gradual_prune, kept_units, magnitude_importance,
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
-from common.stage import (METADATA, StageError, check_preset, json_dump, logger, read_metadata, require_fresh,
-                          require_stage, run_main, set_seed, setup_logging, stage_output)
+from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, logger, read_metadata,
+                          require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -222,10 +223,9 @@ def finish(ctx, loaders, model, out, folder, target, start, extra) -> dict:
     records (`extra` added)."""
     reference = ctx.reference
     model = model.cpu()
-    save_model(model, ctx.tokenizer, out.dir)
+    reloaded = save_and_reload(model, ctx.tokenizer, out.dir)
     units = kept_units(model)
     json_dump(units, out.dir / "kept_units.json")
-    reloaded = load_model(out.dir)
     if get_layout(reloaded) != get_layout(model):
         raise RuntimeError(f"reloaded layout {get_layout(reloaded)} differs from the saved {get_layout(model)}")
     encoder_before, encoder_after = start["encoder_gflops"], measure_encoder_gflops(reloaded, SEQ_LEN)
@@ -402,6 +402,8 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
 def add_sweep_wall_time(folder, wall: float) -> None:
     """Record the whole sweep's wall time in a frontier folder's metadata.json (rewritten atomically; the only
     change made to a folder after its stage finished)."""
+    if not is_main_process():  # the other processes of a multi-process run wrote no folder
+        return
     meta = read_metadata(folder)
     meta["results"]["frontier"]["sweep_wall_time_s"] = wall
     tmp = folder / f".{METADATA}.tmp"
@@ -429,6 +431,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "preset": cfg.PRESET, "quick": cfg.QUICK,
     }
     path = models_root() / FRONTIER_SUMMARY
+    if not is_main_process():  # only the main process of a multi-process run writes under models/
+        return summary
     tmp = path.with_name(f".{path.name}.tmp")
     json_dump(summary, tmp)
     os.replace(tmp, path)

@@ -49,8 +49,6 @@ RULER = "# ---"
 
 def block_names(path) -> list:
     """The names a stage script assigns between its first two `# ---` ruler lines: its constants block."""
-    import ast
-
     source = open(path, encoding="utf-8").read()
     rulers = [i for i, line in enumerate(source.splitlines(), 1) if line.startswith(RULER)][:2]
     if len(rulers) < 2:

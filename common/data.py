@@ -134,7 +134,7 @@ def rows_from_glue_dir(folder) -> dict:
 
 def rows_from_hub() -> dict:
     """GLUE sst2 from the Hugging Face Hub (needs network)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # in the body: slow to import, only needed here
 
     dataset = load_dataset("glue", "sst2")
     out = {}

@@ -1,7 +1,8 @@
 """Knowledge distillation: the student built from teacher layers, the KD loss, and cached teacher logits.
 
-- `student_from_teacher_layers` builds a shallower BERT from chosen teacher layers (DistilBERT took every
-  other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks the copy.
+- `student_from_teacher_layers` builds a shallower model of the teacher's family from chosen teacher layers
+  (DistilBERT took every other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks
+  the copy.
 - `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy.
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
@@ -17,30 +18,32 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.data import model_inputs
-from common.stage import logger
+from common.data import make_loader, model_inputs
+from common.modeling import load_model
+from common.modeling_dpq import config_sizes, family_of
+from common.stage import is_main_process, logger
+from common.training import make_accelerator, predict_logits
 
 
 def student_from_teacher_layers(teacher, layers):
-    """A BERT classifier with `layers` (teacher layer indices) of `teacher`, weights copied and checked."""
-    from transformers import BertForSequenceClassification
-
-    if not hasattr(teacher, "bert"):
-        raise TypeError(f"student_from_teacher_layers needs a BERT teacher, got {type(teacher).__name__}")
-    n = teacher.config.num_hidden_layers
+    """A classifier of the teacher's family with `layers` (teacher layer indices) of `teacher`, weights copied and
+    checked (where the blocks live and how the config counts layers: common.modeling_dpq.FAMILIES)."""
+    family = family_of(teacher)
+    n = config_sizes(teacher.config)["layers"]
     layers = list(layers)
     if not layers or any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"student layers {layers} must be distinct indices of the teacher's {n} layers")
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.num_hidden_layers = len(layers)
+    setattr(config, family.layers_key, len(layers))
     config.dpq_student_layers = layers
-    student = BertForSequenceClassification(config)
+    student = type(teacher)(config)
     teacher_state = teacher.state_dict()
+    blocks = f"{family.encoder}.layer."
     mapping = {}
     for key in student.state_dict():
-        if key.startswith("bert.encoder.layer."):
-            index, rest = key[len("bert.encoder.layer."):].split(".", 1)
-            mapping[key] = f"bert.encoder.layer.{layers[int(index)]}.{rest}"
+        if key.startswith(blocks):
+            index, rest = key[len(blocks):].split(".", 1)
+            mapping[key] = f"{blocks}{layers[int(index)]}.{rest}"
         else:
             mapping[key] = key
     student.load_state_dict({k: teacher_state[v].clone() for k, v in mapping.items()}, strict=True)
@@ -97,11 +100,15 @@ def data_fingerprint(encoded) -> str:
 
 
 def teacher_logits_for(teacher_folder, encoded, cache_dir, batch_size: int = 128, tokenization: dict = None):
-    """Teacher logits [N, C] for every row of `encoded`, from the on-disk cache when its key matches."""
-    from common.data import make_loader
-    from common.modeling import load_model
-    from common.training import predict_logits
+    """Teacher logits [N, C] for every row of `encoded`, from the on-disk cache when its key matches.
 
+    Under several processes the main process computes and caches them first; the others then read its cache
+    (only the main process writes it)."""
+    with make_accelerator().main_process_first():
+        return _teacher_logits(teacher_folder, encoded, cache_dir, batch_size, tokenization)
+
+
+def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokenization: dict | None):
     key_parts = {
         "teacher": folder_fingerprint(teacher_folder),
         "data": data_fingerprint(encoded),
@@ -126,8 +133,9 @@ def teacher_logits_for(teacher_folder, encoded, cache_dir, batch_size: int = 128
         teacher.to("cuda")
     logger.info(f"teacher logits: computing for {len(encoded)} rows (cached afterwards)")
     logits = predict_logits(teacher, make_loader(encoded, batch_size), desc="teacher logits")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save({"key": key, "key_parts": key_parts, "logits": logits}, tmp)
-    os.replace(tmp, path)
+    if is_main_process():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        torch.save({"key": key, "key_parts": key_parts, "logits": logits}, tmp)
+        os.replace(tmp, path)
     return logits

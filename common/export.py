@@ -28,7 +28,9 @@ Inputs of every graph: `input_ids` and `attention_mask`, int64, shape (batch, se
 intra-op threads, one inter-op thread): `.logits(input_ids, attention_mask)` on numpy or torch int tensors.
 """
 
+import importlib.metadata as md
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -57,9 +59,7 @@ def artifact_name(kind: str) -> str:
 
 
 def _quiet_onnxruntime():
-    import logging
-
-    import onnxruntime
+    import onnxruntime  # in the body: slow to import, only needed here
 
     onnxruntime.set_default_logger_severity(3)  # errors only: no graph-optimizer chatter
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
@@ -100,7 +100,7 @@ def empty_weight_nodes(path) -> list:
     """Nodes that multiply by an empty weight: the attention of a layer that kept no head (0 rows/columns). ONNX
     Runtime's dynamic quantization turns them into garbage (scale of an empty tensor), so they stay fp32 (they
     compute nothing anyway)."""
-    import onnx
+    import onnx  # in the body: slow to import, only needed here
 
     graph = onnx.load(str(path)).graph
     empty = {t.name for t in graph.initializer if 0 in t.dims}
@@ -111,9 +111,7 @@ def quantize_int8(src, dst) -> None:
     """ONNX Runtime dynamic quantization: int8 weights with one scale per output channel (per tensor, the 20%-pruned
     MiniLM agreed with its fp32 source on 96.8% of the validation predictions, per channel on 98.7%, at the same
     speed), activations quantized per batch at run time."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # in the body: slow to import, only needed here
 
     _quiet_onnxruntime()
     root = logging.getLogger()
@@ -128,7 +126,8 @@ def quantize_int8(src, dst) -> None:
 
 def quantize_int4(src, dst, block_size: int = INT4_BLOCK) -> None:
     """ONNX Runtime weight-only 4-bit: every MatMul weight as `MatMulNBits`, one fp32 scale per block."""
-    import onnx
+    import onnx  # in the body: slow to import, only needed here
+    # in the body: slow to import, only needed here
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     _quiet_onnxruntime()
@@ -195,8 +194,6 @@ def file_mib(path) -> float:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     return {name: md.version(name) for name in ("onnx", "onnxruntime", "torch")}
 
 

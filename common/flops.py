@@ -18,7 +18,7 @@ SEQ_LEN = 128
 
 
 def _sdpa_flop_handle(inputs, outputs):
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import get_shape  # in the body: slow to import, only needed here
 
     q, k, v = (get_shape(x) for x in inputs[:3])
     *batch, length, head_dim = q
@@ -28,7 +28,7 @@ def _sdpa_flop_handle(inputs, outputs):
 def _analysis(model, seq_len: int, batch_size: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn import FlopCountAnalysis  # in the body: slow to import, only needed here
 
     device = next(model.parameters()).device
     input_ids = torch.full((batch_size, seq_len), 1000 % model.config.vocab_size, dtype=torch.long, device=device)

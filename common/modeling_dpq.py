@@ -1,4 +1,5 @@
-"""Loader for pruned and 4-bit BERT / DistilBERT classifiers: the project's one loader, and the code shipped with them.
+"""Loader for pruned and 4-bit classifiers: the project's one loader, the code shipped with them, and the one place
+that knows the model families (`FAMILIES`: BERT, DistilBERT, RoBERTa; a BERT-shaped family is one more entry).
 
 This file is SELF-CONTAINED: it imports only the standard library, torch and safetensors when imported,
 transformers when it builds or loads a model (importing this file stays cheap), huggingface_hub for Hub ids, and
@@ -10,8 +11,8 @@ Two roles
   quantize), `common.pruning` (the slicing) and `common.report` (fp32 twins) all build models with it.
 - `ship_code(folder)` copies this very file VERBATIM into a pruned or 4-bit model folder as `modeling_dpq.py` and
   adds `"auto_map": {"AutoModelForSequenceClassification": "modeling_dpq.DPQBertForSequenceClassification"}` (or
-  the DistilBERT class) to its config.json. Anyone with torch + transformers (+ bitsandbytes for 4-bit) can then
-  load the folder without this project:
+  the class of the folder's family) to its config.json. Anyone with torch + transformers (+ bitsandbytes for
+  4-bit) can then load the folder without this project:
 
       AutoModelForSequenceClassification.from_pretrained(folder_or_hub_id, trust_remote_code=True)
 
@@ -32,6 +33,11 @@ Loading (`build_model` + `load_folder`): the unpruned skeleton is built from the
 as empty placeholders where the config says 4-bit, and the saved state dict is loaded STRICTLY (no missing or
 unexpected keys; 4-bit codes are loaded as they are, never re-quantized). transformers' own weight loading is not
 used: it does not feed bnb placeholders through `_load_from_state_dict`.
+
+Families: `FAMILIES[model_type]` (a `Family`) names where a classifier keeps its blocks, word embeddings,
+hidden->hidden head layer and final classifier, and how its config names heads, hidden size, FFN width and layers;
+pruning, quantization, FLOPs, distillation and the report ask it (`family_of`, `config_sizes`, `encoder_layers`,
+`head_dense_name`, `classifier_name`, `word_embedding_name`) instead of testing for `model.bert`.
 
 Anatomy: a head is a block of rows of query/key/value and of columns of the attention-output Linear; the
 attention module's head count is updated (`num_attention_heads`/`all_head_size` for BERT, `n_heads` for
@@ -76,15 +82,64 @@ CODE_FILE = "modeling_dpq.py"  # the name this file has inside a model folder
 AUTO_CLASS = "AutoModelForSequenceClassification"
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# model_type -> (transformers class, the class of this file that loads such a folder)
-FAMILIES = {
-    "bert": ("BertForSequenceClassification", "DPQBertForSequenceClassification"),
-    "distilbert": ("DistilBertForSequenceClassification", "DPQDistilBertForSequenceClassification"),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Anatomy of BERT / DistilBERT blocks
+# Model families: everything the project knows about BERT vs DistilBERT (and BERT-shaped RoBERTa) is here
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's classifier keeps its parts (dotted module names) and how its config names the sizes."""
+
+    classifier_class: str  # transformers' sequence-classification class
+    remote_class: str  # the class of this file that loads a pruned / 4-bit folder of the family
+    encoder: str  # the module whose `.layer` lists the transformer blocks
+    word_embeddings: str
+    head_dense: str | None  # the hidden->hidden Linear before the final classifier (None: there is none)
+    classifier: str  # the final hidden->labels Linear (kept fp32 in 4-bit models)
+    heads_key: str = "num_attention_heads"  # config attributes: heads, hidden size, FFN width, layers
+    hidden_key: str = "hidden_size"
+    ffn_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+
+
+# model_type -> Family. A BERT-shaped family (blocks with `attention.self.query`..., `intermediate.dense`,
+# `output.dense`) needs only an entry here.
+FAMILIES = {
+    "bert": Family("BertForSequenceClassification", "DPQBertForSequenceClassification", encoder="bert.encoder",
+                   word_embeddings="bert.embeddings.word_embeddings", head_dense="bert.pooler.dense",
+                   classifier="classifier"),
+    "distilbert": Family("DistilBertForSequenceClassification", "DPQDistilBertForSequenceClassification",
+                         encoder="distilbert.transformer", word_embeddings="distilbert.embeddings.word_embeddings",
+                         head_dense="pre_classifier", classifier="classifier", heads_key="n_heads", hidden_key="dim",
+                         ffn_key="hidden_dim", layers_key="n_layers"),
+    "roberta": Family("RobertaForSequenceClassification", "DPQRobertaForSequenceClassification",
+                      encoder="roberta.encoder", word_embeddings="roberta.embeddings.word_embeddings",
+                      head_dense="classifier.dense", classifier="classifier.out_proj"),
+}
+
+
+def family_of(model_or_config) -> Family:
+    """The Family of a model, a config object or a config dict (by its `model_type`)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise TypeError(f"unsupported model_type {model_type!r} ({type(model_or_config).__name__}): expected one of "
+                        f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def config_sizes(config) -> dict:
+    """{"heads", "hidden", "ffn", "layers"} of the unpruned architecture, from a config object or dict."""
+    family = family_of(config)
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+    return {"heads": get(family.heads_key), "hidden": get(family.hidden_key), "ffn": get(family.ffn_key),
+            "layers": get(family.layers_key)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Anatomy of the transformer blocks (BERT-shaped or DistilBERT)
 
 
 @dataclass
@@ -102,31 +157,23 @@ class BlockParts:
 
 def encoder_module_name(model) -> str:
     """Dotted name of the module holding the transformer blocks."""
-    if hasattr(model, "bert"):
-        return "bert.encoder"
-    if hasattr(model, "distilbert"):
-        return "distilbert.transformer"
-    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
+    return family_of(model).encoder
 
 
 def encoder_layers(model) -> list:
-    """The transformer blocks of a BERT or DistilBERT classifier."""
-    if hasattr(model, "bert"):
-        return list(model.bert.encoder.layer)
-    if hasattr(model, "distilbert"):
-        return list(model.distilbert.transformer.layer)
-    raise TypeError(f"unsupported model class {type(model).__name__}: expected BERT or DistilBERT")
+    """The transformer blocks of a classifier of any family in FAMILIES."""
+    return list(model.get_submodule(encoder_module_name(model)).layer)
 
 
 def block_parts(layer) -> BlockParts:
-    if hasattr(layer, "intermediate"):  # BertLayer
+    if hasattr(layer, "intermediate"):  # BertLayer (and the BERT-shaped families: RobertaLayer, ...)
         sa = layer.attention.self
         return BlockParts(sa, sa.query, sa.key, sa.value, layer.attention.output.dense,
                           layer.intermediate.dense, layer.output.dense)
     if hasattr(layer, "ffn"):  # DistilBERT TransformerBlock
         sa = layer.attention
         return BlockParts(sa, sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin, layer.ffn.lin1, layer.ffn.lin2)
-    raise TypeError(f"unsupported transformer block {type(layer).__name__}: expected BERT or DistilBERT")
+    raise TypeError(f"unsupported transformer block {type(layer).__name__}: expected a BERT-shaped or DistilBERT block")
 
 
 def head_size(parts: BlockParts) -> int:
@@ -139,10 +186,8 @@ def num_heads(parts: BlockParts) -> int:
 
 def original_sizes(config) -> tuple:
     """(heads, head_size, ffn width, hidden size) of the unpruned architecture, from the config."""
-    if hasattr(config, "n_heads"):  # DistilBERT
-        return config.n_heads, config.dim // config.n_heads, config.hidden_dim, config.dim
-    return (config.num_attention_heads, config.hidden_size // config.num_attention_heads, config.intermediate_size,
-            config.hidden_size)
+    sizes = config_sizes(config)
+    return sizes["heads"], sizes["hidden"] // sizes["heads"], sizes["ffn"], sizes["hidden"]
 
 
 def get_layout(model) -> dict:
@@ -259,6 +304,14 @@ def shrink_to_layout(model, layout: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # bitsandbytes: saveable / loadable 4-bit and 8-bit modules (built lazily: importing this file never imports bnb)
+
+
+def quiet_transformers() -> None:
+    """transformers logs errors only (no warnings about unused weights or remote code) when the project loads."""
+    import transformers  # in the body: importing this file stays cheap
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def import_bitsandbytes():
@@ -399,12 +452,19 @@ def quant_classes():
 
 
 def head_dense_name(model) -> str | None:
-    """The hidden->hidden layer before the classifier: BERT's pooler dense, DistilBERT's pre_classifier."""
-    if hasattr(model, "distilbert"):
-        return "pre_classifier"
-    if getattr(model.bert, "pooler", None) is not None:
-        return "bert.pooler.dense"
-    return None
+    """The hidden->hidden layer before the classifier (BERT's pooler dense, DistilBERT's pre_classifier, RoBERTa's
+    classifier.dense); None when the model has none (a BERT built without pooler)."""
+    name = family_of(model).head_dense
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name
+
+
+def classifier_name(model) -> str:
+    """The final hidden->labels Linear."""
+    return family_of(model).classifier
 
 
 def encoder_linear_names(model) -> list:
@@ -418,7 +478,7 @@ def encoder_linear_names(model) -> list:
 
 
 def word_embedding_name(model) -> str:
-    return "bert.embeddings.word_embeddings" if hasattr(model, "bert") else "distilbert.embeddings.word_embeddings"
+    return family_of(model).word_embeddings
 
 
 def linear_targets(model, settings: dict) -> list:
@@ -512,17 +572,16 @@ def model_class_for(config, remote: bool = False):
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
         raise ValueError(f"unsupported model_type {family!r}: expected one of {', '.join(FAMILIES)}")
-    plain, remote_name = FAMILIES[family]
     if remote:
-        return dpq_model_classes()[remote_name]
-    return getattr(importlib.import_module("transformers"), plain)
+        return dpq_model_classes()[FAMILIES[family].remote_class]
+    return getattr(importlib.import_module("transformers"), FAMILIES[family].classifier_class)
 
 
 def build_model(config, model_class=None, attn_implementation: str | None = None):
     """The model a folder with this config holds, with its weights NOT loaded yet: unpruned skeleton (random init)
     -> shrunk to `config.dpq_layout` -> empty bnb placeholders where `config.dpq_quantization` says 4-bit/8-bit.
 
-    `model_class` defaults to transformers' own class of the config's family (BERT / DistilBERT classifier).
+    `model_class` defaults to transformers' own class of the config's family (`FAMILIES`).
     The model keeps `config` as its config object.
     """
     settings = getattr(config, QUANT_KEY, None)
@@ -555,7 +614,7 @@ def read_state_dict(folder) -> dict:
 def load_folder(folder, config=None, model_class=None, attn_implementation: str | None = None):
     """Load a local model folder (plain, pruned or 4-bit): `build_model`, then the saved state dict STRICTLY (no
     missing or unexpected keys). On CPU, in eval mode. `config` defaults to the folder's config.json."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # in the body: importing this file stays cheap
 
     folder = Path(folder)
     if config is None:
@@ -607,7 +666,7 @@ def _device_from_map(device_map):
 
 def load_pretrained(model_class, pretrained_model_name_or_path, *model_args, **kwargs):
     """`model_class.from_pretrained` for pruned / 4-bit folders (see the module docstring for the arguments)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # in the body: importing this file stays cheap
 
     if model_args:
         raise TypeError(f"{model_class.__name__}.from_pretrained takes no positional model arguments")
@@ -646,36 +705,28 @@ _MODEL_CLASSES = {}
 
 
 def dpq_model_classes() -> dict:
-    """{name: class} of DPQBertForSequenceClassification and DPQDistilBertForSequenceClassification: transformers'
+    """{name: class} of the DPQ classes of every family (DPQBertForSequenceClassification, ...): transformers'
     classifiers whose `from_pretrained` is `load_pretrained`. Built on first use, so that importing this file does
     not import transformers' model code (seconds); `modeling_dpq.DPQBertForSequenceClassification` (what
     `auto_map` names) builds them through the module `__getattr__` below."""
     if not _MODEL_CLASSES:
-        from transformers import BertForSequenceClassification, DistilBertForSequenceClassification
+        transformers = importlib.import_module("transformers")  # here: slow to import, only needed here
 
-        class DPQBertForSequenceClassification(BertForSequenceClassification):
-            """BertForSequenceClassification whose `from_pretrained` rebuilds pruned / 4-bit folders."""
+        def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+            return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
-            @classmethod
-            def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-                return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-
-        class DPQDistilBertForSequenceClassification(DistilBertForSequenceClassification):
-            """DistilBertForSequenceClassification whose `from_pretrained` rebuilds pruned / 4-bit folders."""
-
-            @classmethod
-            def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-                return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-
-        for cls in (DPQBertForSequenceClassification, DPQDistilBertForSequenceClassification):
-            cls.__qualname__ = cls.__name__  # found as `modeling_dpq.<name>` (pickle, repr)
-            _MODEL_CLASSES[cls.__name__] = cls
+        for family in FAMILIES.values():
+            base = getattr(transformers, family.classifier_class)
+            cls = type(family.remote_class, (base,), {
+                "__doc__": f"{family.classifier_class} whose `from_pretrained` rebuilds pruned / 4-bit folders.",
+                "__module__": __name__, "from_pretrained": classmethod(from_pretrained)})
+            _MODEL_CLASSES[cls.__name__] = cls  # found as `modeling_dpq.<name>` (pickle, repr)
     return _MODEL_CLASSES
 
 
 def __getattr__(name):
-    """PEP 562: `modeling_dpq.DPQBertForSequenceClassification` / `...DPQDistilBert...` (built on first access)."""
-    if name in ("DPQBertForSequenceClassification", "DPQDistilBertForSequenceClassification"):
+    """PEP 562: `modeling_dpq.DPQBertForSequenceClassification` (any family's DPQ class, built on first access)."""
+    if name in {family.remote_class for family in FAMILIES.values()}:
         return dpq_model_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -689,7 +740,7 @@ def auto_map_for(config) -> dict:
     family = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if family not in FAMILIES:
         raise ValueError(f"unsupported model_type {family!r}: expected one of {', '.join(FAMILIES)}")
-    return {AUTO_CLASS: f"{Path(CODE_FILE).stem}.{FAMILIES[family][1]}"}
+    return {AUTO_CLASS: f"{Path(CODE_FILE).stem}.{FAMILIES[family].remote_class}"}
 
 
 def ship_code(folder) -> Path:

@@ -1,8 +1,9 @@
-"""Structured pruning that physically removes attention heads and FFN neurons (BERT and DistilBERT).
+"""Structured pruning that physically removes attention heads and FFN neurons (every family in
+common.modeling_dpq.FAMILIES: BERT, DistilBERT, RoBERTa).
 
 Units
 - A head is sliced out of the query/key/value rows and the attention-output columns; the module's head
-  count is updated (`num_attention_heads`/`all_head_size` for BERT, `n_heads` for DistilBERT). The
+  count is updated (`num_attention_heads`/`all_head_size` for BERT-shaped blocks, `n_heads` for DistilBERT). The
   attention forward infers the head count from the tensor shape, so a layer may keep 0 heads: its
   attention block then outputs the output bias only, and the model still runs and trains.
 - An FFN neuron is a row of the first FFN Linear and a column of the second. Widths stay multiples of
@@ -47,16 +48,29 @@ way to the final sparsity (events placed where the cubic schedule crosses each o
 hands the callback a copy of the model at that point (a branch, e.g. for a short recovery on
 `partial_epoch_loader`); the run itself goes on from the un-recovered model.
 
+Training loop
+`gradual_prune` is `common.training.train` (the project's one loop, Accelerate) with the `GradualPruning` hook:
+importance accumulated by TaylorImportance's hooks during the ordinary backward passes, pruning events on the
+cubic schedule, and after each event "structure changed" (train rebuilds AdamW, the lr schedule and the DDP
+wrapper). Under several processes (torchrun) the importance is summed over the processes before ranking, so every
+process removes the same units.
+
 FLOPs follow common.flops (fvcore, one multiply-add = 1 FLOP, batch 1, sequence length 128). The per-unit
 costs below only rank units; every target check and reported number is measured with common.flops.
 """
 
+import copy
 import itertools
 import math
+import random
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from common.data import LengthGroupedSampler
 from common.flops import SEQ_LEN, measure_encoder_gflops
 from common.modeling import LAYOUT_KEY, encoder_layers
 # the block anatomy, head size / count and the slicing live in common/modeling_dpq.py (the loader shipped with every
@@ -66,6 +80,8 @@ from common.modeling_dpq import block_parts as _parts
 from common.modeling_dpq import get_layout, keep_ffn_neurons, keep_heads, kept_record, original_sizes, validate_layout
 from common.modeling_dpq import head_size as _head_size
 from common.modeling_dpq import num_heads as _num_heads
+from common.stage import logger
+from common.training import TrainHook, evaluate, train
 
 FFN_MULTIPLE = 32  # FFN widths stay multiples of gcd(original width, FFN_MULTIPLE)
 CRITERIA = ("fisher", "abs")  # per-example gate gradient squared (default) or absolute
@@ -75,19 +91,9 @@ CRITERIA = ("fisher", "abs")  # per-example gate gradient squared (default) or a
 # Model anatomy (the rest is in common.modeling_dpq)
 
 
-def _original_sizes(model):
-    """(heads, head_size, ffn width, hidden size) of the unpruned architecture, from the config."""
-    return original_sizes(model.config)
-
-
 def ffn_granularity(original_width: int, multiple: int = FFN_MULTIPLE) -> int:
     """FFN widths stay multiples of this: 32 whenever the original width is a multiple of 32."""
     return math.gcd(original_width, multiple)
-
-
-def _kept(layer, original_heads: int, original_ffn: int) -> dict:
-    """Original indices of the units a layer still has (bookkeeping stored on the layer module)."""
-    return kept_record(layer, original_heads, original_ffn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ def remove_ffn_neurons(model, layer_idx: int, neurons) -> None:
     keep = _keep_index(width, neurons)
     if len(keep) == width:
         return
-    _, _, of, _ = _original_sizes(model)
+    _, _, of, _ = original_sizes(model.config)
     g = ffn_granularity(of)
     if len(keep) % g:
         raise ValueError(f"layer {layer_idx}: FFN width {len(keep)} is not a multiple of {g}")
@@ -148,7 +154,7 @@ def _write_layout(model) -> None:
 
 
 def is_pruned(model) -> bool:
-    oh, _, of, _ = _original_sizes(model)
+    oh, _, of, _ = original_sizes(model.config)
     layout = get_layout(model)
     return any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"])
 
@@ -170,10 +176,10 @@ def apply_layout(model, layout: dict) -> None:
 
 def kept_units(model) -> dict:
     """Original indices kept: {"heads": [[...] per layer], "ffn": [[...] per layer]} (for metadata)."""
-    oh, _, of, _ = _original_sizes(model)
+    oh, _, of, _ = original_sizes(model.config)
     out = {"heads": [], "ffn": []}
     for layer in encoder_layers(model):
-        kept = _kept(layer, oh, of)
+        kept = kept_record(layer, oh, of)
         out["heads"].append(list(kept["heads"]))
         out["ffn"].append(list(kept["ffn"]))
     return out
@@ -189,7 +195,7 @@ def unit_flops(model, seq_len: int = SEQ_LEN) -> dict:
     head: q, k, v projections (3 L H d) + attention output (L d H) + Q K^T and P V (2 L^2 d);
     neuron: one row of the first FFN Linear and one column of the second (2 L H).
     """
-    _, d, _, hidden = _original_sizes(model)
+    _, d, _, hidden = original_sizes(model.config)
     n = len(encoder_layers(model))
     head = 4 * seq_len * hidden * d + 2 * seq_len * seq_len * d
     neuron = 2 * seq_len * hidden
@@ -208,9 +214,10 @@ class TaylorImportance:
     imp.heads[layer][h], imp.ffn[layer][n]    # sum over examples of (dL/d gate)^2 (current numbering)
 
     dL/d gate is per example: the loss must be a mean over the batch (it is rescaled by the batch size).
-    criterion "fisher" sums its square, "abs" its absolute value (see the module docstring). Hooks sit on the attention-output and second FFN Linear of every layer (module objects survive
-    physical pruning); call `reset()` after a structural change (indices shift) to start a new estimate.
-    Forward passes without grad (evaluation) contribute nothing.
+    criterion "fisher" sums its square, "abs" its absolute value (see the module docstring). Hooks sit on the
+    attention-output and second FFN Linear of every layer (module objects survive physical pruning); call `reset()`
+    after a structural change (indices shift) to start a new estimate. Forward passes without grad (evaluation)
+    contribute nothing. Under several processes `all_reduce(accelerator)` sums the scores of all of them.
     """
 
     def __init__(self, model, criterion: str = "fisher"):
@@ -218,7 +225,6 @@ class TaylorImportance:
             raise ValueError(f"unknown importance criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
         self.model = model
         self.criterion = criterion
-        self.enabled = True
         self._handles = []
         for i, layer in enumerate(encoder_layers(model)):
             p = _parts(layer)
@@ -236,7 +242,7 @@ class TaylorImportance:
     def _hook(self, kind: str, layer_idx: int, parts: _Parts):
         def pre_hook(module, args):
             x = args[0]
-            if not (self.enabled and torch.is_grad_enabled() and x.requires_grad) or x.shape[-1] == 0:
+            if not (torch.is_grad_enabled() and x.requires_grad) or x.shape[-1] == 0:
                 return None
             saved = x.detach()
             if kind == "ffn" and layer_idx == 0:  # every layer keeps FFN neurons: count examples once
@@ -256,10 +262,18 @@ class TaylorImportance:
 
         return pre_hook
 
-    def scores(self) -> dict:
-        """{"heads": [list per layer], "ffn": [list per layer]} as plain floats (mean per example)."""
-        n = max(self.examples, 1)
-        return {"heads": [(h / n).tolist() for h in self.heads], "ffn": [(f / n).tolist() for f in self.ffn]}
+    def all_reduce(self, accelerator) -> None:
+        """Sum the scores (and example counts) over every process, so that all of them rank the same units; a no-op
+        on one process."""
+        if accelerator.num_processes == 1:
+            return
+        flat = torch.cat([*self.heads, *self.ffn, torch.tensor([self.examples], dtype=torch.float64,
+                                                                device=self.heads[0].device)])
+        flat = accelerator.reduce(flat, reduction="sum")
+        sizes = [len(t) for t in (*self.heads, *self.ffn)]
+        parts = list(flat[:-1].split(sizes))
+        self.heads, self.ffn = parts[:len(self.heads)], parts[len(self.heads):]
+        self.examples = int(flat[-1].item())
 
     def close(self) -> None:
         for handle in self._handles:
@@ -349,7 +363,7 @@ def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int
     layout = get_layout(model)
     if [len(h) for h in heads_imp] != layout["heads"] or [len(f) for f in ffn_imp] != layout["ffn"]:
         raise ValueError("importance does not match the model's current layout (reset it after pruning)")
-    _, _, of, _ = _original_sizes(model)
+    _, _, of, _ = original_sizes(model.config)
     g = ffn_granularity(of)
     cost = unit_flops(model, seq_len)
     candidates = []
@@ -425,12 +439,10 @@ def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: in
 def reachable_sparsity(model, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -> float:
     """The largest encoder-GFLOPs sparsity pruning can reach (every head and all but `min_ffn_blocks` FFN
     blocks per layer removed), measured on a copy."""
-    import copy
-
     shell = copy.deepcopy(model)
     before = measure_encoder_gflops(shell, seq_len)
     layout = get_layout(shell)
-    _, _, of, _ = _original_sizes(shell)
+    _, _, of, _ = original_sizes(shell.config)
     keep = ffn_granularity(of) * min_ffn_blocks
     for i, (h, w) in enumerate(zip(layout["heads"], layout["ffn"])):
         remove_heads(shell, i, range(h))
@@ -528,8 +540,12 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     sparsity target of each follows the cubic schedule. Taylor importance is accumulated on the training
     batches since the previous event (under `loss_fn`), units go by importance per FLOP (prune_to_target),
     then the importance is reset and AdamW and the lr schedule (linear warmup and decay over the whole
-    run) are rebuilt for the new parameters. Held-out accuracy is measured after every event. Runs on one
-    device (a structural change would have to rebuild any data-parallel wrapper).
+    run) are rebuilt for the new parameters. Held-out accuracy is measured after every event.
+
+    This is `common.training.train` (the one training loop) with a `GradualPruning` hook, no held-out model
+    selection. Under several processes (torchrun) each process trains on its share of the batches, the importance
+    scores are summed across processes before ranking, so every process removes the same units, and the model is
+    prepared again (DDP rebuilt) after every event.
 
     Frontier: `milestones` (sparsities up to `target_sparsity`) get events of their own that hit them exactly
     (`pruning_schedule`); right after each, `on_milestone(step, target, branch, run)` is called with `branch` a
@@ -538,98 +554,120 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     restored after the callback, so the main run continues from the un-recovered model exactly as it would
     without branches.
     """
-    import copy
-    import time
-
-    from tqdm.auto import tqdm
-
-    from common.stage import logger
-    from common.training import evaluate, linear_schedule, make_accelerator, make_optimizer
-
     started = time.time()
-    device = make_accelerator().device
-    model.to(device)
-    base = base_encoder_gflops or measure_encoder_gflops(model, seq_len)
-    total = len(train_loader) * epochs
-    events = pruning_schedule(total, prune_steps * epochs, target_sparsity, end_fraction, milestones)
-    branch_at = set(milestones) if on_milestone else set()
-    warmup = math.ceil(total * warmup_ratio)
-    run = PruneRun(base_encoder_gflops=base)
+    hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
+                          end_fraction=end_fraction, seq_len=seq_len, base_encoder_gflops=base_encoder_gflops,
+                          criterion=criterion, milestones=milestones, on_milestone=on_milestone, desc=desc,
+                          data_epoch=getattr(train_loader.batch_sampler, "epoch", 0))
+    train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
+          warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
+    # every event ran: the measured sparsity reached the schedule's final target
+    hook.run.wall_time_s = round(time.time() - started, 1)
+    return hook.run
 
-    def record(step, target, removed=None):
-        gflops = measure_encoder_gflops(model, seq_len)
-        accuracy = evaluate(model, heldout_loader)
+
+class GradualPruning(TrainHook):
+    """The pruning schedule as a `common.training.train` hook (see `gradual_prune`, which is how it is used).
+
+    on_start: measure the base GFLOPs, place the events (`pruning_schedule` over the loop's steps), record step 0 and
+    attach TaylorImportance to the model. on_step: keep a loss record every 50 steps; at an event, sum the importance
+    across processes, prune to the event's target (`prune_to_target`), reset the importance, record the event, hand
+    a milestone's branch to `on_milestone`, and report that the structure changed (train rebuilds AdamW, the lr
+    schedule and the DDP wrapper). on_end: detach the importance hooks.
+    """
+
+    def __init__(self, heldout_loader, *, target_sparsity: float, prune_steps: int, end_fraction: float = 0.8,
+                 seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
+                 milestones=(), on_milestone=None, desc: str = "prune", data_epoch: int = 0):
+        self.heldout_loader = heldout_loader
+        self.data_epoch = data_epoch
+        self.target_sparsity, self.prune_steps, self.end_fraction = target_sparsity, prune_steps, end_fraction
+        self.seq_len, self.base, self.criterion = seq_len, base_encoder_gflops, criterion
+        self.milestones, self.on_milestone, self.desc = tuple(milestones), on_milestone, desc
+        self.branch_at = set(milestones) if on_milestone else set()
+        self.run = PruneRun()
+        self.importance = None
+        self.pending = []
+        self.last_entry = None
+        self.running_loss = None  # moving average over the whole run (train's restarts every epoch)
+
+    def on_start(self, loop) -> None:
+        # The loop this hook replaced iterated the raw DataLoader, whose shuffle goes on from the epochs earlier runs
+        # drew on it (a sweep's later targets); Accelerate's loader restarts at epoch 0 unless told: go on as before.
+        loop.loader.set_epoch(self.data_epoch)
+        model = loop.unwrapped
+        self.base = self.base or measure_encoder_gflops(model, self.seq_len)
+        self.run.base_encoder_gflops = self.base
+        self.pending = pruning_schedule(loop.total_steps, self.prune_steps, self.target_sparsity, self.end_fraction,
+                                        self.milestones)
+        self.record(model, 0, 0.0)
+        self.importance = TaylorImportance(model, self.criterion)
+
+    def on_epoch_start(self, loop) -> None:
+        # One number drawn from torch's global RNG per epoch, as the loop this hook replaced did (creating its progress
+        # bar over the raw DataLoader drew one): dropout then gets the same masks as before, so a seed gives the same
+        # pruning run, numbers included, as in the README's measured results.
+        torch.empty((), dtype=torch.int64).random_()
+
+    def on_step(self, loop) -> bool:
+        changed = False
+        self.last_entry = None
+        self.running_loss = (loop.loss if self.running_loss is None
+                             else 0.98 * self.running_loss + 0.02 * loop.loss)
+        if self.pending and loop.step >= self.pending[0][0]:  # one event per step (pruning_schedule)
+            _, target = self.pending.pop(0)
+            self.prune(loop, target)
+            changed = True
+        if loop.step % 50 == 0 or loop.step == loop.total_steps:
+            self.run.history.append({"step": loop.step, "loss": round(self.running_loss, 5)})
+        return changed
+
+    def prune(self, loop, target: float) -> None:
+        model = loop.unwrapped
+        self.importance.all_reduce(loop.accelerator)  # every process ranks the same (summed) scores
+        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len)
+        self.importance.reset()
+        self.last_entry = self.record(model, loop.step, target, removed)
+        if target in self.branch_at:
+            self.importance.close()  # the copy must not carry hooks that feed this run's importance
+            branch = copy.deepcopy(model)
+            self.importance = TaylorImportance(model, self.criterion)
+            state = _rng_state()
+            branch_started = time.time()
+            self.on_milestone(loop.step, target, branch, self.run)
+            del branch
+            _set_rng_state(state)
+            self.run.milestones.append({"step": loop.step, "sparsity_target": target,
+                                        "branch_s": round(time.time() - branch_started, 1)})
+
+    def on_end(self, loop) -> None:
+        if self.importance is not None:
+            self.importance.close()
+
+    def postfix(self, loop):
+        if self.last_entry is None:
+            return {"loss": f"{self.running_loss:.4f}", "lr": f"{loop.scheduler.get_last_lr()[0]:.1e}"}
+        return {"loss": f"{self.running_loss:.4f}", "sparsity": f"{self.last_entry['sparsity']:.3f}"}
+
+    def record(self, model, step, target, removed=None) -> dict:
+        gflops = measure_encoder_gflops(model, self.seq_len)
+        accuracy = evaluate(model, self.heldout_loader)
         entry = {"step": step, "sparsity_target": round(target, 5), "encoder_gflops": round(gflops, 6),
-                 "sparsity": round(1 - gflops / base, 5), "heldout_accuracy": round(accuracy, 5),
+                 "sparsity": round(1 - gflops / self.base, 5), "heldout_accuracy": round(accuracy, 5),
                  "parameters": sum(p.numel() for p in model.parameters()), "layout": get_layout(model)}
         if removed is not None:
             entry["removed_heads"] = {str(k): v for k, v in removed["removed_heads"].items()}
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
-        if target in branch_at:
+        if target in self.branch_at:
             entry["milestone"] = True
-        run.trajectory.append(entry)
-        logger.info(f"[{desc}] step {step}: target {target:.3f}, measured sparsity {entry['sparsity']:.3f} "
+        self.run.trajectory.append(entry)
+        logger.info(f"[{self.desc}] step {step}: target {target:.3f}, measured sparsity {entry['sparsity']:.3f} "
                     f"({gflops:.4f} encoder GFLOPs), heads {entry['layout']['heads']}, "
                     f"FFN {entry['layout']['ffn']}, held-out accuracy {accuracy:.4f}")
         return entry
 
-    record(0, 0.0)
-    optimizer = make_optimizer(model, lr, weight_decay)
-    scheduler = linear_schedule(optimizer, total, warmup)
-    importance = TaylorImportance(model, criterion)
-    pending = list(events)
-    step, running = 0, None
-    try:
-        for epoch in range(epochs):
-            model.train()
-            bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
-            for batch in bar:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = loss_fn(model, batch)
-                loss.backward()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                if pending and step >= pending[0][0]:  # one event per step (pruning_schedule)
-                    _, target = pending.pop(0)
-                    removed = prune_to_target(model, importance, (1 - target) * base, seq_len)
-                    importance.reset()
-                    optimizer = make_optimizer(model, lr, weight_decay)
-                    scheduler = linear_schedule(optimizer, total, warmup, start_step=step)
-                    entry = record(step, target, removed)
-                    if target in branch_at:
-                        importance.close()  # the copy must not carry hooks that feed this run's importance
-                        branch = copy.deepcopy(model)
-                        importance = TaylorImportance(model, criterion)
-                        state = _rng_state()
-                        branch_started = time.time()
-                        on_milestone(step, target, branch, run)
-                        del branch
-                        _set_rng_state(state)
-                        run.milestones.append({"step": step, "sparsity_target": target,
-                                               "branch_s": round(time.time() - branch_started, 1)})
-                    model.train()
-                    bar.set_postfix(loss=f"{running:.4f}", sparsity=f"{entry['sparsity']:.3f}")
-                else:
-                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-                if step % 50 == 0 or step == total:
-                    run.history.append({"step": step, "loss": round(running, 5)})
-    finally:
-        importance.close()
-    # every event ran: the measured sparsity reached the schedule's final target
-    run.wall_time_s = round(time.time() - started, 1)
-    return run
-
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -637,10 +675,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -657,8 +691,6 @@ class PartialEpoch:
     fraction of an epoch. Same batches (same seed) for every model given the same budget."""
 
     def __init__(self, lengths, batch_size: int, n_batches: int, seed: int):
-        from common.data import LengthGroupedSampler
-
         self.sampler = LengthGroupedSampler(lengths, batch_size, shuffle=True, seed=seed)
         self.batch_size = batch_size
         self.n_batches = max(1, min(n_batches, len(self.sampler)))
@@ -673,8 +705,6 @@ class PartialEpoch:
 def partial_epoch_loader(train_loader, fraction: float, seed: int):
     """A loader over `fraction` of an epoch of `train_loader`'s data (at least one batch), shuffled with `seed`:
     the short recovery of a frontier branch (and of the baseline at the same target: same seed, same batches)."""
-    from torch.utils.data import DataLoader
-
     dataset = train_loader.dataset
     batch_size = train_loader.batch_sampler.batch_size
     n_batches = math.ceil(fraction * len(train_loader))

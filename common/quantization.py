@@ -23,10 +23,10 @@ not FLOPs. With compute_dtype float32 the per-forward dequantization costs ~2% a
 MiniLM-sized layers; bfloat16 (bnb's usual `bnb_4bit_compute_dtype`) makes the matmuls themselves faster on CPUs
 with AVX512-BF16 and on GPUs (`resolve_compute_dtype("auto", device)` picks it where it is native).
 
-CPU trap (docs/stack-notes.md): on CPUs with AVX512-BF16, bnb's `Linear4bit` repacks its weight on the first eval
-forward; that path is ~2x slower than fp32, needs out_features divisible by 32, and a checkpoint saved afterwards
-is corrupted. Every 4-bit layer made here has `support_avx512bf16_for_cpu = False` (`check_quantized` verifies
-it, `save_quantized` refuses a repacked weight), so save -> reload is bit-exact.
+CPU trap (../shared/docs/stack-notes.md): on CPUs with AVX512-BF16, bnb's `Linear4bit` repacks its weight on the
+first eval forward; that path is ~2x slower than fp32, needs out_features divisible by 32, and a checkpoint saved
+afterwards is corrupted. Every 4-bit layer made here has `support_avx512bf16_for_cpu = False` (`check_quantized`
+verifies it, `save_quantized` refuses a repacked weight), so save -> reload is bit-exact.
 
 Devices: the same code runs on CUDA. `quantize_model` quantizes on the device the model is on (bnb quantizes a
 weight when it is moved with `.to(device)`); a loaded or quantized model moves with `model.to("cuda")`.
@@ -48,14 +48,17 @@ that. They live in common/modeling_dpq.py (`quant_classes()`, re-exported here) 
 placeholders) use.
 """
 
+import importlib.metadata as md
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from common.modeling_dpq import (COMPUTE_DTYPES, encoder_linear_names, head_dense_name,  # noqa: F401 (re-exported)
-                                  import_bitsandbytes as _bnb, linear_targets as _linear_targets, load_folder,
-                                  quant_classes, ship_code, swap_in_quantized_modules as _swap_in_quantized_modules,
+from common.modeling_dpq import (COMPUTE_DTYPES, QUANT_KEY, classifier_name,  # noqa: F401 (re-exported)
+                                  encoder_linear_names, head_dense_name, import_bitsandbytes as _bnb,
+                                  linear_targets as _linear_targets, load_folder, quant_classes, quiet_transformers,
+                                  ship_code, swap_in_quantized_modules as _swap_in_quantized_modules,
                                   word_embedding_name)
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -72,8 +75,6 @@ WEIGHTS_NAME = "model.safetensors"
 def make_settings(quant_type="nf4", double_quant=False, compute_dtype=torch.float32, embedding_bits=8,
                   quantize_head=True, blocksize=BLOCKSIZE) -> dict:
     """The JSON record stored as `config.dpq_quantization`; `load_quantized` rebuilds the model from it."""
-    import importlib.metadata as md
-
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type {quant_type!r}: use one of {QUANT_TYPES}")
     if embedding_bits not in EMBEDDING_BITS:
@@ -123,8 +124,6 @@ def quantize_model(model, quant_type="nf4", double_quant=False, compute_dtype=to
     (`embedding_bits`, 32 = leave fp32); the classifier and everything else stay fp32. The settings are recorded
     in `model.config.dpq_quantization`. The model is left in eval mode (4-bit layers are for inference).
     """
-    from common.modeling import QUANT_KEY
-
     if getattr(model.config, QUANT_KEY, None):
         raise ValueError("this model is already quantized")
     settings = make_settings(quant_type, double_quant, compute_dtype, embedding_bits, quantize_head, blocksize)
@@ -143,8 +142,6 @@ def quantize_model(model, quant_type="nf4", double_quant=False, compute_dtype=to
 
 def check_quantized(model) -> None:
     """Raise if a target Linear is not 4-bit, the classifier is not full precision, or a layer can repack on CPU."""
-    from common.modeling import QUANT_KEY
-
     bnb = _bnb()
     settings = getattr(model.config, QUANT_KEY, None)
     if not settings:
@@ -161,7 +158,7 @@ def check_quantized(model) -> None:
                 problems.append(f"{name}: weight not quantized")
         elif not (isinstance(module, nn.Linear) and module.weight.numel() == 0):
             problems.append(f"{name}: {type(module).__name__}, expected a 4-bit Linear4bit")
-    classifier = model.classifier
+    classifier = model.get_submodule(classifier_name(model))
     if type(classifier) is not nn.Linear or classifier.weight.dtype not in (torch.float32, torch.float16,
                                                                               torch.bfloat16):
         problems.append(f"classifier: {type(classifier).__name__} {classifier.weight.dtype}, expected full precision")
@@ -175,8 +172,6 @@ def _tensor_bytes(tensors) -> int:
 
 def precision_map(model) -> dict:
     """Per part of the model: how many weights it represents, how it is stored, and its bytes in the state dict."""
-    from common.modeling import QUANT_KEY
-
     bnb = _bnb()
     settings = getattr(model.config, QUANT_KEY)
     state = model.state_dict()
@@ -198,6 +193,7 @@ def precision_map(model) -> dict:
 
     head = head_dense_name(model)
     embedding = word_embedding_name(model)
+    classifier = classifier_name(model)
     def weight_keys(name):  # the weight and its quantization statistics (`weight.absmax`, `weight.SCB`, ...)
         return [k for k in state if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]
 
@@ -212,7 +208,7 @@ def precision_map(model) -> dict:
     for key, tensor in state.items():
         if key in done or tensor.numel() == 0:  # empty: a block whose heads were all pruned
             continue
-        if key.startswith("classifier."):
+        if key.startswith(classifier + "."):
             part = "classifier"
         elif "LayerNorm" in key or "layer_norm" in key:
             part = "layer_norms"
@@ -237,8 +233,6 @@ def precision_map(model) -> dict:
 def save_quantized(model, tokenizer, folder) -> int:
     """Write a self-contained quantized folder (config with auto_map + model.safetensors + tokenizer +
     modeling_dpq.py); return weight bytes."""
-    from safetensors.torch import save_file
-
     check_quantized(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -256,9 +250,7 @@ def load_quantized(folder, device=None):
     """Rebuild a folder written by `save_quantized` with the one loader (`common.modeling_dpq.load_folder`: skeleton
     from config -> pruned layout -> quantized placeholders -> the saved 4-bit state, loaded strictly and exactly),
     then `check_quantized`. Eval mode, on CPU unless `device` is given."""
-    from transformers import AutoConfig
-
-    from common.modeling import QUANT_KEY, quiet_transformers
+    from transformers import AutoConfig  # in the body: slow to import, only needed here
 
     quiet_transformers()
     folder = Path(folder)

@@ -23,6 +23,7 @@ import platform
 import random
 import re
 import statistics
+import textwrap
 import time
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -31,12 +32,17 @@ from pathlib import Path
 
 import torch
 
+from common.data import DataError, encode, make_loader, read_glue_tsv
+from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
 from common.flops import FLOPS_CONVENTION, count_flops
 from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
+from common.modeling_dpq import FAMILIES, build_model, get_layout, original_sizes
 from common.paths import (PRUNED_NAME_RE, REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS, STUDENT_SEED_RE, parse_pruned_name,
                           stage_of_folder, without_seed)
 from common.stage import (METADATA, StageError, describe_stale, git_commit, json_dump, library_versions,
                           read_metadata, rerun_commands, resolve_upstream, stale_reasons)
+from common.stats import accuracy_interval, describe_difference, paired_comparison, seed_spread
+from common.training import predict_logits
 
 logger = logging.getLogger("dpq")
 
@@ -163,20 +169,18 @@ def folder_status(folder: Path):
 
 
 def architecture(model) -> dict:
-    """Layers, attention heads kept and FFN neurons kept, counted from the modules by common.pruning.get_layout
-    (BERT or DistilBERT, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
-    from common.pruning import get_layout
-
+    """Layers, attention heads kept and FFN neurons kept, counted from the modules by common.modeling_dpq.get_layout
+    (any family, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
     layout = get_layout(model)
-    config = model.config
+    _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model; slicing keeps the head size
     return {
         "layers": len(layout["heads"]),
         "heads": sum(layout["heads"]),
         "ffn_neurons": sum(layout["ffn"]),
         "heads_per_layer": layout["heads"],
         "ffn_per_layer": layout["ffn"],
-        "hidden_size": config.hidden_size,
-        "head_dim": config.hidden_size // config.num_attention_heads,  # of the unpruned model; slicing keeps it
+        "hidden_size": hidden,
+        "head_dim": head_dim,
     }
 
 
@@ -204,8 +208,9 @@ def is_4bit(model) -> bool:
 # GFLOPs (a 4-bit model is counted through its fp32 twin)
 
 
-SAME_SHAPE_KEYS = ("model_type", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads",
-                   "n_heads", "intermediate_size", "hidden_dim", LAYOUT_KEY)
+# the config entries that fix a model's shape, in every family's names (common.modeling_dpq.FAMILIES)
+SAME_SHAPE_KEYS = ("model_type", *sorted({getattr(f, k) for f in FAMILIES.values()
+                                          for k in ("hidden_key", "layers_key", "heads_key", "ffn_key")}), LAYOUT_KEY)
 
 
 FIT_LENGTHS = (8, 16, 32, 48, 12, 24)  # sequence lengths traced to get a model's FLOPs as a function of length
@@ -290,9 +295,7 @@ def rebuild_fp32_twin(folder: Path):
 
     Built by the one loader's `common.modeling_dpq.build_model` with the quantization settings removed from the
     config: unpruned skeleton shrunk to the folder's `dpq_layout`, no weights loaded."""
-    from transformers import AutoConfig
-
-    from common.modeling_dpq import build_model
+    from transformers import AutoConfig  # in the body: transformers is slow to import
 
     config = AutoConfig.from_pretrained(str(folder))
     for key in (QUANT_KEY, "quantization_config"):
@@ -392,8 +395,6 @@ def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
 
 def load_eval_files(paths) -> dict:
     """Read and validate every --eval-file before any model is loaded: {path as given: rows}."""
-    from common.data import DataError, read_glue_tsv
-
     rows = {}
     for path in paths:
         if not Path(path).is_file():
@@ -406,8 +407,6 @@ def load_eval_files(paths) -> dict:
 
 def eval_loader(tokenizer, rows, batch_size: int, max_length: int):
     """`rows` [(sentence, label)] through the project's data code: (loader, tokenized lengths)."""
-    from common.data import encode, make_loader
-
     encoded = encode(tokenizer, rows, max_length=max_length)
     loader = make_loader(encoded, batch_size, shuffle=False, pad_id=tokenizer.pad_token_id or 0)
     return loader, [len(ids) for ids in encoded.input_ids]
@@ -415,9 +414,6 @@ def eval_loader(tokenizer, rows, batch_size: int, max_length: int):
 
 def correct_on(runner, loader) -> list:
     """Per sentence (dataset order): did the model (PyTorch, or an ONNX classifier) predict its label?"""
-    from common.export import OnnxClassifier, onnx_predict_logits
-    from common.training import predict_logits
-
     logits = onnx_predict_logits(runner, loader) if isinstance(runner, OnnxClassifier) else predict_logits(runner,
                                                                                                            loader)
     return (logits.argmax(-1) == loader.dataset.labels).tolist()
@@ -482,8 +478,6 @@ def pruning_fields(name: str, meta: dict) -> dict:
 def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, settings: dict) -> dict:
     """Accuracy (with its 95% bootstrap interval and per-sentence correctness), accuracy on each extra file,
     and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others."""
-    from common.stats import accuracy_interval
-
     correct = correct_on(runner, loader)
     interval = accuracy_interval(correct, seed=settings["seed"])
     record = {
@@ -509,8 +503,6 @@ def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, setti
 
 def exported(folder, notes: list) -> dict:
     """{artifact: path} of the ONNX exports a folder ships; an unreadable export becomes a note, not a crash."""
-    from common.export import ExportError, exported_artifacts
-
     try:
         return exported_artifacts(folder)
     except ExportError as err:
@@ -553,8 +545,6 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
                                  size_bytes=weight_bytes(folder), file="model*.safetensors")}
     for artifact, path in exported(folder, notes).items():
-        from common.export import OnnxClassifier
-
         runner = OnnxClassifier(path, threads=torch.get_num_threads())
         artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed_inputs, settings),
                                    runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
@@ -720,8 +710,6 @@ def artifact_label(name: str, artifact: str) -> str:
 def comparisons(models: dict, eval_files, seed: int) -> list:
     """Each pair on SST-2 validation and on every extra eval file: paired difference in points with its 95%
     paired-bootstrap interval, disagreement counts and the exact McNemar p (common.stats)."""
-    from common.stats import describe_difference, paired_comparison
-
     out = []
     for kind, (a, art_a), (b, art_b) in comparison_pairs(models):
         ra, rb = models[a]["artifacts"][art_a], models[b]["artifacts"][art_b]
@@ -766,8 +754,6 @@ def _source_record(name: str, models: dict) -> dict:
 
 
 def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
-    from common.stats import paired_comparison
-
     result = paired_comparison(from_bits(models[a]["artifacts"]["pytorch"]["correct"]),
                                from_bits(models[b]["artifacts"]["pytorch"]["correct"]), seed=seed)
     return {"model": a, "reference": b, "seed": models[a].get("seed"),
@@ -783,8 +769,6 @@ def seed_groups(models: dict, seed: int) -> dict:
     (common.stats.seed_spread) next to each member's 95% bootstrap interval over sentences; mean GFLOPs, GFLOPs
     cut against the student, size and latency; and for pruned groups every member paired against the student of
     its precision (SEED_CONVENTION)."""
-    from common.stats import seed_spread
-
     student = STAGE_FOLDERS["student"]
     members = {}
     for name, r in models.items():
@@ -1085,7 +1069,7 @@ def _labelled(name: str) -> bool:
 
 
 def _scale_x(ax, xs) -> None:
-    import matplotlib.ticker
+    import matplotlib.ticker  # in the body: matplotlib is slow to import and only the chart needs it
 
     xspan = (max(xs) - min(xs)) or max(xs) or 1.0
     if min(xs) > 0 and max(xs) / min(xs) > 3:  # teacher far right: a log axis keeps the pruned points apart
@@ -1197,7 +1181,7 @@ def _place_labels(ax, fig, items):
 
 
 def matplotlib_bbox(x0, y0, x1, y1):
-    from matplotlib.transforms import Bbox
+    from matplotlib.transforms import Bbox  # in the body: matplotlib is slow to import (chart only)
 
     return Bbox([[x0, y0], [x1, y1]])
 
@@ -1207,11 +1191,11 @@ def plot_report(report: dict, path) -> None:
     disk, circle = fp32, diamond = 4-bit; frontier lines for ours and the magnitude baseline, fp32 solid, 4-bit
     dashed; thin bars = 95% bootstrap interval over sentences, thick capped bars = +-1 s.d. across seeds).
     Bottom: per-model size and latency bars."""
-    import matplotlib
+    import matplotlib  # in the body: matplotlib is slow to import and only the chart needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    import matplotlib.pyplot as plt  # (matplotlib: chart only, see above)
+    from matplotlib.lines import Line2D  # (matplotlib: chart only)
 
     models = report["models"]
     groups = report.get("seed_groups") or seed_groups(models, report["run"]["latency"]["seed"])
@@ -1344,8 +1328,6 @@ def plot_report(report: dict, path) -> None:
 
 
 def _wrap(text: str, width: int) -> str:
-    import textwrap
-
     return "\n".join(textwrap.wrap(text, width))
 
 

@@ -17,8 +17,15 @@ from, directly or through its upstream folders, was rebuilt, removed or (the dat
 
 Logging: `setup_logging()` (called when a stage starts) logs to the console at once; lines logged while no stage
 folder is open are kept and written at the top of the `stage.log` of every folder the run opens afterwards.
+
+Several processes (`torchrun --nproc_per_node N <stage>`): every process runs the whole stage, but only the main
+one (`is_main_process()`, rank 0 from the `RANK` variable the launcher sets) writes: the others get a throwaway
+temporary folder from `stage_output` (no lock, no metadata, no cleaning of leftovers) and log warnings only. With
+`DPQ_PROCESS_RECORDS=<folder>` each process writes what its main() returned to `<folder>/rank<R>.json`.
 """
 
+import fcntl
+import importlib.metadata as md
 import json
 import logging
 import os
@@ -28,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -37,6 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import ConfigError
+from common.data import DataError, check_prepared, current_data_sha256, data_sha256
+from common.export import ExportError
 from common.paths import REPO_ROOT, STAGE_SCRIPTS, models_root, stage_of_folder
 
 METADATA = "metadata.json"
@@ -46,6 +57,20 @@ logger = logging.getLogger("dpq")
 
 class StageError(RuntimeError):
     """A precondition of a stage is not met; the message says which stage to run or what to fix."""
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process run (`RANK`, set by torchrun and accelerate launch); 0 when alone."""
+    return int(os.environ.get("RANK") or 0)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes folders, caches and logs: the only one when run alone, rank 0 under torchrun."""
+    return process_rank() == 0
 
 
 def set_seed(seed: int) -> None:
@@ -113,6 +138,8 @@ def _handlers():
     if console is None:
         console = _Console()
         console.setFormatter(LOG_FORMAT)
+        if not is_main_process():  # the other processes of a multi-process run: warnings and errors only
+            console.setLevel(logging.WARNING)
         logger.addHandler(console)
     preamble = next((h for h in logger.handlers if isinstance(h, _Preamble)), None)
     if preamble is None:
@@ -200,8 +227,6 @@ def stale_reasons(meta: dict, root=None) -> list:
     """What `meta`'s folder was built from that changed since, followed through every upstream folder:
     [{"changed": "teacher_model", "how": "rebuilt since", "via": ["student_model"], "rerun": ["student"]}]
     ("via": the upstream folders in between, nearest first; "rerun": their stages). [] when fresh."""
-    from common.data import current_data_sha256
-
     root = Path(root) if root is not None else models_root()
     data_now = []  # computed once, on first need
 
@@ -309,8 +334,6 @@ class StageOutput:
 
     def add_data(self, folder=None) -> str:
         """Record the checksum of the prepared data this stage trained or evaluated on (`data_sha256`)."""
-        from common.data import check_prepared, data_sha256
-
         self.extra["data_sha256"] = data_sha256(check_prepared(folder))
         return self.extra["data_sha256"]
 
@@ -343,8 +366,6 @@ def folder_lock(final_dir, stage: str):
     """Hold `.<folder>.lock` beside `final_dir` (an exclusive flock: the kernel releases it when its owner dies,
     however it dies), with the owner's pid and start time inside. Refuses (StageError naming the pid and the
     folder) while another live process holds it; yields what a previous, dead owner left in it ({} if none)."""
-    import fcntl
-
     final_dir = Path(final_dir)
     path = final_dir.parent / f".{final_dir.name}.lock"
     while True:
@@ -411,7 +432,13 @@ def stage_output(final_dir, stage: str, config: dict, seed: int):
 
     with stage_output(stage_dir("teacher"), "teacher", as_dict(cfg), cfg.SEED) as out:
         model.save_pretrained(out.dir); out.results["accuracy"] = ...
+
+    In a multi-process run (torchrun) only the main process does this; every other process gets a throwaway
+    temporary folder as `out.dir` (removed when the block ends), takes no lock and touches nothing under models/.
     """
+    if not is_main_process():
+        yield from _throwaway_output(final_dir, stage)
+        return
     _, preamble = _handlers()
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -469,9 +496,14 @@ def stage_output(final_dir, stage: str, config: dict, seed: int):
             preamble.open_folders -= 1
 
 
-def library_versions() -> dict:
-    import importlib.metadata as md
+def _throwaway_output(final_dir, stage: str):
+    """stage_output for a process other than the main one: the same code runs, its writes go to a temporary folder
+    that is removed afterwards (no lock, no metadata, no cleaning of anyone's leftovers)."""
+    with tempfile.TemporaryDirectory(prefix=f"dpq-rank{process_rank()}-{Path(final_dir).name}-") as tmp:
+        yield StageOutput(Path(final_dir), Path(tmp), stage)
 
+
+def library_versions() -> dict:
     versions = {"python": sys.version.split()[0]}
     for name in ("torch", "transformers", "accelerate", "bitsandbytes", "fvcore", "datasets"):
         try:
@@ -483,11 +515,20 @@ def library_versions() -> dict:
 
 def known_errors() -> tuple:
     """The project's own error types: each carries a one-line message that says what to do."""
-    from common.config import ConfigError
-    from common.data import DataError
-    from common.export import ExportError
-
     return (StageError, ConfigError, DataError, ExportError)
+
+
+PROCESS_RECORDS_ENV = "DPQ_PROCESS_RECORDS"
+
+
+def record_process_results(results) -> None:
+    """With env DPQ_PROCESS_RECORDS=<folder>: each process writes what its `main()` returned to
+    <folder>/rank<R>.json (rank, world size, results), to check that the processes of one run agree (tests)."""
+    folder = os.environ.get(PROCESS_RECORDS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        json_dump({"rank": process_rank(), "world_size": world_size(), "results": results},
+                  Path(folder) / f"rank{process_rank()}.json")
 
 
 def run_main(main) -> None:
@@ -499,7 +540,8 @@ def run_main(main) -> None:
     setup_logging()
     signal.signal(signal.SIGTERM, interrupted)  # so a killed stage still removes its partial folder
     try:
-        main()
+        results = main()
+        record_process_results(results)
     except KeyboardInterrupt as err:
         print(f"interrupted ({err or 'Ctrl-C'}): nothing was written over earlier outputs", file=sys.stderr)
         sys.exit(130)

@@ -166,3 +166,30 @@ def write_stage(model, folder, stage, upstream=(), results=None):
         save_tiny(model, out.dir)
         out.results = results if results is not None else {"validation_accuracy": 0.5, "preset": "minilm"}
     return folder
+
+
+def write_tiny_student(kind: str = "bert"):
+    """A tiny random 2-layer student_model stage folder (BERT or DistilBERT, sequence length 128 fits), made from
+    the teacher_model folder under MODELS_DIR."""
+    from transformers import BertForSequenceClassification, DistilBertForSequenceClassification
+
+    from common.paths import stage_dir
+
+    torch.manual_seed(1)
+    if kind == "bert":
+        student = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128))
+    else:
+        student = DistilBertForSequenceClassification(tiny_distilbert_config(max_position_embeddings=128))
+    return write_stage(student, stage_dir("student"), "student", [(stage_dir("teacher"), "teacher")])
+
+
+def write_tiny_teacher_and_student(kind: str = "bert"):
+    """Tiny random teacher_model (3 layers) and student_model stage folders under MODELS_DIR."""
+    from transformers import BertForSequenceClassification
+
+    from common.paths import stage_dir
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128, num_hidden_layers=3))
+    write_stage(teacher, stage_dir("teacher"), "teacher")
+    return write_tiny_student(kind)

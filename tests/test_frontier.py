@@ -12,7 +12,7 @@ import torch
 from common import pruning
 from common.flops import measure_encoder_gflops
 from conftest import (REPO, run_script, save_tiny, tiny_bert_config, tiny_sentences, write_glue_tsv,
-                      write_stage)
+                      write_tiny_teacher_and_student)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore imports torch.jit.script
 
@@ -29,8 +29,6 @@ def _tiny_pipeline(root, mp):
     """data/sst2 from the real download stage, tiny teacher_model and student_model folders under root/models."""
     from transformers import BertForSequenceClassification
 
-    from common.paths import stage_dir
-
     for key, folder in (("MODELS_DIR", "models"), ("DATA_DIR", "data"), ("REPORT_DIR", "report")):
         mp.setenv(key, str(root / folder))
     mp.setenv("PRESET", "minilm")
@@ -42,12 +40,7 @@ def _tiny_pipeline(root, mp):
     torch.manual_seed(0)
     source = save_tiny(BertForSequenceClassification(tiny_bert_config()).eval(), root / "tiny_bert")
     run_script("download_model.py", f"TEACHER_SOURCE={source}")
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128, num_hidden_layers=3))
-    write_stage(teacher, stage_dir("teacher"), "teacher")
-    torch.manual_seed(1)
-    student = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128))
-    write_stage(student, stage_dir("student"), "student", [(stage_dir("teacher"), "teacher")])
+    write_tiny_teacher_and_student()
     return root / "models"
 
 

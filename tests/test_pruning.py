@@ -219,27 +219,14 @@ FAST = ("TRAIN_LIMIT=64", "BATCH_SIZE=32", "PRUNE_STEPS=2", "EVALS_PER_EPOCH=1",
 
 @pytest.fixture
 def pipeline(workspace, glue_dir, monkeypatch, tiny_bert_dir):
-    """data/sst2 from the real download stage; tiny teacher_model and student_model folders (seq 128 fits)."""
-    from transformers import BertForSequenceClassification, DistilBertForSequenceClassification
-
-    from common.paths import stage_dir
-    from conftest import run_script, tiny_distilbert_config, tiny_bert_config
+    """data/sst2 from the real download stage and a tiny teacher_model; returns the maker of a tiny student_model
+    (BERT or DistilBERT)."""
+    from conftest import run_script, write_tiny_student, write_tiny_teacher_and_student
 
     monkeypatch.setenv("SST2_DIR", str(glue_dir))
     run_script("download_model.py", f"TEACHER_SOURCE={tiny_bert_dir}")
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128, num_hidden_layers=3))
-    write_stage(teacher, stage_dir("teacher"), "teacher")
-
-    def make_student(kind="bert"):
-        torch.manual_seed(1)
-        if kind == "bert":
-            student = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128))
-        else:
-            student = DistilBertForSequenceClassification(tiny_distilbert_config(max_position_embeddings=128))
-        return write_stage(student, stage_dir("student"), "student", [(stage_dir("teacher"), "teacher")])
-
-    return make_student
+    write_tiny_teacher_and_student()
+    return write_tiny_student
 
 
 def test_stage_prunes_saves_and_reloads(pipeline, workspace):
