@@ -127,7 +127,6 @@ def quantize_int8(src, dst) -> None:
 def quantize_int4(src, dst, block_size: int = INT4_BLOCK) -> None:
     """ONNX Runtime weight-only 4-bit: every MatMul weight as `MatMulNBits`, one fp32 scale per block."""
     import onnx  # in the body: slow to import, only needed here
-    # in the body: slow to import, only needed here
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     _quiet_onnxruntime()
@@ -187,10 +186,6 @@ def onnx_predict_logits(classifier: OnnxClassifier, loader) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # One folder: export, quantize, check, write export.json
-
-
-def file_mib(path) -> float:
-    return Path(path).stat().st_size / 2**20
 
 
 def _versions() -> dict:

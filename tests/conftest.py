@@ -183,13 +183,18 @@ def write_tiny_student(kind: str = "bert"):
     return write_stage(student, stage_dir("student"), "student", [(stage_dir("teacher"), "teacher")])
 
 
-def write_tiny_teacher_and_student(kind: str = "bert"):
-    """Tiny random teacher_model (3 layers) and student_model stage folders under MODELS_DIR."""
+def write_tiny_teacher():
+    """A tiny random 3-layer teacher_model stage folder under MODELS_DIR (sequence length 128 fits)."""
     from transformers import BertForSequenceClassification
 
     from common.paths import stage_dir
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_bert_config(max_position_embeddings=128, num_hidden_layers=3))
-    write_stage(teacher, stage_dir("teacher"), "teacher")
+    return write_stage(teacher, stage_dir("teacher"), "teacher")
+
+
+def write_tiny_teacher_and_student(kind: str = "bert"):
+    """Tiny random teacher_model (3 layers) and student_model stage folders under MODELS_DIR."""
+    write_tiny_teacher()
     return write_tiny_student(kind)

@@ -221,11 +221,11 @@ FAST = ("TRAIN_LIMIT=64", "BATCH_SIZE=32", "PRUNE_STEPS=2", "EVALS_PER_EPOCH=1",
 def pipeline(workspace, glue_dir, monkeypatch, tiny_bert_dir):
     """data/sst2 from the real download stage and a tiny teacher_model; returns the maker of a tiny student_model
     (BERT or DistilBERT)."""
-    from conftest import run_script, write_tiny_student, write_tiny_teacher_and_student
+    from conftest import run_script, write_tiny_student, write_tiny_teacher
 
     monkeypatch.setenv("SST2_DIR", str(glue_dir))
     run_script("download_model.py", f"TEACHER_SOURCE={tiny_bert_dir}")
-    write_tiny_teacher_and_student()
+    write_tiny_teacher()
     return write_tiny_student
 
 
