@@ -1,4 +1,4 @@
-"""7_evaluate_and_generate_report.py and common/report.py on a tiny pipeline built here: a 3-layer teacher, a
+"""7_evaluate_and_generate_report.py and common/report/ on a tiny pipeline built here: a 3-layer teacher, a
 2-layer student, physically pruned students (default + one sweep point) and 4-bit twins, tiny SST-2 data."""
 
 import json
@@ -180,14 +180,14 @@ def test_chart_and_markdown_are_written(pipeline):
 
 @pytest.mark.parametrize("content", [None, "sentence\tlabel\na fine film\t7\n", "text\tlabel\nok\t1\n"])
 def test_bad_eval_file_fails_clearly_before_any_model_is_loaded(pipeline, tmp_path, monkeypatch, capsys, content):
-    from common import report
     from common.data import DataError
+    from common.report import measure
     from common.stage import run_main
 
     monkeypatch.setenv("MODELS_DIR", str(pipeline["root"] / "models"))
     monkeypatch.setenv("DATA_DIR", str(pipeline["root"] / "data"))
     monkeypatch.setenv("REPORT_DIR", str(tmp_path / "out"))
-    monkeypatch.setattr(report, "load_model", lambda *a: pytest.fail("a model was loaded despite a bad --eval-file"))
+    monkeypatch.setattr(measure, "load_model", lambda *a: pytest.fail("a model was loaded despite a bad --eval-file"))
     path = tmp_path / "reviews.tsv"
     if content is not None:
         path.write_text(content)

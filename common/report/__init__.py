@@ -1,0 +1,95 @@
+"""The final report: every number measured on the saved model folders, then JSON, chart and markdown.
+
+For each model folder under the models root (`discover_models`), `measure_model` loads it through the
+project's one loader (`common.modeling.load_model`: plain, pruned or 4-bit) and measures:
+- accuracy on SST-2 validation (and on every extra GLUE-format TSV given), by running the loaded model;
+- GFLOPs (fvcore, batch 1, sequence length 128, attention counted; `common.flops`), and the mean GFLOPs per
+  validation sentence at its real tokenized length. fvcore cannot trace bitsandbytes 4-bit layers; a 4-bit
+  model runs the same matmuls as its fp32 twin, so the twin is counted and `gflops_source` says which;
+- logical parameter count (a packed 4-bit weight counts as its unpacked shape), bytes on disk, bits;
+- CPU latency at each batch size: median of N timed forward passes after warm-up, on real validation
+  sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model);
+- architecture counted from the modules themselves: layers, attention heads kept, FFN neurons kept.
+
+Then `build_report` assembles final_report.json (sorted keys, indented), `headline` compares the final model
+with the standard quantized student, `plot_report` draws final_report.png and `markdown_report` writes
+final_report.md.
+
+The package, one concern per module (module-level imports run one way: discover <- measure <- compare <-
+chart / markdown <- this file):
+- `discover`: which folders, in what order, their metadata and staleness, naming helpers;
+- `measure`: every number of one folder (architecture, FLOPs, accuracy, latency, exports) and the CPU;
+- `compare`: paired comparisons, seed groups, frontier summary, headline, deployment, `build_report`;
+- `chart`: final_report.png; `markdown`: final_report.md;
+- here: `generate` (discover -> measure -> build -> write) and the names the stage script and tests use.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+from common.report.chart import plot_report
+from common.report.compare import build_report, headline, write_json
+from common.report.discover import (REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
+                                    recorded_preset, report_dir, seed_group)
+from common.report.markdown import markdown_report, write_text
+from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, fp32_twin, latency_indices,
+                                   load_average, load_eval_files, machine_busy, measure_model)
+from common.stage import StageError
+
+logger = logging.getLogger("dpq")
+
+# What 7_evaluate_and_generate_report.py and the tests use, re-exported from the modules that define them.
+__all__ = ["FlopsCurve", "REPORT_JSON", "REPORT_MD", "REPORT_PNG", "architecture", "build_report", "discover_models",
+           "folder_status", "fp32_twin", "generate", "headline", "latency_indices", "load_eval_files",
+           "markdown_report", "measure_model", "plot_report", "report_dir", "seed_group", "write_json"]
+
+
+def generate(models_root, *, validation, dataset: dict, eval_files: dict, settings: dict, out_dir,
+             preset: str, quick: bool, constants: dict, names=None) -> dict:
+    """Discover, measure, and write final_report.json/.png/.md into `out_dir`; return the report."""
+    started = time.time()
+    found, notes = discover_models(models_root, names)
+    for note in notes:
+        logger.warning(f"[report] {note}")
+    if not found:
+        raise StageError(
+            f"no model folders found in {models_root}: run the pipeline first "
+            f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)"
+        )
+    preset = recorded_preset(found, preset, notes)
+    settings = dict(settings, load_average=load_average())
+    busy = machine_busy(settings["load_average"])
+    if busy:
+        notes.append(busy)
+        logger.warning(f"[report] {busy}")
+    flops_cache = FlopsCache(settings["flops_seq_len"])
+    models, skipped = {}, {}
+    for name, folder in found:
+        try:
+            models[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
+                                         settings=settings, flops_cache=flops_cache, models_root=models_root)
+        except SkipModel as err:
+            logger.warning(f"[report] {name}: skipped, {err}")
+            skipped[name] = str(err)
+    if not models:
+        raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
+    for name, r in models.items():
+        needs = [u for u in r.get("upstream", []) if u in skipped]
+        if needs:  # measured on its own; what it was compared with or counted through is gone
+            r["warnings"].append(f"made from {', '.join(needs)}, which was skipped; GFLOPs: {r['gflops_source']}")
+        notes += [f"{name}: {w}" for w in r["warnings"]]
+    report = build_report(models, settings=settings, dataset=dataset, eval_files=eval_files, preset=preset,
+                          quick=quick, skipped=skipped, notes=notes, constants=constants,
+                          wall_time_s=time.time() - started)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report, out_dir / REPORT_JSON)
+    plot_report(report, out_dir / REPORT_PNG)
+    write_text(markdown_report(report), out_dir / REPORT_MD)
+    logger.info(f"[report] wrote {out_dir / REPORT_JSON}, {REPORT_PNG}, {REPORT_MD}")
+    if report["headline"]:
+        logger.info(f"[report] {report['headline']['sentence']}")
+    else:
+        logger.warning(f"[report] {report['headline_note']}")
+    return report

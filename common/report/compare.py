@@ -1,0 +1,350 @@
+"""Comparisons across the measured models: paired tests, seed groups, the frontier summary, the headline, the
+deployment pick, and the assembled report (`build_report`, `write_json`)."""
+
+import os
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from common.paths import STAGE_FOLDERS
+from common.report.discover import BASELINE, FINAL, seed_group
+from common.report.measure import cpu_info, cpu_words, device_description, flops_convention, from_bits
+from common.stage import git_commit, json_dump, library_versions
+from common.stats import describe_difference, paired_comparison, seed_spread
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired comparisons (every model sees the same sentences)
+
+
+def fp32_source(name: str, r: dict, models: dict):
+    """The fp32 PyTorch model a 4-bit folder or an export was made from, when it is in the report."""
+    if r["bits"] == 32:
+        return name
+    sources = [u for u in r.get("upstream", []) if u in models and models[u]["bits"] == 32]
+    return sources[0] if sources else None
+
+
+def comparison_pairs(models: dict) -> list:
+    """(kind, (model a, artifact a), (model b, artifact b)) for every comparison the report draws."""
+    pairs = []
+    teacher, student = STAGE_FOLDERS["teacher"], STAGE_FOLDERS["student"]
+    if BASELINE in models and FINAL in models:
+        pairs.append(("headline: final vs standard 4-bit", (FINAL, "pytorch"), (BASELINE, "pytorch")))
+    if student in models and teacher in models:
+        pairs.append(("student vs teacher", (student, "pytorch"), (teacher, "pytorch")))
+    for name, r in models.items():
+        if r["bits"] == 32 and r["family"] == "pruned" and student in models:
+            pairs.append(("pruned vs student", (name, "pytorch"), (student, "pytorch")))
+        source = fp32_source(name, r, models)
+        if r["bits"] == 4 and source:
+            pairs.append(("4-bit vs its fp32 source", (name, "pytorch"), (source, "pytorch")))
+        for artifact in r.get("artifacts", {}):
+            if artifact != "pytorch" and source:
+                pairs.append(("export vs its fp32 source", (name, artifact), (source, "pytorch")))
+    return pairs
+
+
+def artifact_label(name: str, artifact: str) -> str:
+    return name if artifact == "pytorch" else f"{name} [{artifact}]"
+
+
+def comparisons(models: dict, eval_files, seed: int) -> list:
+    """Each pair on SST-2 validation and on every extra eval file: paired difference in points with its 95%
+    paired-bootstrap interval, disagreement counts and the exact McNemar p (common.stats)."""
+    out = []
+    for kind, (a, art_a), (b, art_b) in comparison_pairs(models):
+        ra, rb = models[a]["artifacts"][art_a], models[b]["artifacts"][art_b]
+        sets = [("validation", ra["correct"], rb["correct"])]
+        sets += [(path, ra["eval_files_correct"][path], rb["eval_files_correct"][path]) for path in eval_files]
+        for evaluation, bits_a, bits_b in sets:
+            result = paired_comparison(from_bits(bits_a), from_bits(bits_b), seed=seed)
+            label_a, label_b = artifact_label(a, art_a), artifact_label(b, art_b)
+            out.append(dict(result, kind=kind, a=a, a_artifact=art_a, b=b, b_artifact=art_b, evaluation=evaluation,
+                            sentence=describe_difference(result, label_a, label_b)))
+    return out
+
+
+def find_comparison(comps: list, a: str, b: str, a_artifact="pytorch", b_artifact="pytorch",
+                    evaluation="validation"):
+    for c in comps:
+        if (c["a"], c["a_artifact"], c["b"], c["b_artifact"], c["evaluation"]) == (a, a_artifact, b, b_artifact,
+                                                                                 evaluation):
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds and the frontier: mean and spread across training seeds; ours against the magnitude baseline
+
+SEED_CONVENTION = (
+    "Two different uncertainties. accuracy_seed_spread: mean and sample standard deviation (ddof=1) of the "
+    "accuracy in points across the training seeds of one seed group (seed-to-seed variation of the training run, "
+    "common.stats.seed_spread; 0 with one seed). accuracy_ci_per_seed / accuracy_ci: 95% percentile bootstrap "
+    "interval over the validation sentences of each model (sentence-sampling uncertainty: how much the accuracy "
+    "would move on another draw of sentences). vs_student: each seed's model paired against the student of its "
+    "precision (fp32: student_model; 4-bit: distilled_quantized_student) on the same sentences: difference in "
+    "points, 95% paired-bootstrap interval, exact McNemar p; vs_magnitude (frontier rows): ours against the "
+    "magnitude baseline at the same target and precision, seed-SEED models, the same paired test")
+METHOD_WORDS = {"taylor": "ours (gradual, Taylor)", "magnitude": "magnitude one-shot (baseline)"}
+
+
+def _source_record(name: str, models: dict) -> dict:
+    """The fp32 record a model was made from (itself for fp32): where a 4-bit twin's pruning facts live."""
+    source = fp32_source(name, models[name], models)
+    return models[source] if source else models[name]
+
+
+def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
+    result = paired_comparison(from_bits(models[a]["artifacts"]["pytorch"]["correct"]),
+                               from_bits(models[b]["artifacts"]["pytorch"]["correct"]), seed=seed)
+    return {"model": a, "reference": b, "seed": models[a].get("seed"),
+            **{k: result[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
+                                      "only_b_right", "mcnemar_p", "significant")}}
+
+
+def seed_groups(models: dict, seed: int) -> dict:
+    """{group: summary} for every student and pruned model, grouped with its other-seed twins (`seed_group`).
+
+    Each: members (reading order, seed SEED first when present) and their seeds; method, sparsity target and
+    stage-8 mode (a 4-bit twin's from its fp32 source); accuracy mean and seed-to-seed spread in points
+    (common.stats.seed_spread) next to each member's 95% bootstrap interval over sentences; mean GFLOPs, GFLOPs
+    cut against the student, size and latency; and for pruned groups every member paired against the student of
+    its precision (SEED_CONVENTION)."""
+    student = STAGE_FOLDERS["student"]
+    members = {}
+    for name, r in models.items():
+        if r["family"] in ("student", "pruned") and name != STAGE_FOLDERS["student_nodistill"]:
+            members.setdefault(r.get("seed_group") or seed_group(name), []).append(name)
+    out = {}
+    for group, names in members.items():
+        rs = [models[n] for n in names]
+        first, source = rs[0], _source_record(names[0], models)
+        bits = first["bits"]
+        batches = sorted({k for r in rs for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+        entry = {
+            "members": names, "seeds": [_source_record(n, models).get("seed") for n in names],  # training seed
+            "n_seeds": len(names),
+            "family": first["family"], "bits": bits,
+            "method": source.get("pruning_method") if first["family"] == "pruned" else None,
+            "sparsity_target": source.get("sparsity_target") if first["family"] == "pruned" else None,
+            "mode": source.get("pruning_mode"),
+            "accuracy_seed_spread": seed_spread([100 * r["accuracy"] for r in rs]),
+            "accuracy_ci_per_seed": {n: [round(100 * v, 4) for v in models[n]["accuracy_ci"]] for n in names},
+            "gflops": statistics.fmean(r["gflops"] for r in rs),
+            "size_mb": statistics.fmean(r["size_mb"] for r in rs),
+            "params": statistics.fmean(r["params"] for r in rs),
+            "latency_ms": {k: statistics.fmean(r["latency_ms"][k] for r in rs if k in r["latency_ms"])
+                           for k in batches},
+        }
+        if student in models:
+            entry["gflops_reduction_vs_student"] = round(1 - entry["gflops"] / models[student]["gflops"], 5)
+        reference = BASELINE if bits == 4 and BASELINE in models else student
+        if first["family"] == "pruned" and reference in models:
+            per_seed = [_paired_vs(models, n, reference, seed) for n in names]
+            entry["vs_student"] = {"reference": reference, "per_seed": per_seed,
+                                   "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed])}
+        out[group] = entry
+    return out
+
+
+def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
+    """The accuracy-compute frontier: one row per pruned seed group with a sparsity target (ours and the magnitude
+    baseline, fp32 and 4-bit), by target; ours paired against the magnitude baseline at the same target and
+    precision; the frontier run's wall time (stage 8 metadata / models/frontier.json). None without such groups."""
+    rows = []
+    for group, g in groups.items():
+        if g["family"] != "pruned" or g["sparsity_target"] is None:
+            continue
+        rows.append({"group": group, **{k: g[k] for k in ("members", "seeds", "n_seeds", "method", "bits",
+                                                          "sparsity_target", "mode", "gflops", "latency_ms",
+                                                          "accuracy_seed_spread", "accuracy_ci_per_seed")},
+                     "gflops_reduction_vs_student": g.get("gflops_reduction_vs_student"),
+                     "vs_student": g.get("vs_student")})
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["sparsity_target"], r["mode"] != "frontier", r["method"] != "taylor", r["bits"] == 4))
+    for row in rows:
+        if row["method"] != "taylor":
+            continue
+        rival = next((r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
+                      and r["sparsity_target"] == row["sparsity_target"]), None)
+        if rival:
+            row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
+    walls = {}
+    for name, r in models.items():
+        run = r.get("frontier_run") or {}
+        if run.get("sweep_id") and run.get("sweep_wall_time_s") is not None:
+            walls[run["sweep_id"]] = {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
+                                      "recovery_fraction": run.get("recovery_fraction")}
+    return {"rows": rows, "frontier_runs": walls,
+            "methods": {m: METHOD_WORDS.get(m, m) for m in sorted({r["method"] for r in rows})}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Headline
+
+
+def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = BASELINE, final: str = FINAL):
+    """(headline dict or None, reason when None): the final model against the standard quantized student, then
+    one line for deployment: the fastest artifact of the final model against the fastest of the student."""
+    missing = [n for n in (baseline, final) if n not in models]
+    if missing:
+        return None, f"no headline: {' and '.join(missing)} not measured (run the stages that write them)"
+    cpu = cpu or cpu_info()
+    b, f = models[baseline], models[final]
+    batches = sorted(int(k.split("_")[1]) for k in b["latency_ms"] if k in f["latency_ms"])
+    big = f"batch_{batches[-1]}" if batches else None
+    result = {
+        "baseline": baseline,
+        "final": final,
+        "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
+        "accuracy_drop_points": round((b["accuracy"] - f["accuracy"]) * 100, 2),
+        "size_reduction": round(1 - f["size_mb"] / b["size_mb"], 4),
+        "cpu": cpu_words(cpu),
+    }
+    paired = find_comparison(comps, final, baseline)
+    if paired:
+        result["paired"] = {k: paired[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
+                                                   "only_b_right", "mcnemar_p", "significant")}
+    if big:
+        result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
+    result["sentence"] = headline_sentence(result, b, f)
+    stale = [n for n in (baseline, final) if models[n].get("stale")]
+    if stale:  # numbers of a model built from inputs that changed since: say so in the headline itself
+        result["stale"] = stale
+        result["sentence"] += (f" Caveat: {' and '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (built "
+                               f"from inputs that changed since; see the warnings for what to rerun).")
+    deploy = deployment(models, cpu)
+    if deploy:
+        result["deployment"] = deploy
+    return result, None
+
+
+def fastest_artifact(models: dict, names) -> tuple | None:
+    """(model, artifact, record) with the lowest geometric-mean latency over the batch sizes timed."""
+    best = None
+    for name in names:
+        for artifact, record in models.get(name, {}).get("artifacts", {}).items():
+            times = list(record["latency_ms"].values())
+            if not times:
+                continue
+            score = statistics.geometric_mean(times)
+            if best is None or score < best[0]:
+                best = (score, name, artifact, record)
+    return best[1:] if best else None
+
+
+def deployment(models: dict, cpu: dict) -> dict | None:
+    """The final model's fastest CPU artifact (any form of pruned_model: PyTorch fp32, 4-bit, ONNX) against the
+    student's fastest (any form of student_model), with accuracies and the speed-up at each batch size."""
+    final = fastest_artifact(models, [STAGE_FOLDERS["pruned"], FINAL])
+    student = fastest_artifact(models, [STAGE_FOLDERS["student"], BASELINE])
+    if not final or not student:
+        return None
+    (fn, fa, fr), (sn, sa, sr) = final, student
+    speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"] if k in sr["latency_ms"]}
+    words = ", ".join((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} "
+                      f"({fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)" for k, v in speedups.items())
+    sentence = (f"On this CPU ({cpu_words(cpu)}), the final model's fastest artifact, "
+                f"{artifact_label(fn, fa)} ({fr['accuracy']:.2%}, {fr['size_mb']:.3g} MiB), runs {words} against "
+                f"the student's fastest, {artifact_label(sn, sa)} ({sr['accuracy']:.2%}, {sr['size_mb']:.3g} MiB).")
+    return {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
+            "final_accuracy": fr["accuracy"], "student_accuracy": sr["accuracy"],
+            "final_size_mb": fr["size_mb"], "student_size_mb": sr["size_mb"],
+            "speedup": speedups, "selection": "lowest geometric mean of the median latencies over the batch sizes",
+            "sentence": sentence}
+
+
+def headline_sentence(h: dict, b: dict, f: dict) -> str:
+    paired = h.get("paired")
+    if paired:
+        diff = paired["diff_points"]
+        direction = "lower" if diff < 0 else "higher" if diff > 0 else "equal"
+        sig = "significant" if paired["significant"] else "not significant"
+        p = "< 0.001" if paired["mcnemar_p"] < 0.001 else f"= {paired['mcnemar_p']:.2g}"
+        acc = (f"is {abs(diff):.2f} points {direction} in accuracy" if diff else "is equally accurate") + (
+            f" ({f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation; 95% interval "
+            f"[{paired['ci_low_points']:+.2f}, {paired['ci_high_points']:+.2f}], {sig}, McNemar p {p})")
+    else:
+        acc = f"scores {f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation (no paired test)"
+    parts = [
+        f"{h['final']} needs {h['gflops_reduction']:.0%} fewer GFLOPs than {h['baseline']} "
+        f"({f['gflops']:.3g} vs {b['gflops']:.3g})",
+        acc,
+        f"is {h['size_reduction']:.0%} smaller on disk ({f['size_mb']:.3g} vs {b['size_mb']:.3g} MiB)",
+    ]
+    speed = [k for k in h if k.startswith("latency_speedup_")]
+    if speed:
+        key = speed[0]
+        batch = key.replace("latency_speedup_", "")
+        speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
+        parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) "
+                     f"({f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms)")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
+                 skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
+    cpu = cpu_info()
+    comps = comparisons(models, eval_files, settings["seed"])
+    groups = seed_groups(models, settings["seed"])
+    head, reason = headline(models, comps, cpu)
+    report = {
+        "run": {
+            "preset": preset,
+            "quick": quick,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "device": device_description(),
+            "cpu": cpu,
+            "threads": torch.get_num_threads(),
+            "load_average": settings.get("load_average"),
+            "versions": library_versions(),
+            "latency": {
+                "runs": settings["latency_runs"],
+                "warmup": settings["warmup_runs"],
+                "batch_sizes": list(settings["latency_batches"]),
+                "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
+                "inputs": "real validation sentences (same seeded choice for every model), padded to the "
+                          "longest in the batch; batch 1 = the median-length sentence of the sample",
+                "seed": settings["seed"],
+            },
+            "constants": constants,
+            "wall_time_s": round(wall_time_s, 1),
+        },
+        "dataset": dataset,
+        "eval_files": list(eval_files),
+        "flops_convention": flops_convention(settings["flops_seq_len"]),
+        "gflops_per_sentence_convention": "mean over the validation sentences of the fvcore GFLOPs at each "
+                                          "sentence's tokenized length (batch 1, [CLS] and [SEP] included); "
+                                          "exact: FLOPs are quadratic in length, fitted on 3 traced lengths and "
+                                          "checked against the traced reference length",
+        "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB)",
+        "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
+        "models": models,
+        "comparisons": comps,
+        "comparison_convention": "Paired on the same sentences: difference a - b in accuracy points, 95% "
+                                 "paired-bootstrap interval (10000 resamples of the sentences, seeded), "
+                                 "only_a_right / only_b_right = sentences only one of the two got right, exact "
+                                 "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
+        "model_order": list(models),  # reading order (the JSON itself has sorted keys)
+        "seed_groups": groups,
+        "frontier": frontier_summary(models, groups, settings["seed"]),
+        "seed_convention": SEED_CONVENTION,
+        "skipped": skipped,
+        "warnings": notes,
+        "headline": head,
+    }
+    if head is None:
+        report["headline_note"] = reason
+    return report
+
+
+def write_json(report: dict, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    json_dump(report, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,197 @@
+"""final_report.md: `markdown_report` and its tables (frontier, artifacts, comparisons)."""
+
+import os
+from pathlib import Path
+
+from common.report.compare import artifact_label
+from common.report.discover import display_label
+from common.report.measure import cpu_words
+
+
+
+def markdown_report(report: dict) -> str:
+    models = report["models"]
+    run = report["run"]
+    files = report.get("eval_files", [])
+    batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
+    lines = ["# Distill-Prune-Quantize: final report", ""]
+    head = report.get("headline")
+    lines += [f"**Headline.** {head['sentence']}" if head else f"**Headline.** {report.get('headline_note')}", ""]
+    if report.get("skipped"):  # at the top: a model that is missing from the tables below, and why
+        lines += ["**Skipped.** " + "; ".join(f"`{n}`: {why}" for n, why in report["skipped"].items()), ""]
+    if head and head.get("deployment"):
+        lines += [f"**Deployment.** {head['deployment']['sentence']}", ""]
+    if run["quick"]:
+        lines += ["> QUICK run: few latency runs and/or a slice of the data; smoke numbers, not a benchmark.", ""]
+    ds = report["dataset"]
+    lines += [
+        f"Accuracy on {ds['name']} {ds['split']} ({ds['n']} sentences). GFLOPs: {report['flops_convention']}; "
+        f"4-bit models are counted through their fp32 twin. GFLOPs/sent: mean at each sentence's real length. "
+        f"Size: weight files on disk in MiB. Latency: CPU, median of {run['latency']['runs']} runs after "
+        f"{run['latency']['warmup']} warm-up, {run['threads']} torch threads, {run['device']}.",
+        "",
+    ]
+    header = (["model", "bits", "accuracy (%)", "95% interval"] + [f"acc {Path(p).name} (%)" for p in files]
+              + ["GFLOPs", "GFLOPs/sent", "params (M)", "size (MiB)"]
+              + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys]
+              + ["layers", "heads", "FFN neurons", "notes"])
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header) - 1)) + "|---|")
+    for name, r in models.items():
+        notes = []
+        if r["bits"] == 4:
+            notes.append(r["gflops_source"])
+        if r.get("stale"):
+            notes.append("STALE (upstream rebuilt)")
+        if not r.get("complete", True):
+            notes.append("INCOMPLETE (no metadata.json)")
+        label = display_label(name)
+        row = ([f"`{name}`" + (f": {label}" if label != name else ""), str(r["bits"]),
+                f"{r['accuracy'] * 100:.2f}", f"[{r['accuracy_ci'][0] * 100:.1f}, {r['accuracy_ci'][1] * 100:.1f}]"]
+               + [f"{r['eval_files'].get(p, float('nan')) * 100:.2f}" for p in files]
+               + [f"{r['gflops']:.4g}", f"{r['gflops_per_sentence']:.4g}", f"{r['params'] / 1e6:.2f}",
+                  f"{r['size_mb']:.4g}"]
+               + [f"{r['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys]
+               + [str(r["layers"]), str(r["heads"]), str(r["ffn_neurons"]), "; ".join(notes)])
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines += frontier_table(report, batch_keys)
+    lines += artifact_table(report, batch_keys)
+    lines += comparison_table(report)
+    if report.get("skipped") or report.get("warnings"):
+        lines += ["## Warnings", ""]
+        lines += [f"- {w}" for w in report.get("warnings", [])]
+        lines += [f"- `{n}` skipped: {why}" for n, why in report.get("skipped", {}).items()]
+        lines.append("")
+    lines += [f"Run: preset {run['preset']}, git {run['git_commit']}, created {run['created']}, "
+              f"{run['wall_time_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def _seed_mean(spread: dict, digits: int = 2) -> str:
+    """'88.88' for one seed, '88.88 ± 0.31 (3 seeds)' for several (± = sample s.d. across seeds)."""
+    if spread["n_seeds"] < 2:
+        return f"{spread['mean']:.{digits}f}"
+    return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f} ({spread['n_seeds']} seeds)"
+
+
+def _versus(c: dict) -> str:
+    return f"{c['diff_points']:+.2f} [{c['ci_low_points']:+.2f}, {c['ci_high_points']:+.2f}], p {_p(c['mcnemar_p'])}"
+
+
+def _versus_seeds(v: dict) -> str:
+    if not v:
+        return ""
+    per_seed = v["per_seed"]
+    if len(per_seed) == 1:
+        return _versus(per_seed[0])
+    spread = v["diff_points_seed_spread"]
+    return (f"{spread['mean']:+.2f} ± {spread['std']:.2f} over {len(per_seed)} seeds; per seed p "
+            + ", ".join(_p(c["mcnemar_p"]) for c in per_seed))
+
+
+def frontier_table(report: dict, batch_keys) -> list:
+    """The frontier (ours vs the magnitude baseline, fp32 and 4-bit, by target) and the seed groups."""
+    front, groups = report.get("frontier"), report.get("seed_groups") or {}
+    lines = []
+    if front:
+        lines += ["## Accuracy-compute frontier", "",
+                  "One row per pruned model (seed group) with a sparsity target: ours = gradual Taylor pruning (a "
+                  "frontier branch, or a full stage-8 run), baseline = one-shot weight-magnitude pruning with the same "
+                  "short recovery. GFLOPs cut: measured, against student_model. Accuracy: mean ± sample s.d. ACROSS "
+                  "TRAINING SEEDS where a group has several (seed-to-seed spread); the bracketed interval next to it "
+                  "is the 95% bootstrap interval OVER SENTENCES of the first seed's model (sentence sampling). "
+                  "vs student: paired on the same sentences against student_model (fp32 rows) or "
+                  "distilled_quantized_student (4-bit rows): difference in points [95% paired-bootstrap interval], "
+                  "exact McNemar p. ours - magnitude: the same paired test against the baseline at the same target "
+                  "and precision. Latency: PyTorch, as in the table above.", "",
+                  "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
+                  "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
+                  + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batch_keys)]
+        for row in front["rows"]:
+            low, high = row["accuracy_ci_per_seed"][row["members"][0]]
+            cut = row.get("gflops_reduction_vs_student")
+            others = row["n_seeds"] - 1
+            extra = f" (+{others} seed{'s' if others > 1 else ''})" if others else ""
+            mode = " (full run)" if row["mode"] in ("single", "sweep") else ""
+            lines.append(
+                f"| {100 * row['sparsity_target']:.0f}% | `{row['group']}`{extra} | "
+                f"{front['methods'].get(row['method'], row['method'])}{mode} | {row['bits']} | "
+                + (f"{100 * cut:.1f}%" if cut is not None else "") + f" | {_seed_mean(row['accuracy_seed_spread'])} | "
+                f"[{low:.1f}, {high:.1f}] | {_versus_seeds(row.get('vs_student'))} | "
+                + (_versus(row["vs_magnitude"]) if row.get("vs_magnitude") else "") + " | "
+                + " | ".join(f"{row['latency_ms'][k]:.4g}" if k in row["latency_ms"] else "" for k in batch_keys)
+                + " |")
+        runs = sorted(front.get("frontier_runs", {}).items(), key=lambda kv: (str(kv[1]["seed"]), kv[0]))
+        for sweep_id, run in runs:
+            lines.append(f"\nFrontier run {sweep_id} (seed {run['seed']}): {run['wall_time_s']:.0f} s wall time for "
+                         f"the whole sweep (one gradual run with a branch per target, plus the baseline), "
+                         f"{run.get('recovery_fraction')} epoch of recovery per point; details in "
+                         f"models/frontier.json.")
+        lines.append("")
+    several = {g: e for g, e in groups.items() if e["n_seeds"] >= 2}
+    if several:
+        lines += ["## Seeds", "",
+                  "Models that differ only by training seed. mean ± s.d.: across seeds (seed-to-seed spread); "
+                  "each seed's [95% interval] is over sentences (sentence sampling).", "",
+                  "| seed group | seeds | accuracy (%) mean ± s.d. | min - max | each seed: accuracy [95% interval] | "
+                  "vs student (points) |", "|---|---|---:|---:|---|---:|"]
+        for group, e in several.items():
+            spread = e["accuracy_seed_spread"]
+            per_seed = "; ".join(f"{s}: {report['models'][n]['accuracy'] * 100:.2f} "
+                                 f"[{e['accuracy_ci_per_seed'][n][0]:.1f}, {e['accuracy_ci_per_seed'][n][1]:.1f}]"
+                                 for n, s in zip(e["members"], e["seeds"]))
+            lines.append(f"| `{group}` | {', '.join(str(s) for s in e['seeds'])} | {_seed_mean(spread)} | "
+                         f"{spread['min']:.2f} - {spread['max']:.2f} | {per_seed} | "
+                         f"{_versus_seeds(e.get('vs_student'))} |")
+        lines.append("")
+    return lines
+
+
+def artifact_table(report: dict, batch_keys) -> list:
+    """Every runnable artifact of every model, timed on the same inputs and threads in this run."""
+    run = report["run"]
+    cpu = run.get("cpu")
+    lines = ["## Deployment artifacts", "",
+             f"Each artifact measured by running it: accuracy on the same {report['dataset']['n']} sentences (95% "
+             f"bootstrap interval), size of its weight file(s), CPU latency on the same inputs with "
+             f"{run['threads']} threads" + (f" on {cpu_words(cpu)}" if cpu else "") + ". PyTorch 4-bit is "
+             "bitsandbytes NF4 (dequantized to the compute dtype on every forward); ONNX int8 is ONNX Runtime "
+             "dynamic quantization.", "",
+             "| model | artifact | runtime | accuracy (%) | 95% interval | size (MiB) | "
+             + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys) + " |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(batch_keys)]
+    for name, r in report["models"].items():
+        for artifact, a in r.get("artifacts", {}).items():
+            low, high = a["accuracy_ci"]
+            lines.append(f"| `{name}` | {a['precision']} | {a['runtime']} | {a['accuracy'] * 100:.2f} | "
+                         f"[{low * 100:.1f}, {high * 100:.1f}] | {a['size_mb']:.4g} | "
+                         + " | ".join(f"{a['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys) + " |")
+    return lines + [""]
+
+
+def comparison_table(report: dict) -> list:
+    comps = report.get("comparisons", [])
+    if not comps:
+        return []
+    lines = ["## Paired comparisons", "", report["comparison_convention"] + ".", "",
+             "| comparison | evaluation | a | b | a - b (points) | 95% interval | only a right | only b right | "
+             "McNemar p | |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in comps:
+        p = "< 0.001" if c["mcnemar_p"] < 0.001 else f"{c['mcnemar_p']:.2g}"
+        lines.append(f"| {c['kind']} | {Path(c['evaluation']).name} | `{artifact_label(c['a'], c['a_artifact'])}` | "
+                     f"`{artifact_label(c['b'], c['b_artifact'])}` | {c['diff_points']:+.2f} | "
+                     f"[{c['ci_low_points']:+.2f}, {c['ci_high_points']:+.2f}] | {c['only_a_right']} | "
+                     f"{c['only_b_right']} | {p} | {'significant' if c['significant'] else 'not significant'} |")
+    return lines + [""]
+
+
+def write_text(text: str, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,496 @@
+"""Measuring one saved model folder: architecture, GFLOPs (through the fp32 twin for 4-bit), accuracy on the
+validation set and extra eval files, CPU latency, ONNX exports; and the machine the latencies were taken on."""
+
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import time
+from fractions import Fraction
+from math import prod
+from pathlib import Path
+
+import torch
+
+from common.data import DataError, encode, make_loader, read_glue_tsv
+from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
+from common.flops import FLOPS_CONVENTION, count_flops
+from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
+from common.modeling_dpq import FAMILIES, build_model, get_layout, original_sizes
+from common.report.discover import (_config_dict, _is_model_folder, display_label, family, folder_status,
+                                    pruning_fields, sweep_target)
+from common.stage import StageError, read_metadata, resolve_upstream
+from common.stats import accuracy_interval
+from common.training import predict_logits
+
+logger = logging.getLogger("dpq")
+
+
+class SkipModel(Exception):
+    """A folder that cannot be loaded; the report lists it under "skipped" with the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Architecture and size, counted from the model itself
+
+
+def architecture(model) -> dict:
+    """Layers, attention heads kept and FFN neurons kept, counted from the modules by common.modeling_dpq.get_layout
+    (any family, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
+    layout = get_layout(model)
+    _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model; slicing keeps the head size
+    return {
+        "layers": len(layout["heads"]),
+        "heads": sum(layout["heads"]),
+        "ffn_neurons": sum(layout["ffn"]),
+        "heads_per_layer": layout["heads"],
+        "ffn_per_layer": layout["ffn"],
+        "hidden_size": hidden,
+        "head_dim": head_dim,
+    }
+
+
+def architecture_signature(model_class: str, arch: dict) -> tuple:
+    """Two models with equal signatures run the same matmuls (embedding lookups are not counted by fvcore)."""
+    return (model_class, arch["hidden_size"], arch["head_dim"], tuple(arch["heads_per_layer"]),
+            tuple(arch["ffn_per_layer"]))
+
+
+def logical_parameters(model) -> int:
+    """Parameters as the model means them: a packed 4-bit weight counts as its original shape."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += prod(state.shape) if state is not None and getattr(state, "shape", None) else p.numel()
+    return int(total)
+
+
+def is_4bit(model) -> bool:
+    """Any bitsandbytes Linear4bit (or a subclass, like common.quantization's) in the model."""
+    return any(any(c.__name__ == "Linear4bit" for c in type(m).__mro__) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------
+# GFLOPs (a 4-bit model is counted through its fp32 twin)
+
+
+# the config entries that fix a model's shape, in every family's names (common.modeling_dpq.FAMILIES)
+SAME_SHAPE_KEYS = ("model_type", *sorted({getattr(f, k) for f in FAMILIES.values()
+                                          for k in ("hidden_key", "layers_key", "heads_key", "ffn_key")}), LAYOUT_KEY)
+
+
+FIT_LENGTHS = (8, 16, 32, 48, 12, 24)  # sequence lengths traced to get a model's FLOPs as a function of length
+
+
+class FlopsCurve:
+    """FLOPs of one architecture as a function of sequence length (batch 1).
+
+    Under fvcore's convention a BERT/DistilBERT forward is exactly quadratic in the length L: the Linears and
+    LayerNorms cost a*L, the attention matmuls b*L^2, the pooler and classifier a constant (embedding lookups
+    and element-wise ops are not counted). So three traced lengths give every length; the fit is checked
+    against a fourth trace (the reference length) and, if it ever disagrees, every length is traced instead.
+    """
+
+    def __init__(self, model_fn, ref_len: int):
+        self.model_fn = model_fn
+        self.traced = {}
+        self.points = [n for n in FIT_LENGTHS if n != ref_len][:3]
+        for n in self.points + [ref_len]:
+            self._trace(n)
+        self.exact = self._fit(ref_len) == self.traced[ref_len]
+        if not self.exact:
+            logger.warning("[report] FLOPs are not quadratic in length for this model: tracing each length")
+
+    def _trace(self, n: int) -> int:
+        if n not in self.traced:
+            self.traced[n] = count_flops(self.model_fn(), seq_len=n)
+        return self.traced[n]
+
+    def _fit(self, n: int) -> Fraction:
+        total = Fraction(0)
+        for i, xi in enumerate(self.points):
+            term = Fraction(self.traced[xi])
+            for j, xj in enumerate(self.points):
+                if i != j:
+                    term *= Fraction(n - xj, xi - xj)
+            total += term
+        return total
+
+    def gflops(self, n: int) -> float:
+        if n in self.traced:
+            return self.traced[n] / 1e9
+        return float(self._fit(n)) / 1e9 if self.exact else self._trace(n) / 1e9
+
+
+class FlopsCache:
+    """One FlopsCurve per architecture signature: each shape is traced a handful of times per report."""
+
+    def __init__(self, ref_len: int):
+        self.ref_len = ref_len
+        self.curves = {}
+
+    def curve(self, signature, model_fn) -> FlopsCurve:
+        if signature not in self.curves:
+            self.curves[signature] = FlopsCurve(model_fn, self.ref_len)
+        return self.curves[signature]
+
+
+def _upstream_twin(folder: Path, meta: dict, models_root: Path):
+    """The fp32 folder a 4-bit folder was made from, if its metadata names one that still matches: fresh
+    (same run_id as recorded), not 4-bit, same model type, width and pruning layout."""
+    mine = _config_dict(folder)
+    for record in meta.get("upstream", {}).values():
+        source = resolve_upstream(record, models_root)  # relative to the models root (old records: by name)
+        if not _is_model_folder(source) or source.resolve() == Path(folder).resolve():
+            continue
+        theirs = _config_dict(source)
+        if theirs.get(QUANT_KEY) or any(theirs.get(k) != mine.get(k) for k in SAME_SHAPE_KEYS):
+            continue
+        try:
+            if read_metadata(source).get("run_id") != record.get("run_id"):
+                continue  # rebuilt since: not the twin of this 4-bit model any more
+            check_loadable(source)  # unreadable (truncated weights, ...): the twin is rebuilt from config instead
+        except (OSError, json.JSONDecodeError, StageError):
+            continue
+        return source
+    return None
+
+
+def rebuild_fp32_twin(folder: Path):
+    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only).
+
+    Built by the one loader's `common.modeling_dpq.build_model` with the quantization settings removed from the
+    config: unpruned skeleton shrunk to the folder's `dpq_layout`, no weights loaded."""
+    from transformers import AutoConfig  # in the body: transformers is slow to import
+
+    config = AutoConfig.from_pretrained(str(folder))
+    for key in (QUANT_KEY, "quantization_config"):
+        if hasattr(config, key):
+            delattr(config, key)
+    return build_model(config).eval()
+
+
+def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
+    """(description, model factory) of the fp32 twin whose FLOPs a 4-bit folder reports.
+
+    Prefers the fp32 source folder named in metadata.json "upstream" (fresh, same architecture); otherwise an
+    fp32 model rebuilt from the 4-bit folder's own config and layout.
+    """
+    signature = architecture_signature(model_class, arch)
+    source = _upstream_twin(folder, meta, models_root)
+    if source is not None:
+        twin = {}
+
+        def load_source():
+            if "model" not in twin:
+                try:
+                    twin["model"] = load_model(source)
+                except StageError as err:  # passed check_loadable, failed to load: same matmuls from config
+                    logger.warning(f"[report] {folder.name}: {err}; FLOPs from the fp32 twin rebuilt from config")
+                    twin["model"] = rebuild_fp32_twin(folder)
+                    return twin["model"]
+                twin_sig = architecture_signature(type(twin["model"]).__name__, architecture(twin["model"]))
+                if twin_sig != signature:
+                    raise StageError(f"{source.name} does not have the layout of {folder.name}")
+            return twin["model"]
+
+        return f"fp32 twin {source.name} (upstream of this 4-bit model)", load_source
+    twin = {}
+
+    def rebuild():
+        if "model" not in twin:
+            twin["model"] = rebuild_fp32_twin(folder)
+        return twin["model"]
+
+    return f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)", rebuild
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency
+
+
+def latency_indices(sentences, batch_size: int, seed: int):
+    """Row indices of the sentences timed at this batch size: the same for every model.
+
+    A seeded permutation; batch b takes its first b rows (cycling when the data is smaller than b); batch 1
+    takes the median-length sentence (in characters, so independent of the tokenizer) of the first 32 rows,
+    so a single very short or very long sentence does not decide the batch-1 number.
+    """
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    if batch_size == 1:
+        pool = sorted(order[:32], key=lambda i: (len(sentences[i]), i))
+        return [pool[len(pool) // 2]]
+    return [order[i % len(order)] for i in range(batch_size)]
+
+
+def latency_inputs(tokenizer, sentences, max_length: int) -> dict:
+    """Real sentences, padded to the longest in the batch (no token_type_ids: DistilBERT has none)."""
+    enc = tokenizer(list(sentences), padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.no_grad()
+def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
+    """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds (a PyTorch model or a
+    common.export.OnnxClassifier: both are called as model(input_ids=..., attention_mask=...))."""
+    if hasattr(model, "eval"):
+        model.eval()
+    for _ in range(warmup):
+        model(**inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(**inputs)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": runs,
+        "warmup": warmup,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "batch_size": int(inputs["input_ids"].shape[0]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def load_eval_files(paths) -> dict:
+    """Read and validate every --eval-file before any model is loaded: {path as given: rows}."""
+    rows = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"--eval-file {path}: no such file (expected a GLUE-format TSV: sentence<TAB>label)")
+        rows[str(path)] = read_glue_tsv(path)
+        if not rows[str(path)]:
+            raise DataError(f"--eval-file {path}: no rows to evaluate")
+    return rows
+
+
+def eval_loader(tokenizer, rows, batch_size: int, max_length: int):
+    """`rows` [(sentence, label)] through the project's data code: (loader, tokenized lengths)."""
+    encoded = encode(tokenizer, rows, max_length=max_length)
+    loader = make_loader(encoded, batch_size, shuffle=False, pad_id=tokenizer.pad_token_id or 0)
+    return loader, [len(ids) for ids in encoded.input_ids]
+
+
+def correct_on(runner, loader) -> list:
+    """Per sentence (dataset order): did the model (PyTorch, or an ONNX classifier) predict its label?"""
+    logits = onnx_predict_logits(runner, loader) if isinstance(runner, OnnxClassifier) else predict_logits(runner,
+                                                                                                           loader)
+    return (logits.argmax(-1) == loader.dataset.labels).tolist()
+
+
+def as_bits(correct) -> str:
+    """Per-sentence correctness as a compact JSON string ("1" right, "0" wrong), for paired tests later."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def from_bits(bits: str) -> list:
+    return [c == "1" for c in bits]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One model
+
+
+def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, settings: dict) -> dict:
+    """Accuracy (with its 95% bootstrap interval and per-sentence correctness), accuracy on each extra file,
+    and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others."""
+    correct = correct_on(runner, loader)
+    interval = accuracy_interval(correct, seed=settings["seed"])
+    record = {
+        "accuracy": round(interval["accuracy"], 6),
+        "accuracy_ci": [round(interval["ci_low"], 6), round(interval["ci_high"], 6)],
+        "correct": as_bits(correct),
+        "eval_files": {},
+        "eval_files_correct": {},
+        "latency_ms": {},
+        "latency_detail": {},
+    }
+    for path, file_loader in file_loaders.items():
+        file_correct = correct_on(runner, file_loader)
+        record["eval_files"][path] = round(sum(file_correct) / len(file_correct), 6)
+        record["eval_files_correct"][path] = as_bits(file_correct)
+    for batch, inputs in timed_inputs.items():
+        detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
+        record["latency_ms"][f"batch_{batch}"] = round(detail["median_ms"], 3)
+        record["latency_detail"][f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
+                                                     for k, v in detail.items()}
+    return record
+
+
+def exported(folder, notes: list) -> dict:
+    """{artifact: path} of the ONNX exports a folder ships; an unreadable export becomes a note, not a crash."""
+    try:
+        return exported_artifacts(folder)
+    except ExportError as err:
+        notes.append(f"ONNX export not measured: {err}")
+        return {}
+
+
+def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root) -> dict:
+    """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len,
+    latency_batches, latency_runs, warmup_runs, seed."""
+    folder = Path(folder)
+    meta, notes = folder_status(folder)
+    config = _config_dict(folder)
+    started = time.time()
+    logger.info(f"[report] {name}: loading {folder}")
+    try:
+        model = load_model(folder)
+        tokenizer = load_tokenizer(folder)
+    except Exception as err:  # a half-made or corrupt folder: skip it, say why; measuring errors still raise
+        raise SkipModel(f"could not be loaded: {type(err).__name__}: {err}" + (f" ({notes[0]})" if notes else ""))
+    arch = architecture(model)
+    model_class = type(model).__name__
+    bits = 4 if (config.get(QUANT_KEY) or is_4bit(model)) else 32
+
+    layout = config.get(LAYOUT_KEY)
+    if layout and (list(layout.get("heads", [])) != arch["heads_per_layer"]
+                   or list(layout.get("ffn", [])) != arch["ffn_per_layer"]):
+        notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
+                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
+
+    sentences = [s for s, _ in validation]
+    loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
+    file_loaders = {path: eval_loader(tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
+                    for path, rows in eval_files.items()}
+    timed_inputs = {batch: latency_inputs(tokenizer, [sentences[i] for i in latency_indices(sentences, batch,
+                                                                                            settings["seed"])],
+                                          settings["max_length"])
+                    for batch in settings["latency_batches"]}
+    pytorch = measure_runner(model, loader, file_loaders, timed_inputs, settings)
+    artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
+                                 size_bytes=weight_bytes(folder), file="model*.safetensors")}
+    for artifact, path in exported(folder, notes).items():
+        runner = OnnxClassifier(path, threads=torch.get_num_threads())
+        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed_inputs, settings),
+                                   runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
+                                   size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
+    for record in artifacts.values():
+        record["size_mb"] = round(record["size_bytes"] / 2**20, 3)
+    accuracy, file_accuracy = pytorch["accuracy"], pytorch["eval_files"]
+    latency, latency_detail = pytorch["latency_ms"], pytorch["latency_detail"]
+
+    signature = architecture_signature(model_class, arch)
+    if bits == 4:
+        gflops_source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
+    else:
+        gflops_source, model_fn = "measured on this model", (lambda: model)
+    curve = flops_cache.curve(signature, model_fn)
+    gflops = curve.gflops(flops_cache.ref_len)
+    per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
+    gflops_per_sentence = sum(per_length[n] for n in lengths) / len(lengths)
+
+    size = weight_bytes(folder)
+    record = {
+        "accuracy": round(accuracy, 6),
+        "eval_files": {p: round(a, 6) for p, a in file_accuracy.items()},
+        "gflops": round(gflops, 6),
+        "gflops_per_sentence": round(gflops_per_sentence, 6),
+        "gflops_source": gflops_source,
+        "gflops_length_fit_exact": curve.exact,
+        "params": logical_parameters(model),
+        "size_bytes": size,
+        "size_mb": round(size / 2**20, 3),
+        "bits": bits,
+        "latency_ms": latency,
+        "latency_detail": latency_detail,
+        "accuracy_ci": artifacts["pytorch"]["accuracy_ci"],
+        "artifacts": artifacts,
+        "torch_threads": torch.get_num_threads(),
+        "layers": arch["layers"],
+        "heads": arch["heads"],
+        "ffn_neurons": arch["ffn_neurons"],
+        "heads_per_layer": arch["heads_per_layer"],
+        "ffn_per_layer": arch["ffn_per_layer"],
+        "label": display_label(name),
+        "model_class": model_class,
+        "family": family(name, config, meta),
+        "stage": meta.get("stage"),
+        "run_id": meta.get("run_id"),
+        "upstream": sorted(Path(r.get("folder", "")).name for r in meta.get("upstream", {}).values()),
+        "folder": str(folder),
+        "stale": any(n.startswith("stale") for n in notes),
+        "complete": bool(meta),
+        "warnings": notes,
+        "measure_time_s": round(time.time() - started, 1),
+    }
+    if config.get(QUANT_KEY):
+        record["quantization"] = config[QUANT_KEY]
+    if sweep_target(name) is not None:
+        record["sweep_target"] = sweep_target(name)
+    record.update(pruning_fields(name, meta))
+    for note in notes:
+        logger.warning(f"[report] {name}: {note}")
+    logger.info(
+        f"[report] {name}: acc {accuracy:.4f}, {gflops:.3f} GFLOPs ({gflops_source}), {record['size_mb']:.1f} MiB, "
+        f"{bits}-bit, latency {latency}, {arch['layers']} layers / {arch['heads']} heads / "
+        f"{arch['ffn_neurons']} FFN neurons"
+    )
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine the latencies are measured on
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_busy(load) -> str:
+    """A warning when other processes compete for the CPU: latency medians are then not comparable."""
+    cores = os.cpu_count() or 1
+    if load and load[0] > cores * 0.75:
+        return (f"machine busy at the start (load average {load[0]:.1f} on {cores} cores): latency numbers are "
+                f"inflated by other processes; rerun on an idle machine (or with THREADS=1 to avoid thread "
+                f"oversubscription) before quoting them")
+    return ""
+
+
+def flops_convention(seq_len: int) -> str:
+    return FLOPS_CONVENTION.replace("sequence length 128", f"sequence length {seq_len}")
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU the latencies were measured on: model name, logical cores, the instruction-set flags that decide
+    int8/bf16 speed, and whether bf16 matmuls are native (AVX512-BF16 or AMX), which is what makes
+    bitsandbytes 4-bit fast or slow on a CPU."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    present = [f for f in CPU_FLAGS if f in flags]
+    return {"name": name, "logical_cores": os.cpu_count(), "flags": present,
+            "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
+def cpu_words(cpu: dict) -> str:
+    """'AMD EPYC, 2 logical cores, AVX2 only, no native bf16' (the qualifier every CPU timing carries)."""
+    isa = "AVX-512" if "avx512f" in cpu["flags"] else "AVX2 only" if "avx2" in cpu["flags"] else "no AVX2"
+    bf16 = "native bf16" if cpu["bf16_native"] else "no native bf16"
+    return f"{cpu['name']}, {cpu['logical_cores']} logical cores, {isa}, {bf16}"
+
+
+def device_description() -> str:
+    return f"cpu: {cpu_words(cpu_info())}"
