@@ -49,11 +49,13 @@ Override any constant below as KEY=VALUE, e.g. `python 8_pruning_with_finetuning
 
 import copy
 from contextlib import contextmanager
+import json
 import os
 import sys
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 
 from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
@@ -412,7 +414,8 @@ def add_sweep_wall_time(folder, wall: float) -> None:
 
 
 def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
-    """models/frontier.json: what the frontier run did and cost (the last FRONTIER=True run)."""
+    """models/frontier.json: what the frontier run did and cost, per seed; runs of other seeds made earlier with the
+    same frontier settings are kept (`earlier_frontier_runs`)."""
     n = len(targets)
     methods = list(cfg.FRONTIER_METHODS)
     passes = {"gradual_run": cfg.PRUNE_EPOCHS if "taylor" in methods else 0,
@@ -433,11 +436,46 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
     path = models_root() / FRONTIER_SUMMARY
     if not is_main_process():  # only the main process of a multi-process run writes under models/
         return summary
+    earlier = earlier_frontier_runs(path, summary)
+    if earlier:
+        summary["runs"] = {**earlier, **summary["runs"]}
+        summary["seeds"] = sorted(int(s) for s in summary["runs"])
+        logger.info(f"frontier: keeping the earlier run(s) of seed(s) {', '.join(earlier)} in {path.name} (same "
+                    f"settings, folders unchanged)")
     tmp = path.with_name(f".{path.name}.tmp")
     json_dump(summary, tmp)
     os.replace(tmp, path)
     logger.info(f"frontier: {len(seeds)} seed(s) x {n} targets in {wall:.0f} s -> {path}")
     return summary
+
+
+# what must match for an earlier frontier run to be listed beside this one in models/frontier.json
+_SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
+                  "preset", "quick")
+
+
+def earlier_frontier_runs(path, summary) -> dict:
+    """{seed: run} of the frontier runs recorded in `path` for seeds this run did not redo, when they were made with
+    the same frontier settings and their folders are still the ones they wrote (same sweep id), so that
+    `SEEDS=(43, 44)` after a seed-42 run leaves one summary of all three; {} otherwise."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if any(old.get(k) != json.loads(json.dumps(summary[k])) for k in _SAME_FRONTIER):
+        return {}
+    kept = {}
+    for seed, run in old.get("runs", {}).items():
+        if seed in summary["runs"]:
+            continue
+        folders = [p["folder"] for points in run.get("points", {}).values() for p in points]
+        try:
+            ids = {read_metadata(models_root() / f)["results"]["frontier"]["sweep_id"] for f in folders}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if folders and ids == {run.get("sweep_id")}:
+            kept[seed] = run
+    return kept
 
 
 def main(argv=None):

@@ -30,9 +30,12 @@ in float32 (AVX2 CPUs) they ran 1.4-1.6x slower than the fp32 model at batch 1 a
 Run:    python 9_quantize_pruned_model.py
 Quick:  QUICK=1 python 9_quantize_pruned_model.py     (same work: this stage takes seconds per model)
 Only some inputs: python 9_quantize_pruned_model.py 'QUANTIZE=("student", "sweep")'   (e.g. after a sweep only)
+An output already made from the same source run with the same settings, data and code is kept as it is (so adding
+seeds to a sweep quantizes only the new folders); REDO=True makes every output again.
 Override any constant below as KEY=VALUE, e.g. `python 9_quantize_pruned_model.py QUANT_TYPE=fp4 DOUBLE_QUANT=True`.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,8 +48,8 @@ from common.modeling import check_loadable, count_parameters, load_model, load_t
 from common.paths import models_root, stage_dir
 from common.pruning import get_layout, is_pruned
 from common.quantization import precision_map, quantize_model, save_quantized
-from common.stage import (StageError, check_preset, logger, require_fresh, require_stage, run_main, set_seed,
-                          setup_logging, stage_output)
+from common.stage import (METADATA, StageError, check_preset, code_sha256, is_stale, logger, read_metadata,
+                          require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output, upstream_record)
 from common.training import predict_logits
 
 # -----------------------------------------------------------------------------
@@ -70,6 +73,8 @@ ONNX_MIN_AGREEMENT = 0.97  # an int8/int4 export agreeing with its fp32 source o
 EVAL_BATCH_SIZE = 128
 MAX_LENGTH = 128
 SEED = 42
+REDO = False               # False: an output already made from the same source run, with the same settings, data and
+                           # code, is kept (logged as up to date); True: every output is made again
 # -----------------------------------------------------------------------------
 _QUANTIZED_SUFFIX = "_quantized"  # models/pruned_model_s50 -> models/pruned_model_s50_quantized
 _INPUTS = ("student", "pruned", "sweep")
@@ -140,6 +145,34 @@ def plan(cfg) -> list:
     return jobs
 
 
+# settings that choose which outputs to make, not how: an output made under other values is still up to date
+_SELECTION_KEYS = ("QUANTIZE", "REDO")
+
+
+def up_to_date(cfg, source, source_stage, dest) -> dict | None:
+    """The metadata of `dest` when it can be kept as it is: finished, made from the source folder's current run
+    (same run id), with the same settings (except _SELECTION_KEYS), the same data and the same code (this script and
+    common/: `code_sha256`), and nothing it was built from changed since; otherwise None (it is made again)."""
+    if cfg.REDO or not (dest / METADATA).is_file():
+        return None
+    try:
+        meta = read_metadata(dest)
+        check_loadable(dest)
+    except (OSError, ValueError, StageError):
+        return None
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in _SELECTION_KEYS}
+    made_with = {k: v for k, v in meta.get("config", {}).items() if k not in _SELECTION_KEYS}
+    same = (meta.get("upstream", {}).get(source_stage) == upstream_record(source, source_stage, root=dest.parent)
+            and made_with == json_roundtrip(settings) and meta.get("code_sha256") == code_sha256(__file__)
+            and not is_stale(meta, dest.parent))
+    return meta if same else None
+
+
+def json_roundtrip(obj):
+    """`obj` as it reads back from metadata.json (tuples become lists)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
 def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows, student_bytes) -> dict:
     """Quantize one fp32 folder into `dest`, reload it from disk and measure it against its source."""
     set_seed(cfg.SEED)
@@ -149,6 +182,7 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
     with stage_output(dest, dest_stage, as_dict(cfg), cfg.SEED) as out:
         out.add_upstream(source, source_stage)
         out.add_data()
+        out.extra["code_sha256"] = code_sha256(__file__)  # what made it (up_to_date compares it)
         model = load_model(source).to(device)
         parameters = count_parameters(model)
         fp32_logits = predict_logits(model, loader)
@@ -232,6 +266,12 @@ def main(argv=None):
                 + ", ".join(f"{s.name} -> {d.name}" for s, _, d, _ in jobs))
     results = {}
     for source, source_stage, dest, dest_stage in jobs:
+        kept = up_to_date(cfg, source, source_stage, dest)
+        if kept is not None:
+            logger.info(f"{dest.name}: up to date (made from {source.name} run {kept['upstream'][source_stage]['run_id']} "
+                        f"with these settings, data and code); kept as it is (REDO=True makes it again)")
+            results[dest.name] = kept["results"]
+            continue
         results[dest.name] = quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows,
                                           student_bytes)
     return results

@@ -34,10 +34,11 @@ test: setup
 
 # One gradual pruning run through 20, 35, 50, 65, 80, 90, 95% fewer encoder GFLOPs with a short-recovery branch
 # saved at each (pruned_model_sNN), the one-shot magnitude baseline at the same targets (pruned_magnitude_sNN),
-# 4-bit + ONNX twins of every pruned folder, then the report. Needs teacher_model and student_model (make all).
+# 4-bit + ONNX twins of every pruned folder (and of the student, the 4-bit rows' reference; twins already up to
+# date are kept), then the report. Needs teacher_model and student_model (make all).
 frontier: setup
 	$(PY) 8_pruning_with_finetuning.py FRONTIER=True $(FRONTIER_ARGS)
-	$(PY) 9_quantize_pruned_model.py 'QUANTIZE=("sweep",)'
+	$(PY) 9_quantize_pruned_model.py 'QUANTIZE=("student", "sweep")'
 	$(PY) 7_evaluate_and_generate_report.py
 
 clean-models:

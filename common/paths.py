@@ -136,4 +136,4 @@ def stage_of_folder(name: str):
     return None
 
 
-FRONTIER_SUMMARY = "frontier.json"  # models/frontier.json: the last frontier run of 8_pruning_with_finetuning.py
+FRONTIER_SUMMARY = "frontier.json"  # models/frontier.json: the frontier runs of 8_pruning_with_finetuning.py, per seed

@@ -25,6 +25,7 @@ temporary folder from `stage_output` (no lock, no metadata, no cleaning of lefto
 """
 
 import fcntl
+import hashlib
 import importlib.metadata as md
 import json
 import logging
@@ -94,6 +95,15 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_sha256(script) -> str:
+    """sha256 over the source of `script` (a stage script) and of every module of the `common` package: two
+    outputs with the same fingerprint were made by the same code (edits to other stage scripts do not count)."""
+    digest = hashlib.sha256()
+    for path in [Path(script)] + sorted((REPO_ROOT / "common").rglob("*.py")):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")

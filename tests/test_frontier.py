@@ -3,6 +3,7 @@ common.pruning), their 4-bit twins (9_quantize_pruned_model.py) and the report's
 tiny random BERT pipeline built here (tiny SST-2-like data, 2-layer student, 3-layer teacher)."""
 
 import json
+import runpy
 import shutil
 import subprocess
 
@@ -110,6 +111,22 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
         assert set(point) == set(TARGETS) and all(point[t]["measured_sparsity"] >= t for t in TARGETS)
 
 
+def test_frontier_summary_keeps_earlier_seeds_made_the_same_way(frontier, tmp_path):
+    """`SEEDS=(43,)` after a run of 42 and 43 keeps seed 42's entry in frontier.json, but only while its folders are
+    the ones it wrote and the frontier settings are the same."""
+    earlier_runs = runpy.run_path(str(REPO / STAGE), run_name="dpq_test")["earlier_frontier_runs"]
+    old = json.loads((frontier["models"] / "frontier.json").read_text())
+    new = dict(old, runs={"43": old["runs"]["43"]})
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(old))
+    assert earlier_runs(path, new) == {"42": old["runs"]["42"]}
+    assert earlier_runs(path, dict(new, recovery_fraction=0.5)) == {}  # made another way: not comparable
+    assert earlier_runs(tmp_path / "missing.json", new) == {}
+    rewritten = dict(old, runs={"42": dict(old["runs"]["42"], sweep_id="another")})  # folders rewritten since
+    path.write_text(json.dumps(rewritten))
+    assert earlier_runs(path, new) == {}
+
+
 def test_magnitude_baseline_folders(frontier):
     models = frontier["models"]
     for seed, suffix in ((42, ""), (43, "_seed43")):
@@ -167,12 +184,21 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     for row in rows:
         if row["method"] == "taylor":
             assert row["vs_magnitude"]["reference"].startswith("pruned_magnitude")
+            several = row["vs_magnitude_seeds"]  # each seed paired with the baseline of the same seed
+            assert [("_seed43" in c["model"], "_seed43" in c["reference"]) for c in several["per_seed"]] \
+                == [(False, False), (True, True)]
+            rival = next(r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
+                         and r["sparsity_target"] == row["sparsity_target"])
+            margin = row["accuracy_seed_spread"]["mean"] - rival["accuracy_seed_spread"]["mean"]
+            assert several["mean_difference_points"] == pytest.approx(margin, abs=1e-3)
+            assert several["beats_by_more_than_seed_spread"] == (margin > max(row["accuracy_seed_spread"]["std"],
+                                                                              rival["accuracy_seed_spread"]["std"]))
     assert all(r["gflops_reduction_vs_student"] > 0 for r in rows)
     assert len(report["frontier"]["frontier_runs"]) == 2
 
     md = (frontier["root"] / "report" / "final_report.md").read_text()
     assert "## Accuracy-compute frontier" in md and "## Seeds" in md and "(2 seeds)" in md
-    assert "magnitude one-shot (baseline)" in md and "ours - magnitude" in md
+    assert "magnitude one-shot (baseline)" in md and "ours - magnitude" in md and "the seed spread" in md
     png = frontier["root"] / "report" / "final_report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -261,6 +261,23 @@ def test_stage_quantizes_final_baseline_and_sweep(prepared, trained):
         assert json.loads((folder / "onnx" / "export.json").read_text()) == onnx
         assert (folder / "onnx" / "model_int8.onnx").stat().st_size == onnx["artifacts"]["onnx_int8"]["bytes"]
 
+    # a second run keeps every output made from the same source run with the same settings, data and code ...
+    run_ids = {name: read_metadata(models / name)["run_id"] for name in results}
+    again = run_script(STAGE, 'QUANTIZE=("sweep",)')
+    assert again == {"pruned_model_s50_quantized": results["pruned_model_s50_quantized"]}
+    assert read_metadata(models / "pruned_model_s50_quantized")["run_id"] == run_ids["pruned_model_s50_quantized"]
+    # ... and makes it again when a setting changed, its source was rebuilt, or REDO=True
+    for args in (("BLOCKSIZE=64",), ("REDO=True",)):
+        run_script(STAGE, 'QUANTIZE=("sweep",)', *args)
+        now = read_metadata(models / "pruned_model_s50_quantized")
+        assert now["run_id"] != run_ids["pruned_model_s50_quantized"]
+        run_ids["pruned_model_s50_quantized"] = now["run_id"]
+    assert now["results"]["quantization"]["blocksize"] == 32
+    write_stage(pruned, models / "pruned_model_s50", "pruned", [(student, "student")])
+    run_script(STAGE, 'QUANTIZE=("sweep",)')
+    assert read_metadata(models / "pruned_model_s50_quantized")["run_id"] != run_ids["pruned_model_s50_quantized"]
+    assert read_metadata(models / "distilled_quantized_student")["run_id"] == run_ids["distilled_quantized_student"]
+
 
 def test_stage_refuses_missing_inputs_and_bad_settings(prepared, trained):
     from common.config import ConfigError

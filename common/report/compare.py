@@ -87,7 +87,9 @@ SEED_CONVENTION = (
     "would move on another draw of sentences). vs_student: each seed's model paired against the student of its "
     "precision (fp32: student_model; 4-bit: distilled_quantized_student) on the same sentences: difference in "
     "points, 95% paired-bootstrap interval, exact McNemar p; vs_magnitude (frontier rows): ours against the "
-    "magnitude baseline at the same target and precision, seed-SEED models, the same paired test")
+    "magnitude baseline at the same target and precision, seed-SEED models, the same paired test; vs_magnitude_seeds: "
+    "the same test for every training seed both have, and the difference of the seed means against the larger "
+    "seed-to-seed s.d. (beats_by_more_than_seed_spread)")
 METHOD_WORDS = {"taylor": "ours (gradual, Taylor)", "magnitude": "magnitude one-shot (baseline)"}
 
 
@@ -150,6 +152,24 @@ def seed_groups(models: dict, seed: int) -> dict:
     return out
 
 
+def _versus_rival_seeds(models: dict, row: dict, rival: dict, seed: int) -> dict:
+    """Ours against the baseline seed by seed (each of our models paired with the baseline model of the same
+    training seed, on the same sentences), and the difference of the two seed means set against the seed-to-seed
+    spread: `beats_by_more_than_seed_spread` when ours is higher by more than the larger of the two sample s.d.s
+    (needs at least two seeds on each side; None otherwise)."""
+    theirs = dict(zip(rival["seeds"], rival["members"]))
+    per_seed = [_paired_vs(models, name, theirs[s], seed) for name, s in zip(row["members"], row["seeds"])
+                if s in theirs]
+    ours_spread, their_spread = row["accuracy_seed_spread"], rival["accuracy_seed_spread"]
+    margin = ours_spread["mean"] - their_spread["mean"]
+    largest_sd = max(ours_spread["std"], their_spread["std"])
+    several = min(ours_spread["n_seeds"], their_spread["n_seeds"]) >= 2
+    return {"per_seed": per_seed,
+            "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed]) if per_seed else None,
+            "mean_difference_points": round(margin, 4), "largest_seed_sd_points": round(largest_sd, 4),
+            "beats_by_more_than_seed_spread": (margin > largest_sd) if several else None}
+
+
 def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
     """The accuracy-compute frontier: one row per pruned seed group with a sparsity target (ours and the magnitude
     baseline, fp32 and 4-bit), by target; ours paired against the magnitude baseline at the same target and
@@ -173,6 +193,7 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
                       and r["sparsity_target"] == row["sparsity_target"]), None)
         if rival:
             row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
+            row["vs_magnitude_seeds"] = _versus_rival_seeds(models, row, rival, seed)
     walls = {}
     for name, r in models.items():
         run = r.get("frontier_run") or {}

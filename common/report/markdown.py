@@ -94,6 +94,17 @@ def _versus_seeds(v: dict) -> str:
             + ", ".join(_p(c["mcnemar_p"]) for c in per_seed))
 
 
+def _versus_rival(row: dict) -> str:
+    """ours - magnitude: one seed as a paired test; several as the per-seed differences and the spread verdict."""
+    several = row.get("vs_magnitude_seeds") or {}
+    if len(several.get("per_seed") or ()) < 2:
+        return _versus(row["vs_magnitude"]) if row.get("vs_magnitude") else ""
+    verdict = {True: "more than the seed spread", False: "NOT more than the seed spread", None: ""}[
+        several["beats_by_more_than_seed_spread"]]
+    return (_versus_seeds(several) + f"; means differ by {several['mean_difference_points']:+.2f} vs seed s.d. "
+            f"{several['largest_seed_sd_points']:.2f}: {verdict}")
+
+
 def frontier_table(report: dict, batch_keys) -> list:
     """The frontier (ours vs the magnitude baseline, fp32 and 4-bit, by target) and the seed groups."""
     front, groups = report.get("frontier"), report.get("seed_groups") or {}
@@ -108,7 +119,9 @@ def frontier_table(report: dict, batch_keys) -> list:
                   "vs student: paired on the same sentences against student_model (fp32 rows) or "
                   "distilled_quantized_student (4-bit rows): difference in points [95% paired-bootstrap interval], "
                   "exact McNemar p. ours - magnitude: the same paired test against the baseline at the same target "
-                  "and precision. Latency: PyTorch, as in the table above.", "",
+                  "and precision (with several seeds: mean ± s.d. of the per-seed differences, each seed paired "
+                  "with the baseline of the same seed, and whether the difference of the seed means exceeds the "
+                  "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above.", "",
                   "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
                   "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
                   + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batch_keys)]
@@ -123,7 +136,7 @@ def frontier_table(report: dict, batch_keys) -> list:
                 f"{front['methods'].get(row['method'], row['method'])}{mode} | {row['bits']} | "
                 + (f"{100 * cut:.1f}%" if cut is not None else "") + f" | {_seed_mean(row['accuracy_seed_spread'])} | "
                 f"[{low:.1f}, {high:.1f}] | {_versus_seeds(row.get('vs_student'))} | "
-                + (_versus(row["vs_magnitude"]) if row.get("vs_magnitude") else "") + " | "
+                + _versus_rival(row) + " | "
                 + " | ".join(f"{row['latency_ms'][k]:.4g}" if k in row["latency_ms"] else "" for k in batch_keys)
                 + " |")
         runs = sorted(front.get("frontier_runs", {}).items(), key=lambda kv: (str(kv[1]["seed"]), kv[0]))
