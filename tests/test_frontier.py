@@ -194,6 +194,11 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
             assert several["beats_by_more_than_seed_spread"] == (margin > max(row["accuracy_seed_spread"]["std"],
                                                                               rival["accuracy_seed_spread"]["std"]))
     assert all(r["gflops_reduction_vs_student"] > 0 for r in rows)
+    for row in rows:  # measured: the student of the same precision's latency over the row's mean latency
+        speed = row["speedup_vs_student"]
+        reference = models[speed["reference"]]["latency_ms"]
+        assert speed["reference"] == ("student_model" if row["bits"] == 32 else "distilled_quantized_student")
+        assert all(speed[k] == pytest.approx(reference[k] / row["latency_ms"][k], rel=1e-3) for k in row["latency_ms"])
     assert len(report["frontier"]["frontier_runs"]) == 2
 
     md = (frontier["root"] / "report" / "final_report.md").read_text()

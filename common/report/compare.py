@@ -144,6 +144,10 @@ def seed_groups(models: dict, seed: int) -> dict:
         if student in models:
             entry["gflops_reduction_vs_student"] = round(1 - entry["gflops"] / models[student]["gflops"], 5)
         reference = BASELINE if bits == 4 and BASELINE in models else student
+        if reference in models:  # measured speed-up over the student of the same precision, same run and inputs
+            entry["speedup_vs_student"] = {"reference": reference, **{
+                k: round(models[reference]["latency_ms"][k] / v, 4) for k, v in entry["latency_ms"].items()
+                if k in models[reference]["latency_ms"] and v > 0}}
         if first["family"] == "pruned" and reference in models:
             per_seed = [_paired_vs(models, n, reference, seed) for n in names]
             entry["vs_student"] = {"reference": reference, "per_seed": per_seed,
@@ -182,6 +186,7 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
                                                           "sparsity_target", "mode", "gflops", "latency_ms",
                                                           "accuracy_seed_spread", "accuracy_ci_per_seed")},
                      "gflops_reduction_vs_student": g.get("gflops_reduction_vs_student"),
+                     "speedup_vs_student": g.get("speedup_vs_student"),
                      "vs_student": g.get("vs_student")})
     if not rows:
         return None

@@ -105,6 +105,12 @@ def _versus_rival(row: dict) -> str:
             f"{several['largest_seed_sd_points']:.2f}: {verdict}")
 
 
+def _speedup(row: dict, batch_keys) -> str:
+    speed = row.get("speedup_vs_student") or {}
+    big = batch_keys[-1] if batch_keys else None
+    return f"{speed[big]:.2f}x" if big in speed else ""
+
+
 def frontier_table(report: dict, batch_keys) -> list:
     """The frontier (ours vs the magnitude baseline, fp32 and 4-bit, by target) and the seed groups."""
     front, groups = report.get("frontier"), report.get("seed_groups") or {}
@@ -121,10 +127,11 @@ def frontier_table(report: dict, batch_keys) -> list:
                   "exact McNemar p. ours - magnitude: the same paired test against the baseline at the same target "
                   "and precision (with several seeds: mean ± s.d. of the per-seed differences, each seed paired "
                   "with the baseline of the same seed, and whether the difference of the seed means exceeds the "
-                  "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above.", "",
+                  "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above; speed-up: the student of the "
+                  "same precision's latency over this row's, at the largest batch.", "",
                   "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
                   "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
-                  + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batch_keys)]
+                  + " | speed-up |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(batch_keys) + 1)]
         for row in front["rows"]:
             low, high = row["accuracy_ci_per_seed"][row["members"][0]]
             cut = row.get("gflops_reduction_vs_student")
@@ -138,7 +145,7 @@ def frontier_table(report: dict, batch_keys) -> list:
                 f"[{low:.1f}, {high:.1f}] | {_versus_seeds(row.get('vs_student'))} | "
                 + _versus_rival(row) + " | "
                 + " | ".join(f"{row['latency_ms'][k]:.4g}" if k in row["latency_ms"] else "" for k in batch_keys)
-                + " |")
+                + f" | {_speedup(row, batch_keys)} |")
         runs = sorted(front.get("frontier_runs", {}).items(), key=lambda kv: (str(kv[1]["seed"]), kv[0]))
         for sweep_id, run in runs:
             lines.append(f"\nFrontier run {sweep_id} (seed {run['seed']}): {run['wall_time_s']:.0f} s wall time for "
