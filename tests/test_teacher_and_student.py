@@ -117,6 +117,13 @@ def test_distill_and_ablation_write_their_own_folders(downloaded):
     assert student.config.num_hidden_layers == 2
     assert evaluate(student, validation_loader(folder)) == pytest.approx(results["validation_accuracy"])
     assert len(list((downloaded / "models" / "cache").glob("teacher_logits_*.pt"))) == 1
+    # the same seed gives the same student whether the teacher logits were computed (first run) or read from the
+    # cache (this run): nothing drawn from the random generators depends on the cache
+    first = student.state_dict()
+    again = run_script("2_distill_student.py", "STUDENT_LAYERS=(0, 2)", "EPOCHS=2", *FAST)
+    assert again["validation_accuracy"] == results["validation_accuracy"]
+    assert all(torch.equal(first[k], v) for k, v in load_model(folder).state_dict().items())
+    meta = read_metadata(folder)
 
     run_script("2_distill_student.py", "DISTILL=False", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1", *FAST)
     ablation = read_metadata(downloaded / "models" / "student_model_nodistill")
