@@ -67,8 +67,8 @@ from common.modeling import check_loadable, count_parameters, load_model, load_t
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
 from common.pruning import (CRITERIA, get_layout, gradual_prune, kept_units, magnitude_importance,
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
-from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, logger, read_metadata,
-                          require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
+from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
+                          read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
 from common.training import evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def earlier_frontier_runs(path, summary) -> dict:
         old = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    if any(old.get(k) != json.loads(json.dumps(summary[k])) for k in _SAME_FRONTIER):
+    if any(old.get(k) != json_roundtrip(summary[k]) for k in _SAME_FRONTIER):
         return {}
     kept = {}
     for seed, run in old.get("runs", {}).items():

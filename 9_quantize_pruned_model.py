@@ -35,7 +35,6 @@ seeds to a sweep quantizes only the new folders); REDO=True makes every output a
 Override any constant below as KEY=VALUE, e.g. `python 9_quantize_pruned_model.py QUANT_TYPE=fp4 DOUBLE_QUANT=True`.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -48,8 +47,9 @@ from common.modeling import check_loadable, count_parameters, load_model, load_t
 from common.paths import models_root, stage_dir
 from common.pruning import get_layout, is_pruned
 from common.quantization import precision_map, quantize_model, save_quantized
-from common.stage import (METADATA, StageError, check_preset, code_sha256, is_stale, logger, read_metadata,
-                          require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output, upstream_record)
+from common.stage import (METADATA, StageError, check_preset, code_sha256, is_stale, json_roundtrip, logger,
+                          read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output,
+                          upstream_record)
 from common.training import predict_logits
 
 # -----------------------------------------------------------------------------
@@ -168,11 +168,6 @@ def up_to_date(cfg, source, source_stage, dest) -> dict | None:
     return meta if same else None
 
 
-def json_roundtrip(obj):
-    """`obj` as it reads back from metadata.json (tuples become lists)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows, student_bytes) -> dict:
     """Quantize one fp32 folder into `dest`, reload it from disk and measure it against its source."""
     set_seed(cfg.SEED)
@@ -268,8 +263,9 @@ def main(argv=None):
     for source, source_stage, dest, dest_stage in jobs:
         kept = up_to_date(cfg, source, source_stage, dest)
         if kept is not None:
-            logger.info(f"{dest.name}: up to date (made from {source.name} run {kept['upstream'][source_stage]['run_id']} "
-                        f"with these settings, data and code); kept as it is (REDO=True makes it again)")
+            run_id = kept["upstream"][source_stage]["run_id"]
+            logger.info(f"{dest.name}: up to date (made from {source.name} run {run_id} with these settings, data "
+                        f"and code); kept as it is (REDO=True makes it again)")
             results[dest.name] = kept["results"]
             continue
         results[dest.name] = quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_stage, rows,

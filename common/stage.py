@@ -321,6 +321,11 @@ def stale_folders(root=None) -> dict:
     return out
 
 
+def json_roundtrip(obj):
+    """`obj` as it reads back from a file written by json_dump (tuples become lists): for comparing with metadata."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
 def json_dump(obj, path) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
