@@ -21,6 +21,9 @@ loss, squared: the empirical Fisher, accumulated on the training batches since t
 are removed, globally across layers and unit types, until the
 encoder GFLOPs MEASURED with fvcore (batch 1, sequence length 128) reach the target. Then RECOVERY_EPOCHS of
 distillation at a lower lr; the best state by held-out accuracy (2% of train, never validation) is kept.
+HIDDEN_DISTILL > 0 adds layer-wise distillation from the unpruned student (every layer's output, relative squared
+error, common.distillation.hidden_states_loss) to every loss here; off by default: on the one-shot magnitude 80% model,
+0.1 epoch of recovery reached 80.4 / 80.4 / 80.5% validation at weights 0 / 0.3 / 1.0, and a step cost ~1.45x as much.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -31,8 +34,10 @@ more minutes when they must be recomputed). Each sweep target is a separate run 
 Frontier (FRONTIER=True, `make frontier`): ONE gradual run to the last of FRONTIER_TARGETS (cubic schedule,
 FRONTIER_PRUNE_STEPS events per epoch, plus one event exactly at each earlier target, placed where the cubic curve
 crosses it). At each target a copy of the model (a branch) gets a short recovery, FRONTIER_RECOVERY_FRACTION of an
-epoch of distillation at RECOVERY_LR (best held-out state kept), and is written to pruned_model_sNN; the run goes on
-from the un-recovered model; the last target is the end of the run (after settling) with the same recovery. Cost:
+epoch of distillation at FRONTIER_RECOVERY_LR (best held-out state kept), and is written to pruned_model_sNN; the
+run goes on from the recovered branch (FRONTIER_CONTINUE_RECOVERED=True: iterative prune-recover, so every later
+target starts from a model recovered at each earlier one) or from the un-recovered model (False); the last target is
+the end of the run (after settling) with the same recovery. Cost:
 PRUNE_EPOCHS + len(targets) x FRONTIER_RECOVERY_FRACTION passes over the training set, against
 len(targets) x (PRUNE_EPOCHS + RECOVERY_EPOCHS) for separate runs. The baseline (FRONTIER_METHODS "magnitude"):
 for each target, the student pruned at once by weight magnitude per FLOP (common.pruning.magnitude_importance,
@@ -86,6 +91,8 @@ RECOVERY_EPOCHS = 1        # distillation epochs after the last event; best held
 RECOVERY_LR = 3e-5
 TEMPERATURE = 2.0          # soft targets, as in 2_distill_student.py
 ALPHA = 0.5                # weight of the soft-target loss; 1 - ALPHA on the hard labels
+HIDDEN_DISTILL = 0.0       # > 0: plus this weight x each layer's output error against the unpruned student's
+                           # (relative squared error, common.distillation.hidden_states_loss); 0 = logits only
 BATCH_SIZE = 32
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
@@ -100,9 +107,13 @@ FRONTIER_TARGETS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)  # -> pruned_model_s20
 FRONTIER_PRUNE_STEPS = 20  # pruning events per epoch of the frontier run (plus one per target); finer steps
                            # than PRUNE_STEPS because the run goes much further
 FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per baseline point), best held-out kept
+FRONTIER_RECOVERY_LR = 1e-4  # their peak lr (the student was distilled at 1e-4). Measured, the magnitude one-shot
+                             # 80% model after 0.1 epoch: 80.4 / 82.8 / 83.7% at 3e-5 / 1e-4 / 3e-4
+FRONTIER_CONTINUE_RECOVERED = True  # True: the gradual run goes on from each branch's RECOVERED model (iterative
+                                   # prune-recover, same cost); False: from the un-recovered one
 FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline
 # -----------------------------------------------------------------------------
-PRESET_VALUES = {"bert": {"PRUNE_LR": 3e-5, "RECOVERY_LR": 2e-5}}
+PRESET_VALUES = {"bert": {"PRUNE_LR": 3e-5, "RECOVERY_LR": 2e-5, "FRONTIER_RECOVERY_LR": 5e-5}}
 QUICK_VALUES = {"TRAIN_LIMIT": 2000, "PRUNE_EPOCHS": 1, "RECOVERY_EPOCHS": 1, "PRUNE_STEPS": 4,
                 "EVALS_PER_EPOCH": 2, "FRONTIER_PRUNE_STEPS": 4}
 
@@ -123,6 +134,8 @@ def check_config(cfg) -> list:
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
+        "FRONTIER_RECOVERY_LR": LEARNING_RATE,
+        "HIDDEN_DISTILL": in_range(0, 100, what="weight of the layer-wise loss against the unpruned student, 0 = off"),
     })
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
@@ -197,8 +210,8 @@ def measure_start(model) -> dict:
             "parameters": count_parameters(model)}
 
 
-def recover(ctx, model, loaders, train_loader, epochs: int, desc: str) -> dict:
-    """Distillation at RECOVERY_LR on `train_loader` for `epochs`; the best held-out state is kept, or the state before
+def recover(ctx, model, loaders, train_loader, epochs: int, desc: str, lr: float) -> dict:
+    """Distillation at peak `lr` on `train_loader` for `epochs`; the best held-out state is kept, or the state before
     recovery if recovery never beats it on held-out data."""
     cfg = ctx.cfg
     pruned_accuracy = evaluate(model, loaders["heldout"])
@@ -207,7 +220,7 @@ def recover(ctx, model, loaders, train_loader, epochs: int, desc: str) -> dict:
     if epochs <= 0:
         return out
     before_recovery = copy.deepcopy(model.state_dict())
-    recovery = train(model, train_loader, loaders["heldout"], ctx.loss_fn, epochs=epochs, lr=cfg.RECOVERY_LR,
+    recovery = train(model, train_loader, loaders["heldout"], ctx.loss_fn, epochs=epochs, lr=lr,
                      weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                      evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=desc)
     out.update(recovery_history=recovery.history, recovery_batches=epochs * len(train_loader))
@@ -282,7 +295,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, desc=f"prune s{round(100 * target):02d}")
-        recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery")
+        recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode=mode, method="taylor", seed=seed, trajectory=run.trajectory,
             prune_loss_history=run.history))
@@ -305,7 +318,8 @@ def write_branch(ctx, seed, loaders, target, folder, model, start, run, step, sw
     branch_started = time.time()
     with pruned_output(ctx, folder, target, seed) as out:
         loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
-        recovered = recover(ctx, model, loaders, loader, 1, f"recovery s{round(100 * target):02d}")
+        recovered = recover(ctx, model, loaders, loader, 1, f"recovery s{round(100 * target):02d}",
+                            cfg.FRONTIER_RECOVERY_LR)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode="frontier", method="taylor", seed=seed, trajectory=list(run.trajectory),
             prune_loss_history=list(run.history),
@@ -333,7 +347,8 @@ def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
                     f"heads {event['layout']['heads']}, FFN {event['layout']['ffn']}")
         set_seed(recovery_seed(seed, target))
         loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
-        recovered = recover(ctx, model, loaders, loader, 1, f"magnitude recovery s{round(100 * target):02d}")
+        recovered = recover(ctx, model, loaders, loader, 1, f"magnitude recovery s{round(100 * target):02d}",
+                            cfg.FRONTIER_RECOVERY_LR)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode="frontier", method="magnitude", seed=seed, trajectory=[event],
             importance="weight magnitude: squared L2 norm of each head's / FFN neuron's weights, per FLOP, one shot",
@@ -377,7 +392,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, milestones=targets[:-1], on_milestone=branch,
-                            desc=f"frontier seed {seed}")
+                            continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
         # the last target is the end of the run (after the settling steps), recovered like every branch
         folder = pruned_folder(targets[-1], seed, cfg.SEED)
@@ -427,7 +442,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "targets": list(targets), "methods": methods, "seeds": list(seeds),
         "prune_epochs": cfg.PRUNE_EPOCHS, "prune_steps_per_epoch": cfg.FRONTIER_PRUNE_STEPS,
-        "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.RECOVERY_LR,
+        "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.FRONTIER_RECOVERY_LR,
+        "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
         "wall_time_s": wall, "runs": {str(s["seed"]): s for s in summaries},
@@ -451,7 +467,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
-                  "preset", "quick")
+                  "continue_recovered", "preset", "quick")
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -493,7 +509,9 @@ def main(argv=None):
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
     loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
-    loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA)
+    # layer-wise distillation (HIDDEN_DISTILL > 0) from the unpruned student, which every run here starts from
+    loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,
+                         reference=load_model(student_dir).eval() if cfg.HIDDEN_DISTILL else None)
     reference = {"validation_accuracy": evaluate(load_model(student_dir), loaders["validation"]),
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "

@@ -67,13 +67,42 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, al
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float):
-    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]."""
+def hidden_states_loss(hidden, reference_hidden, attention_mask) -> torch.Tensor:
+    """Layer-wise distillation: the squared error of every encoder layer's output against the reference model's at
+    the same depth, relative to the reference's squared norm (so the loss has no scale of its own: 0 = the same
+    states, 1 = as far as all-zero states), over the real (unpadded) tokens, averaged over layers. Both tuples are
+    the models' `hidden_states` without the embeddings (index 0), which pruning does not touch."""
+    if len(hidden) != len(reference_hidden):
+        raise ValueError(f"{len(hidden)} layers against the reference's {len(reference_hidden)}")
+    mask = attention_mask.unsqueeze(-1).to(hidden[0].dtype)
+    losses = [((h - r) ** 2 * mask).sum() / (r ** 2 * mask).sum().clamp_min(1e-12)
+              for h, r in zip(hidden, reference_hidden)]
+    return torch.stack(losses).mean()
+
+
+def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float, reference=None,
+               hidden_weight: float = 0.0):
+    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"].
+
+    With a `reference` model (the unpruned student, frozen) and `hidden_weight` > 0, it adds
+    `hidden_weight * hidden_states_loss` against the reference's layer outputs (computed without gradients, the
+    reference in eval mode): a pruned model is then also distilled layer by layer from the model it was pruned
+    from (CoFi, Xia et al. 2022; the logits still come from the teacher)."""
+    if hidden_weight and reference is None:
+        raise ValueError("hidden_weight > 0 needs a reference model")
 
     def loss_fn(model, batch):
-        logits = model(**model_inputs(batch)).logits
-        target = teacher_logits[batch["idx"].cpu()].to(logits.device)
-        return kd_loss(logits, target, batch["labels"], temperature, alpha)
+        inputs = model_inputs(batch)
+        out = model(**inputs, output_hidden_states=bool(hidden_weight))
+        target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
+        loss = kd_loss(out.logits, target, batch["labels"], temperature, alpha)
+        if not hidden_weight:
+            return loss
+        if next(reference.parameters()).device != out.logits.device:
+            reference.to(out.logits.device)
+        with torch.no_grad():
+            ref = reference.eval()(**inputs, output_hidden_states=True).hidden_states
+        return loss + hidden_weight * hidden_states_loss(out.hidden_states[1:], ref[1:], inputs["attention_mask"])
 
     return loss_fn
 

@@ -46,7 +46,8 @@ Frontier
 `gradual_prune(..., milestones=(0.2, 0.35, ...), on_milestone=callback)` passes through every milestone on its
 way to the final sparsity (events placed where the cubic schedule crosses each one, so each is hit exactly) and
 hands the callback a copy of the model at that point (a branch, e.g. for a short recovery on
-`partial_epoch_loader`); the run itself goes on from the un-recovered model.
+`partial_epoch_loader`); the run itself goes on from the un-recovered model, or with `continue_from_branch=True` from
+the branch as the callback left it (recovered).
 
 Training loop
 `gradual_prune` is `common.training.train` (the project's one loop, Accelerate) with the `GradualPruning` hook:
@@ -533,7 +534,8 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                   prune_steps: int, lr: float, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                   end_fraction: float = 0.8, max_grad_norm: float = 1.0, seq_len: int = SEQ_LEN,
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
-                  milestones=(), on_milestone=None, desc: str = "prune") -> PruneRun:
+                  milestones=(), on_milestone=None, continue_from_branch: bool = False,
+                  desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -552,12 +554,15 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     deep copy of the model at that point (no importance hooks attached; the callback may train and save it)
     and `run` this PruneRun so far (`run.trajectory[-1]` is the milestone's entry). The random-number state is
     restored after the callback, so the main run continues from the un-recovered model exactly as it would
-    without branches.
+    without branches. With `continue_from_branch=True` the run instead goes on from the branch as the callback left
+    it (e.g. recovered): its weights are loaded into the model (same layout), so each later milestone starts from
+    a model that was recovered at every earlier one (iterative prune-recover; the training cost is the same).
     """
     started = time.time()
     hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
                           end_fraction=end_fraction, seq_len=seq_len, base_encoder_gflops=base_encoder_gflops,
-                          criterion=criterion, milestones=milestones, on_milestone=on_milestone, desc=desc,
+                          criterion=criterion, milestones=milestones, on_milestone=on_milestone,
+                          continue_from_branch=continue_from_branch, desc=desc,
                           data_epoch=getattr(train_loader.batch_sampler, "epoch", 0))
     train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
           warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
@@ -578,12 +583,14 @@ class GradualPruning(TrainHook):
 
     def __init__(self, heldout_loader, *, target_sparsity: float, prune_steps: int, end_fraction: float = 0.8,
                  seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
-                 milestones=(), on_milestone=None, desc: str = "prune", data_epoch: int = 0):
+                 milestones=(), on_milestone=None, continue_from_branch: bool = False, desc: str = "prune",
+                 data_epoch: int = 0):
         self.heldout_loader = heldout_loader
         self.data_epoch = data_epoch
         self.target_sparsity, self.prune_steps, self.end_fraction = target_sparsity, prune_steps, end_fraction
         self.seq_len, self.base, self.criterion = seq_len, base_encoder_gflops, criterion
         self.milestones, self.on_milestone, self.desc = tuple(milestones), on_milestone, desc
+        self.continue_from_branch = continue_from_branch
         self.branch_at = set(milestones) if on_milestone else set()
         self.run = PruneRun()
         self.importance = None
@@ -635,6 +642,9 @@ class GradualPruning(TrainHook):
             state = _rng_state()
             branch_started = time.time()
             self.on_milestone(loop.step, target, branch, self.run)
+            if self.continue_from_branch:  # go on from the branch as the callback left it (recovered)
+                model.load_state_dict(branch.state_dict())
+                self.run.trajectory[-1]["continued_from_branch"] = True
             del branch
             _set_rng_state(state)
             self.run.milestones.append({"step": loop.step, "sparsity_target": target,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore 
 
 STAGE = "8_pruning_with_finetuning.py"
 FAST = ("TRAIN_LIMIT=64", "BATCH_SIZE=8", "PRUNE_STEPS=2", "EVALS_PER_EPOCH=1", "PRUNE_LR=1e-3",
-        "RECOVERY_LR=5e-4")
+        "RECOVERY_LR=5e-4", "FRONTIER_RECOVERY_LR=5e-4")
 TARGETS = (0.2, 0.5, 0.8)  # the tiny student can lose ~87% of its encoder GFLOPs (every head, half the FFN)
 REPORT_ARGS = ("QUICK=True", "LATENCY_RUNS=2", "WARMUP_RUNS=1", "MAX_LENGTH=64", "FLOPS_SEQ_LEN=64",
                "EVAL_BATCH_SIZE=64", "THREADS=1")
@@ -81,6 +81,7 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     summary = json.loads((models / "frontier.json").read_text())
     assert summary["targets"] == list(TARGETS) and summary["seeds"] == [42, 43]
     assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
+    assert summary["continue_recovered"] is True and summary["recovery_lr"] == 5e-4  # the FAST recovery lr
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
     assert summary["separate_runs_would_take_passes"] == 6
@@ -290,3 +291,36 @@ def test_make_frontier_names_the_stages():
     stages = ["8_pruning_with_finetuning.py FRONTIER=True", "9_quantize_pruned_model.py",
               "7_evaluate_and_generate_report.py"]
     assert all(s in out for s in stages) and [out.index(s) for s in stages] == sorted(out.index(s) for s in stages)
+
+
+@pytest.mark.parametrize("continue_from_branch", [False, True])
+def test_gradual_run_goes_on_from_the_recovered_branch_only_when_asked(tiny_bert, continue_from_branch):
+    """With continue_from_branch the run adopts each branch as the callback left it (FRONTIER_CONTINUE_RECOVERED);
+    without it the run goes on from its own un-recovered model. The callback marks the first branch (classifier bias
+    +100, far more than a few steps at lr 1e-3 can move) and reads the mark back in the second branch."""
+    from common.data import Encoded, make_loader
+    from common.training import cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = tiny_bert.config.vocab_size
+    ids = [[2] + torch.randint(5, vocab, (int(n),), generator=gen).tolist() + [3]
+           for n in torch.randint(3, 10, (64,), generator=gen)]
+    data = Encoded(input_ids=ids, labels=torch.arange(64) % 2)
+    train_loader, heldout = make_loader(data, 8, shuffle=True, seed=1), make_loader(data, 32)
+    seen = []
+
+    def on_milestone(step, target, branch, run):
+        seen.append(float(branch.classifier.bias.detach().mean()))
+        if target == 0.2:
+            with torch.no_grad():
+                branch.classifier.bias += 100.0
+
+    torch.manual_seed(0)
+    run = pruning.gradual_prune(tiny_bert.train(), train_loader, heldout, cross_entropy_loss, target_sparsity=0.6,
+                                epochs=1, prune_steps=2, lr=1e-3, seq_len=SEQ, milestones=(0.2, 0.4),
+                                on_milestone=on_milestone, continue_from_branch=continue_from_branch)
+    assert len(seen) == 2 and abs(seen[0]) < 5
+    assert (seen[1] > 50) == continue_from_branch
+    assert (abs(float(tiny_bert.classifier.bias.detach().mean())) > 50) == continue_from_branch
+    marked = [e for e in run.trajectory if e.get("continued_from_branch")]
+    assert [e["sparsity_target"] for e in marked] == ([0.2, 0.4] if continue_from_branch else [])

@@ -1,6 +1,8 @@
 """Stages 1 and 2 on tiny random models: teacher fine-tuning, the student built from teacher layers,
 the KD loss, the teacher-logit cache, the ablation, both presets, and clear errors out of order."""
 
+import copy
+
 import pytest
 import torch
 from transformers import BertForSequenceClassification
@@ -76,6 +78,34 @@ def test_kd_loss_is_zero_only_when_logits_match():
     assert kd_loss(logits, logits + torch.tensor([1.0, -1.0]), labels, 2.0, 1.0).item() > 1e-3
     mixed = kd_loss(logits, logits.clone(), labels, 2.0, 0.5)
     assert mixed.item() == pytest.approx(0.5 * torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_layer_wise_loss_by_hand_and_against_the_unpruned_reference(tiny_bert):
+    """hidden_states_loss: relative squared error over real tokens, averaged over layers; kd_loss_fn adds it with its
+    weight (0 against an identical model), and refuses a weight without a reference."""
+    from common.distillation import hidden_states_loss, kd_loss_fn
+
+    ref = (torch.ones(1, 3, 2), torch.full((1, 3, 2), 2.0))
+    out = (torch.zeros(1, 3, 2), torch.tensor([[[2.0, 2.0], [2.0, 4.0], [9.0, 9.0]]]))
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding: never counted
+    # layer 1: 4 / 4 = 1; layer 2: (0 + 0 + 0 + 4) / (4 * 4) = 0.25
+    assert hidden_states_loss(out, ref, mask).item() == pytest.approx((1 + 0.25) / 2)
+    assert hidden_states_loss(ref, ref, mask).item() == 0
+
+    batch = {"input_ids": torch.randint(5, tiny_bert.config.vocab_size, (4, 6)),
+             "attention_mask": torch.ones(4, 6, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1]),
+             "idx": torch.arange(4)}
+    teacher = torch.randn(4, 2)
+    plain = kd_loss_fn(teacher, 2.0, 0.5)(tiny_bert, batch)
+    same = kd_loss_fn(teacher, 2.0, 0.5, reference=copy.deepcopy(tiny_bert), hidden_weight=3.0)(tiny_bert, batch)
+    assert same.item() == pytest.approx(plain.item(), abs=1e-6)  # identical model: the layer term is 0
+    other = copy.deepcopy(tiny_bert)
+    with torch.no_grad():
+        other.bert.encoder.layer[0].output.dense.bias[0] += 1.0  # one feature (LayerNorm cancels a uniform shift)
+    extra = kd_loss_fn(teacher, 2.0, 0.5, reference=other, hidden_weight=3.0)(tiny_bert, batch) - plain
+    assert extra.item() > 1e-3
+    with pytest.raises(ValueError, match="reference"):
+        kd_loss_fn(teacher, 2.0, 0.5, hidden_weight=1.0)
 
 
 def test_teacher_logit_cache_is_reused_rebuilt_and_never_trusted_blindly(tmp_path, tiny_bert_dir, monkeypatch):
