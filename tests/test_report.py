@@ -2,6 +2,7 @@
 2-layer student, physically pruned students (default + one sweep point) and 4-bit twins, tiny SST-2 data."""
 
 import json
+import os
 import runpy
 import shutil
 
@@ -251,6 +252,20 @@ def test_command_line_parsing():
         split(["--evalfile", "x"])
     with pytest.raises(ConfigError, match="LATENCY_RUNS"):
         run_script("7_evaluate_and_generate_report.py", "LATENCY_RUNS=3")
+
+
+def test_busy_machine_is_judged_by_cores_busy_now_not_by_the_load_average():
+    """Right after an earlier stage ends the 1-minute load average is still high while the CPU is idle (`make
+    frontier` runs the report straight after stage 9): the cores other processes keep busy now decide, the load
+    average only where /proc/stat is missing."""
+    from common.report.measure import busy_cores, machine_busy
+
+    cores = os.cpu_count() or 1
+    assert machine_busy([2.0 * cores, 1, 1], busy=0.0) == ""  # a job that just ended: not busy
+    assert "busy" in machine_busy([0.0, 0, 0], busy=0.9 * cores)  # busy now, whatever the load average says
+    assert "load average" in machine_busy([2.0 * cores, 1, 1], busy=None) and machine_busy([0.1, 0, 0]) == ""
+    now = busy_cores(0.2)
+    assert now is None or 0.0 <= now <= cores
 
 
 def test_architecture_and_flops_curve_on_pruned_distilbert():

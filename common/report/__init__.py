@@ -33,8 +33,8 @@ from common.report.compare import build_report, headline, write_json
 from common.report.discover import (REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
                                     recorded_preset, report_dir, seed_group)
 from common.report.markdown import markdown_report, write_text
-from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, fp32_twin, latency_indices,
-                                   load_average, load_eval_files, machine_busy, measure_model)
+from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, busy_cores, fp32_twin,
+                                   latency_indices, load_average, load_eval_files, machine_busy, measure_model)
 from common.stage import StageError
 
 logger = logging.getLogger("dpq")
@@ -58,8 +58,8 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
             f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)"
         )
     preset = recorded_preset(found, preset, notes)
-    settings = dict(settings, load_average=load_average())
-    busy = machine_busy(settings["load_average"])
+    settings = dict(settings, load_average=load_average(), busy_cores=busy_cores())
+    busy = machine_busy(settings["load_average"], settings["busy_cores"])
     if busy:
         notes.append(busy)
         logger.warning(f"[report] {busy}")

@@ -328,6 +328,7 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
             "cpu": cpu,
             "threads": torch.get_num_threads(),
             "load_average": settings.get("load_average"),
+            "busy_cores_at_start": settings.get("busy_cores"),  # kept busy by other processes (1 s, /proc/stat)
             "versions": library_versions(),
             "latency": {
                 "runs": settings["latency_runs"],

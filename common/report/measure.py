@@ -449,9 +449,35 @@ def load_average():
         return None
 
 
-def machine_busy(load) -> str:
-    """A warning when other processes compete for the CPU: latency medians are then not comparable."""
+def busy_cores(window_s: float = 1.0):
+    """How many cores other processes kept busy over the next `window_s` seconds (this one sleeps meanwhile), from
+    /proc/stat; None where there is no /proc/stat. Unlike the 1-minute load average, it does not count a job that
+    has just ended (the previous stage of `make frontier`)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    try:
+        busy0, total0 = sample()
+        time.sleep(window_s)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
     cores = os.cpu_count() or 1
+    return round(cores * (busy1 - busy0) / max(total1 - total0, 1), 2)
+
+
+def machine_busy(load, busy=None) -> str:
+    """A warning when other processes compete for the CPU: latency medians are then not comparable. `busy` (cores
+    kept busy by others right now, `busy_cores`) decides where it was measured; the load average only without it."""
+    cores = os.cpu_count() or 1
+    if busy is not None:
+        if busy > cores * 0.5:
+            return (f"machine busy at the start (other processes kept {busy:.1f} of {cores} cores busy): latency "
+                    f"numbers are inflated by them; rerun on an idle machine (or with THREADS=1 to avoid thread "
+                    f"oversubscription) before quoting them")
+        return ""
     if load and load[0] > cores * 0.75:
         return (f"machine busy at the start (load average {load[0]:.1f} on {cores} cores): latency numbers are "
                 f"inflated by other processes; rerun on an idle machine (or with THREADS=1 to avoid thread "
