@@ -509,10 +509,11 @@ def main(argv=None):
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
     loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
-    # layer-wise distillation (HIDDEN_DISTILL > 0) from the unpruned student, which every run here starts from
+    student = load_model(student_dir).eval()  # the unpruned student every run here starts from
+    # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,
-                         reference=load_model(student_dir).eval() if cfg.HIDDEN_DISTILL else None)
-    reference = {"validation_accuracy": evaluate(load_model(student_dir), loaders["validation"]),
+                         reference=student if cfg.HIDDEN_DISTILL else None)
+    reference = {"validation_accuracy": evaluate(student, loaders["validation"]),
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "
                 f"{len(data['train'])} training / {len(data['heldout'])} held-out sentences")

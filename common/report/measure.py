@@ -473,16 +473,13 @@ def machine_busy(load, busy=None) -> str:
     kept busy by others right now, `busy_cores`) decides where it was measured; the load average only without it."""
     cores = os.cpu_count() or 1
     if busy is not None:
-        if busy > cores * 0.5:
-            return (f"machine busy at the start (other processes kept {busy:.1f} of {cores} cores busy): latency "
-                    f"numbers are inflated by them; rerun on an idle machine (or with THREADS=1 to avoid thread "
-                    f"oversubscription) before quoting them")
+        why = f"other processes kept {busy:.1f} of {cores} cores busy" if busy > cores * 0.5 else ""
+    else:
+        why = f"load average {load[0]:.1f} on {cores} cores" if load and load[0] > cores * 0.75 else ""
+    if not why:
         return ""
-    if load and load[0] > cores * 0.75:
-        return (f"machine busy at the start (load average {load[0]:.1f} on {cores} cores): latency numbers are "
-                f"inflated by other processes; rerun on an idle machine (or with THREADS=1 to avoid thread "
-                f"oversubscription) before quoting them")
-    return ""
+    return (f"machine busy at the start ({why}): latency numbers are inflated by other processes; rerun on an idle "
+            f"machine (or with THREADS=1 to avoid thread oversubscription) before quoting them")
 
 
 def flops_convention(seq_len: int) -> str:
