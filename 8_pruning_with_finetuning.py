@@ -24,6 +24,11 @@ distillation at a lower lr; the best state by held-out accuracy (2% of train, ne
 HIDDEN_DISTILL > 0 adds layer-wise distillation from the unpruned student (every layer's output, relative squared
 error, common.distillation.hidden_states_loss) to every loss here; off by default: on the one-shot magnitude 80% model,
 0.1 epoch of recovery reached 80.4 / 80.4 / 80.5% validation at weights 0 / 0.3 / 1.0, and a step cost ~1.45x as much.
+LENGTH_WEIGHT > 0 weighs each sentence's loss by (its tokens) ** LENGTH_WEIGHT (common.distillation.length_weights),
+and PRUNE_SCHEDULE="geometric" spends more of the run between 65% and 90%; both off by default.
+Measured on the frontier (seed 42, ours only, paired against the default run of the same seed, 2026-12-02, README
+"Frontier results"): HIDDEN_DISTILL=1, LENGTH_WEIGHT=1, ALPHA=1 and the geometric schedule moved no target from 20%
+to 90% significantly; at 95% HIDDEN_DISTILL=1 and ALPHA=1 were above the default model (p ~0.01 each, one seed).
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -66,11 +71,11 @@ from types import SimpleNamespace
 from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
                            constants, each, env_flag, env_preset, in_range, one_of, parse_overrides)
 from common.data import encoded_splits, split_loaders
-from common.distillation import kd_loss_fn, teacher_logits_for
+from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
-from common.pruning import (CRITERIA, get_layout, gradual_prune, kept_units, magnitude_importance,
+from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, kept_units, magnitude_importance,
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
@@ -85,6 +90,9 @@ PRUNE_TARGETS = ()         # sweep, e.g. (0.2, 0.35, 0.5, 0.65): one folder per 
 PRUNE_EPOCHS = 1           # distillation epochs while the model shrinks
 PRUNE_STEPS = 10           # pruning events per pruning epoch (cubic schedule)
 PRUNE_END_FRACTION = 0.8   # the last event falls at this fraction of the pruning epochs; the rest settles
+PRUNE_SCHEDULE = "cubic"   # the curve the events' targets follow: "cubic" (Zhu & Gupta 2017: most removed early)
+                           # or "geometric" (each stretch removes the same fraction of what is left: more of the
+                           # run between 65% and 90% on the way to 95%, common.pruning.geometric_sparsity)
 IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher") or absolute ("abs")
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
 RECOVERY_EPOCHS = 1        # distillation epochs after the last event; best held-out state kept
@@ -93,6 +101,9 @@ TEMPERATURE = 2.0          # soft targets, as in 2_distill_student.py
 ALPHA = 0.5                # weight of the soft-target loss; 1 - ALPHA on the hard labels
 HIDDEN_DISTILL = 0.0       # > 0: plus this weight x each layer's output error against the unpruned student's
                            # (relative squared error, common.distillation.hidden_states_loss); 0 = logits only
+LENGTH_WEIGHT = 0.0        # > 0: each sentence's loss (and so its say in Taylor importance) weighs (its tokens) **
+                           # LENGTH_WEIGHT, normalised to average 1 over the training set; 1 = every token alike.
+                           # SST-2 train is mostly phrases (median 7 words), validation full sentences (median 19)
 BATCH_SIZE = 32
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
@@ -131,11 +142,13 @@ def check_config(cfg) -> list:
         "PRUNE_STEPS": at_least(1, "pruning events per pruning epoch"),
         "PRUNE_END_FRACTION": in_range(0, 1, low_open=True, what="where the last pruning event falls"),
         "IMPORTANCE": one_of(*CRITERIA),
+        "PRUNE_SCHEDULE": one_of(*SCHEDULES),
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
         "FRONTIER_RECOVERY_LR": LEARNING_RATE,
         "HIDDEN_DISTILL": in_range(0, 100, what="weight of the layer-wise loss against the unpruned student, 0 = off"),
+        "LENGTH_WEIGHT": in_range(0, 4, what="exponent of the per-sentence length weight, 0 = every sentence alike"),
     })
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
@@ -294,7 +307,8 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.PRUNE_STEPS, lr=cfg.PRUNE_LR,
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
-                            criterion=cfg.IMPORTANCE, desc=f"prune s{round(100 * target):02d}")
+                            criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
+                            desc=f"prune s{round(100 * target):02d}")
         recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode=mode, method="taylor", seed=seed, trajectory=run.trajectory,
@@ -391,7 +405,8 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.FRONTIER_PRUNE_STEPS, lr=cfg.PRUNE_LR,
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
-                            criterion=cfg.IMPORTANCE, milestones=targets[:-1], on_milestone=branch,
+                            criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
+                            on_milestone=branch,
                             continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
         # the last target is the end of the run (after the settling steps), recovered like every branch
@@ -444,6 +459,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "prune_epochs": cfg.PRUNE_EPOCHS, "prune_steps_per_epoch": cfg.FRONTIER_PRUNE_STEPS,
         "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.FRONTIER_RECOVERY_LR,
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
+        "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
         "wall_time_s": wall, "runs": {str(s["seed"]): s for s in summaries},
@@ -467,7 +483,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
-                  "continue_recovered", "preset", "quick")
+                  "continue_recovered", "hidden_distill", "length_weight", "schedule", "preset", "quick")
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -512,7 +528,8 @@ def main(argv=None):
     student = load_model(student_dir).eval()  # the unpruned student every run here starts from
     # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,
-                         reference=student if cfg.HIDDEN_DISTILL else None)
+                         reference=student if cfg.HIDDEN_DISTILL else None, length_power=cfg.LENGTH_WEIGHT,
+                         length_norm_value=length_norm(data["train"].input_ids, cfg.LENGTH_WEIGHT))
     reference = {"validation_accuracy": evaluate(student, loaders["validation"]),
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "

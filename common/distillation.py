@@ -3,7 +3,8 @@
 - `student_from_teacher_layers` builds a shallower model of the teacher's family from chosen teacher layers
   (DistilBERT took every other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks
   the copy.
-- `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy.
+- `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy, optionally
+  weighted per example (`length_weights`: longer sentences count more).
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
   tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
@@ -54,17 +55,36 @@ def student_from_teacher_layers(teacher, layers):
     return student.to(next(teacher.parameters()).device)
 
 
-def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
-    """Soft-target KL at temperature T (scaled by T^2) weighted alpha, plus hard-label CE weighted 1-alpha."""
+def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5, weights=None):
+    """Soft-target KL at temperature T (scaled by T^2) weighted alpha, plus hard-label CE weighted 1-alpha,
+    averaged over the batch; with `weights` (one per example) each example's loss is multiplied by its weight
+    before the average (the weights are not renormalised within the batch: see `length_weights`)."""
+    per_example = weights is not None
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
+        reduction="none" if per_example else "batchmean",
         log_target=True,
-    ) * temperature ** 2
-    if alpha >= 1.0:
-        return soft
-    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    )
+    soft = (soft.sum(-1) if per_example else soft) * temperature ** 2
+    if alpha < 1.0:
+        soft = alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels,
+                                                              reduction="none" if per_example else "mean")
+    return (soft * weights.to(soft.dtype)).mean() if per_example else soft
+
+
+def length_weights(attention_mask, power: float, norm: float) -> torch.Tensor:
+    """One weight per example: (its real token count) ** power / norm. With `norm` the mean of (token count) **
+    power over the whole training set, the weights average 1 over an epoch, so the loss keeps its scale and only
+    its balance moves: power 1 weighs every token alike (a 40-token sentence counts 10x a 4-token phrase), 0 every
+    example alike (the plain loss)."""
+    return attention_mask.sum(-1).to(torch.float32) ** power / norm
+
+
+def length_norm(input_ids, power: float) -> float:
+    """The mean of (token count) ** power over a dataset's token-id lists (`length_weights`' norm)."""
+    lengths = torch.tensor([len(ids) for ids in input_ids], dtype=torch.float64)
+    return float((lengths ** power).mean())
 
 
 def hidden_states_loss(hidden, reference_hidden, attention_mask) -> torch.Tensor:
@@ -81,8 +101,12 @@ def hidden_states_loss(hidden, reference_hidden, attention_mask) -> torch.Tensor
 
 
 def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float, reference=None,
-               hidden_weight: float = 0.0):
+               hidden_weight: float = 0.0, length_power: float = 0.0, length_norm_value: float = 1.0):
     """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"].
+
+    With `length_power` > 0 each example's loss is weighted by `length_weights` (token count ** length_power /
+    `length_norm_value`): longer sentences count more. Taylor importance, estimated from this loss's per-example
+    gradients, then weighs them more too.
 
     With a `reference` model (the unpruned student, frozen) and `hidden_weight` > 0, it adds
     `hidden_weight * hidden_states_loss` against the reference's layer outputs (computed without gradients, the
@@ -95,7 +119,9 @@ def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float, r
         inputs = model_inputs(batch)
         out = model(**inputs, output_hidden_states=bool(hidden_weight))
         target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
-        loss = kd_loss(out.logits, target, batch["labels"], temperature, alpha)
+        weights = (length_weights(inputs["attention_mask"], length_power, length_norm_value)
+                   if length_power else None)
+        loss = kd_loss(out.logits, target, batch["labels"], temperature, alpha, weights)
         if not hidden_weight:
             return loss
         if next(reference.parameters()).device != out.logits.device:

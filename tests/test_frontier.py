@@ -256,6 +256,26 @@ def test_schedule_places_an_event_exactly_at_each_milestone():
         pruning.pruning_schedule(100, 4, 0.5, milestones=(0.6,))
 
 
+
+def test_geometric_schedule_removes_the_same_fraction_of_what_is_left_per_stretch():
+    """geometric: 1 - (1 - s_f)^(t/T), its inverse places the milestones, and it spends more of the run between 65%
+    and 90% than the cubic curve (less in the cubic's slow approach to the end); an unknown schedule is refused."""
+    assert pruning.geometric_sparsity(0, 10, 0.95) == 0.0
+    assert pruning.geometric_sparsity(10, 10, 0.95) == pytest.approx(0.95)
+    assert pruning.geometric_sparsity(5, 10, 0.96) == pytest.approx(0.8)  # half the steps: sqrt(0.04) = 0.2 left
+    left = [1 - pruning.geometric_sparsity(k, 4, 0.9) for k in range(5)]
+    assert [b / a for a, b in zip(left, left[1:])] == pytest.approx([0.1 ** 0.25] * 4)  # the same fraction each time
+    assert pruning.geometric_step(0.8, 1000, 0.96) == pytest.approx(500)
+    milestones = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
+    geo = dict((t, s) for s, t in pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones, schedule="geometric"))
+    cubic = dict((t, s) for s, t in pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones))
+    assert geo[0.8] == round(pruning.geometric_step(0.8, 1680, 0.95))
+    assert geo[0.95] == cubic[0.95] == 1680
+    assert geo[0.9] - geo[0.65] > cubic[0.9] - cubic[0.65]  # more training steps between 65% and 90% ...
+    assert 1680 - geo[0.9] < 1680 - cubic[0.9]  # ... and fewer in the cubic curve's long tail from 90% to 95%
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        pruning.pruning_schedule(100, 4, 0.5, schedule="linear")
+
 def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refused(tmp_path):
     from common.config import ConfigError
 

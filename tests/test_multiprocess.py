@@ -101,3 +101,29 @@ def test_stage_2_with_two_processes_trains_one_student(tiny_pipeline):
     assert read_metadata(models / "student_model")["results"]["validation_accuracy"] == main["results"][
         "validation_accuracy"]
     assert (models / "cache").is_dir() and len(list((models / "cache").glob("teacher_logits_*.pt"))) == 1
+
+
+def test_frontier_with_two_processes_branches_alike_and_writes_each_folder_once(tiny_pipeline):
+    """FRONTIER=True under torchrun: both processes take the same pruning decisions and recover every branch (ours
+    and the baseline's) to the same model; only the main process writes the folders and models/frontier.json."""
+    from common.stage import read_metadata
+
+    records = tiny_pipeline / "records"
+    torchrun("8_pruning_with_finetuning.py", ["FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.4)", "FRONTIER_PRUNE_STEPS=2",
+                                              "FRONTIER_RECOVERY_FRACTION=0.5", "PRUNE_LR=1e-3",
+                                              "FRONTIER_RECOVERY_LR=5e-4", *SMALL], records, timeout=400)
+    main, other = records_of(records)
+    names = ["pruned_magnitude_s20", "pruned_magnitude_s40", "pruned_model_s20", "pruned_model_s40"]
+    assert sorted(main["results"]) == sorted(other["results"]) == names
+    for name in names:
+        for key in ("layout", "kept_heads", "measured_sparsity", "validation_accuracy", "heldout_accuracy",
+                    "heldout_accuracy_before_recovery"):
+            assert main["results"][name][key] == other["results"][name][key], (name, key)
+    models = tiny_pipeline / "models"
+    assert only_complete_folders(models) == sorted(["pretrained_teacher", "student_model", "teacher_model", *names])
+    summary = json.loads((models / "frontier.json").read_text())
+    assert list(summary["runs"]) == ["42"]
+    for name in names:
+        meta = read_metadata(models / name)["results"]
+        assert meta["validation_accuracy"] == main["results"][name]["validation_accuracy"]
+        assert meta["frontier"]["sweep_id"] == summary["runs"]["42"]["sweep_id"]

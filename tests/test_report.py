@@ -34,12 +34,19 @@ def _stage_folder(folder, stage, build, upstream=()):
     return folder
 
 
+def validation_rows():
+    """The tiny validation set: 48 toy sentences lengthened by 0-7 filler words (5 to 12 words, six of each), so
+    the word-count quartiles are 6, 8 and 10 and each length bucket holds 12 sentences."""
+    return [(" ".join([sentence] + ["very"] * (i % 8)), label)
+            for i, (sentence, label) in enumerate(tiny_sentences(48, seed=2))]
+
+
 def _prepare_data(root):
     from common.data import MANIFEST, manifest_for
 
     folder = root / "data" / "sst2"
     write_glue_tsv(folder / "train.tsv", tiny_sentences(40, seed=1))
-    write_glue_tsv(folder / "validation.tsv", tiny_sentences(48, seed=2))
+    write_glue_tsv(folder / "validation.tsv", validation_rows())
     (folder / MANIFEST).write_text(json.dumps(manifest_for(folder, "test")))
 
 
@@ -48,7 +55,7 @@ def export_tiny(model, tokenizer, folder):
     from common.export import export_folder
     from common.training import predict_logits
 
-    loader = make_loader(encode(tokenizer, tiny_sentences(48, seed=2)), 16, pad_id=tokenizer.pad_token_id)
+    loader = make_loader(encode(tokenizer, validation_rows()), 16, pad_id=tokenizer.pad_token_id)
     return export_folder(model, tokenizer, folder, ("fp32", "int8"), reference_logits=predict_logits(model, loader),
                          labels=loader.dataset.labels, loader=loader, min_agreement=0.0)
 
@@ -343,3 +350,35 @@ def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
     markdown = (pipeline["out"] / "final_report.md").read_text()
     assert "**Deployment.**" in markdown and "## Deployment artifacts" in markdown
     assert "## Paired comparisons" in markdown and "`pruned_quantized_final [onnx_int8]`" in markdown
+
+
+def test_report_gives_accuracy_by_sentence_length(pipeline):
+    """by_length: word-count quartile buckets covering every validation sentence, each model's accuracy per bucket
+    (adding up to its accuracy), each pruned model against the student per bucket, and the Markdown section."""
+    report = json.loads((pipeline["out"] / "final_report.json").read_text())
+    length, n = report["by_length"], report["dataset"]["n"]
+    assert "words" in length["convention"] and "not tokens" in length["convention"]
+    assert (length["n"], length["evaluation"], length["edges_words"]) == (n, "validation", [6, 8, 10])
+    assert [b["n"] for b in length["buckets"]] == [12, 12, 12, 12] and sum(b["n"] for b in length["buckets"]) == n
+    assert [b["words"] for b in length["buckets"]] == [[5, 6], [7, 8], [9, 10], [11, 12]]
+    assert set(length["models"]) == set(ORDER)
+    for name, r in report["models"].items():
+        points = length["models"][name]["accuracy_points"]
+        assert sum(p * b["n"] for p, b in zip(points, length["buckets"])) / n == pytest.approx(100 * r["accuracy"])
+
+    overall = {c["a"]: c for c in report["comparisons"] if c["kind"] == "pruned vs student"
+               and c["evaluation"] == "validation"}
+    assert {v["model"] for v in length["vs_student"]} == set(overall) == {"pruned_model", "pruned_model_s50"}
+    for versus in length["vs_student"]:
+        assert versus["reference"] == "student_model"
+        buckets = versus["per_bucket"]
+        assert [c["n"] for c in buckets] == [12] * 4
+        assert all(c["ci_low_points"] <= c["diff_points"] <= c["ci_high_points"] for c in buckets)
+        assert sum(c["diff_points"] for c in buckets) / 4 == pytest.approx(overall[versus["model"]]["diff_points"])
+
+    rows = length["frontier_rows"] or []
+    assert [(r["group"], r["bits"]) for r in rows] == [(r["group"], r["bits"]) for r in report["frontier"]["rows"]]
+    markdown = (pipeline["out"] / "final_report.md").read_text()
+    section = markdown.split("## Accuracy by sentence length (validation)")[1]
+    assert "Q1 5-6 words (12 sentences)" in section and "Q4 11-12 words (12 sentences)" in section
+    assert "| Q4: 11-12 words (%) | Q4 vs student (points) |" in section

@@ -15,10 +15,12 @@ Then `build_report` assembles final_report.json (sorted keys, indented), `headli
 with the standard quantized student, `plot_report` draws final_report.png and `markdown_report` writes
 final_report.md.
 
-The package, one concern per module (module-level imports run one way: discover <- measure <- compare <-
-chart / markdown <- this file):
+The package, one concern per module (module-level imports run one way: discover <- measure <- length <-
+compare <- chart / markdown <- this file):
 - `discover`: which folders, in what order, their metadata and staleness, naming helpers;
 - `measure`: every number of one folder (architecture, FLOPs, accuracy, latency, exports) and the CPU;
+- `length`: accuracy by sentence length (word-count quartiles of the validation set), per model and paired
+  against the student within each bucket (the report's `by_length`);
 - `compare`: paired comparisons, seed groups, frontier summary, headline, deployment, `build_report`;
 - `chart`: final_report.png; `markdown`: final_report.md;
 - here: `generate` (discover -> measure -> build -> write) and the names the stage script and tests use.
@@ -79,9 +81,9 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
         if needs:  # measured on its own; what it was compared with or counted through is gone
             r["warnings"].append(f"made from {', '.join(needs)}, which was skipped; GFLOPs: {r['gflops_source']}")
         notes += [f"{name}: {w}" for w in r["warnings"]]
-    report = build_report(models, settings=settings, dataset=dataset, eval_files=eval_files, preset=preset,
-                          quick=quick, skipped=skipped, notes=notes, constants=constants,
-                          wall_time_s=time.time() - started)
+    report = build_report(models, sentences=[s for s, _ in validation], settings=settings, dataset=dataset,
+                          eval_files=eval_files, preset=preset, quick=quick, skipped=skipped, notes=notes,
+                          constants=constants, wall_time_s=time.time() - started)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(report, out_dir / REPORT_JSON)

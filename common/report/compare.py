@@ -10,6 +10,7 @@ import torch
 
 from common.paths import STAGE_FOLDERS
 from common.report.discover import BASELINE, FINAL, seed_group
+from common.report.length import by_length
 from common.report.measure import cpu_info, cpu_words, device_description, flops_convention, from_bits
 from common.stage import git_commit, json_dump, library_versions
 from common.stats import describe_difference, paired_comparison, seed_spread
@@ -312,11 +313,14 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
-def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
+def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
                  skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
+    """final_report.json as a dict; `sentences`: the validation sentences the models were scored on, in order."""
     cpu = cpu_info()
     comps = comparisons(models, eval_files, settings["seed"])
     groups = seed_groups(models, settings["seed"])
+    frontier = frontier_summary(models, groups, settings["seed"])
+    pruned_pairs = [(a, b) for kind, (a, _), (b, _) in comparison_pairs(models) if kind == "pruned vs student"]
     head, reason = headline(models, comps, cpu)
     report = {
         "run": {
@@ -359,7 +363,8 @@ def build_report(models: dict, *, settings: dict, dataset: dict, eval_files, pre
                                  "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
         "model_order": list(models),  # reading order (the JSON itself has sorted keys)
         "seed_groups": groups,
-        "frontier": frontier_summary(models, groups, settings["seed"]),
+        "frontier": frontier,
+        "by_length": by_length(models, sentences, pruned_pairs, frontier, settings["seed"]),
         "seed_convention": SEED_CONVENTION,
         "skipped": skipped,
         "warnings": notes,

@@ -1,4 +1,4 @@
-"""final_report.md: `markdown_report` and its tables (frontier, artifacts, comparisons)."""
+"""final_report.md: `markdown_report` and its tables (frontier, accuracy by length, artifacts, comparisons)."""
 
 import os
 from pathlib import Path
@@ -56,8 +56,10 @@ def markdown_report(report: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += frontier_table(report, batch_keys)
+    lines += length_table(report) if report.get("frontier") else []  # after the frontier, else after comparisons
     lines += artifact_table(report, batch_keys)
     lines += comparison_table(report)
+    lines += [] if report.get("frontier") else length_table(report)
     if report.get("skipped") or report.get("warnings"):
         lines += ["## Warnings", ""]
         lines += [f"- {w}" for w in report.get("warnings", [])]
@@ -105,6 +107,12 @@ def _versus_rival(row: dict) -> str:
             f"{several['largest_seed_sd_points']:.2f}: {verdict}")
 
 
+def _more_seeds(n_seeds: int) -> str:
+    """' (+2 seeds)' after a seed group's first model; '' for one seed."""
+    others = n_seeds - 1
+    return f" (+{others} seed{'s' if others > 1 else ''})" if others else ""
+
+
 def _speedup(row: dict, batch_keys) -> str:
     speed = row.get("speedup_vs_student") or {}
     big = batch_keys[-1] if batch_keys else None
@@ -135,8 +143,7 @@ def frontier_table(report: dict, batch_keys) -> list:
         for row in front["rows"]:
             low, high = row["accuracy_ci_per_seed"][row["members"][0]]
             cut = row.get("gflops_reduction_vs_student")
-            others = row["n_seeds"] - 1
-            extra = f" (+{others} seed{'s' if others > 1 else ''})" if others else ""
+            extra = _more_seeds(row["n_seeds"])
             mode = " (full run)" if row["mode"] in ("single", "sweep") else ""
             lines.append(
                 f"| {100 * row['sparsity_target']:.0f}% | `{row['group']}`{extra} | "
@@ -170,6 +177,59 @@ def frontier_table(report: dict, batch_keys) -> list:
                          f"{_versus_seeds(e.get('vs_student'))} |")
         lines.append("")
     return lines
+
+
+def _words(bucket: dict) -> str:
+    """'12-19 words', '5 words', or 'empty'."""
+    if not bucket["words"]:
+        return "empty"
+    low, high = bucket["words"]
+    return f"{low} words" if low == high else f"{low}-{high} words"
+
+
+def _length_sentence(length: dict, frontier: bool) -> str:
+    """What the buckets are (ranges and counts) and what the interval means, above the table."""
+    buckets = ", ".join(f"{b['name']} {_words(b)} ({b['n']} sentences)" for b in length["buckets"])
+    return (f"Buckets: the word-count quartiles of the {length['n']} validation sentences (whitespace-split words, not "
+            f"tokens; sentences of equal length share a bucket): {buckets}. Accuracy in % on each bucket's sentences"
+            + (" (mean over a row's training seeds; fp32 rows only)" if frontier else "") + ". Q4 vs student: "
+            + ("the first seed's model" if frontier else "each pruned model") + " paired against student_model on "
+            "the longest bucket's sentences only: difference in points [95% paired-bootstrap interval over the "
+            "sentences within the bucket: sentence-sampling uncertainty, not seed spread], exact McNemar p.")
+
+
+def _length_rows(report: dict, length: dict) -> list:
+    """(first cells, bucket accuracies, vs-student entry or None) per table row."""
+    if length["frontier_rows"]:
+        methods = report["frontier"]["methods"]
+        student = [(["0%", "`student_model`", "unpruned student (the reference)"],
+                    length["models"]["student_model"]["accuracy_points"], None)] if "student_model" in length[
+            "models"] else []
+        return student + [([f"{100 * row['sparsity_target']:.0f}%", f"`{row['group']}`{_more_seeds(row['n_seeds'])}",
+                            methods.get(row["method"], row["method"])], row["accuracy_points_mean"], row["vs_student"])
+                          for row in length["frontier_rows"] if row["bits"] == 32]
+    versus = {v["model"]: v for v in length["vs_student"]}
+    return [([f"`{name}`", str(report["models"][name]["bits"])], length["models"][name]["accuracy_points"],
+             versus.get(name)) for name in report["models"] if name in length["models"]]
+
+
+def length_table(report: dict) -> list:
+    """Accuracy by sentence length: one row per fp32 frontier row (both methods), or per model without a frontier;
+    the four bucket accuracies and the difference against the student in the longest bucket."""
+    length = report.get("by_length")
+    if not length:
+        return []
+    frontier = bool(length["frontier_rows"])
+    first = ["target", "model", "method"] if frontier else ["model", "bits"]
+    header = first + [f"{b['name']}: {_words(b)} (%)" for b in length["buckets"]] + ["Q4 vs student (points)"]
+    lines = ["## Accuracy by sentence length (validation)", "", _length_sentence(length, frontier), "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---:" if i == 0 and frontier else "---" for i in
+                                                           range(len(first))) + "|" + "---:|" * 5]
+    for cells, accuracies, versus in _length_rows(report, length):
+        longest = versus["per_bucket"][-1] if versus else None
+        lines.append("| " + " | ".join(cells + ["" if a is None else f"{a:.1f}" for a in accuracies]
+                                       + [_versus(longest) if longest else ""]) + " |")
+    return lines + [""]
 
 
 def artifact_table(report: dict, batch_keys) -> list:
