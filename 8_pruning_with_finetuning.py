@@ -29,7 +29,8 @@ and PRUNE_SCHEDULE="geometric" spends more of the run between 65% and 90%; both 
 Measured on the frontier (seed 42, ours only, paired against the default run of the same seed, 2026-12-02, README
 "Frontier results"): HIDDEN_DISTILL=1, LENGTH_WEIGHT=1, ALPHA=1 and the geometric schedule moved no target from 20%
 to 90% significantly; at 95% three of them were 2.2 to 2.9 points above the default model (p 0.011 to 0.034), which
-is the lowest of three seeds' 95% models: more seeds are needed to call that a gain.
+is the lowest of three seeds' 95% models. HIDDEN_DISTILL=1 on seeds 43 and 44 as well: at 95% +0.69 / -0.34 points
+(not significant), at 80% below the default on all three seeds (mean -1.11 points).
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
