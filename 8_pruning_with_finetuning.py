@@ -531,7 +531,8 @@ def main(argv=None):
     # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,
                          reference=student if cfg.HIDDEN_DISTILL else None, length_power=cfg.LENGTH_WEIGHT,
-                         length_norm_value=length_norm(data["train"].input_ids, cfg.LENGTH_WEIGHT))
+                         length_norm_value=length_norm(data["train"].input_ids, cfg.LENGTH_WEIGHT)
+                         if cfg.LENGTH_WEIGHT else 1.0)
     reference = {"validation_accuracy": evaluate(student, loaders["validation"]),
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "

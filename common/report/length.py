@@ -94,36 +94,39 @@ def _correct(models: dict, name: str, n: int) -> list:
     return correct
 
 
-def _versus(models: dict, a: str, b: str, members, seed: int) -> dict:
-    n = sum(len(idx) for idx in members)
-    return {"model": a, "reference": b,
-            "per_bucket": bucket_differences(_correct(models, a, n), _correct(models, b, n), members, seed)}
-
-
-def _frontier_row(models: dict, row: dict, members, seed: int) -> dict:
-    """One frontier row by bucket: accuracy mean over its members, and its first member against its reference."""
-    n = sum(len(idx) for idx in members)
-    per_member = [bucket_accuracies(_correct(models, name, n), members) for name in row["members"]]
-    means = [None if values[0] is None else round(sum(values) / len(values), 4) for values in zip(*per_member)]
-    reference = (row.get("vs_student") or {}).get("reference")
-    return {**{k: row[k] for k in ("group", "members", "n_seeds", "method", "bits", "sparsity_target", "mode")},
-            "accuracy_points_mean": means,
-            "vs_student": _versus(models, row["members"][0], reference, members, seed) if reference else None}
-
-
 def by_length(models: dict, sentences, pairs, frontier, seed: int) -> dict:
     """The report's `by_length` entry (LENGTH_CONVENTION). `pairs`: (model, student) pairs to compare per bucket
-    ("pruned vs student"); `frontier`: compare.frontier_summary's result or None."""
+    ("pruned vs student"); `frontier`: compare.frontier_summary's result or None. Each model's correctness is
+    decoded once, and each (model, reference) pair is compared once: a frontier row's first member against the
+    fp32 student is also one of `pairs`."""
     buckets = length_buckets(sentences)
     members = buckets.pop("members")
     n = len(sentences)
+    correct = {name: _correct(models, name, n) for name in models}
+    accuracy = {name: bucket_accuracies(bits, members) for name, bits in correct.items()}
+    compared = {}
+
+    def versus(a: str, b: str) -> dict:
+        if (a, b) not in compared:
+            compared[(a, b)] = {"model": a, "reference": b,
+                                "per_bucket": bucket_differences(correct[a], correct[b], members, seed)}
+        return compared[(a, b)]
+
+    def frontier_row(row: dict) -> dict:
+        """One frontier row by bucket: accuracy mean over its members, its first member against its reference."""
+        per_member = [accuracy[name] for name in row["members"]]
+        means = [None if values[0] is None else round(sum(values) / len(values), 4) for values in zip(*per_member)]
+        reference = (row.get("vs_student") or {}).get("reference")
+        return {**{k: row[k] for k in ("group", "members", "n_seeds", "method", "bits", "sparsity_target", "mode")},
+                "accuracy_points_mean": means,
+                "vs_student": versus(row["members"][0], reference) if reference else None}
+
     return {
         "convention": LENGTH_CONVENTION,
         "evaluation": "validation",
         "n": n,
         **buckets,
-        "models": {name: {"accuracy_points": bucket_accuracies(_correct(models, name, n), members)}
-                   for name in models},
-        "vs_student": [_versus(models, a, b, members, seed) for a, b in pairs],
-        "frontier_rows": [_frontier_row(models, row, members, seed) for row in frontier["rows"]] if frontier else None,
+        "models": {name: {"accuracy_points": values} for name, values in accuracy.items()},
+        "vs_student": [versus(a, b) for a, b in pairs],
+        "frontier_rows": [frontier_row(row) for row in frontier["rows"]] if frontier else None,
     }
