@@ -31,6 +31,14 @@ Measured on the frontier (seed 42, ours only, paired against the default run of 
 to 90% significantly; at 95% three of them were 2.2 to 2.9 points above the default model (p 0.011 to 0.034), which
 is the lowest of three seeds' 95% models. HIDDEN_DISTILL=1 on seeds 43 and 44 as well: at 95% +0.69 / -0.34 points
 (not significant), at 80% below the default on all three seeds (mean -1.11 points).
+Joined pairs (FRONTIER_AUGMENT_PAIRS = 16000 in frontier runs, AUGMENT_PAIRS = 0 in the others): that many extra
+training inputs, each two training rows of 5+ tokens joined end to end (median 29 tokens against the training set's
+~10), labelled by the teacher (its logits as soft targets, its argmax as the hard label), cached like the training
+set's logits; every loss here (pruning, importance, recovery, the baseline's recovery) sees them. SST-2 train is mostly
+short phrases, and the pruned models lose accuracy mostly on long validation sentences. Measured on the frontier
+(ours only, 3 seeds, each paired against the run without pairs of the same seed, 2026-12-02): better on every seed at
+each of 65/80/90/95% (means +0.42, +0.65, +1.07, +2.14 points), mixed at 20-50% (+0.19, -0.27, -0.31); ~1.3x the
+stage's time (ours ~1.5x, the baseline ~1.2x).
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -70,9 +78,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
                            constants, each, env_flag, env_preset, in_range, one_of, parse_overrides)
-from common.data import encoded_splits, split_loaders
+from common.data import concatenated_pairs, encoded_splits, joined, split_loaders
 from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
@@ -106,6 +116,10 @@ HIDDEN_DISTILL = 0.0       # > 0: plus this weight x each layer's output error a
 LENGTH_WEIGHT = 0.0        # > 0: each sentence's loss (and so its say in Taylor importance) weighs (its tokens) **
                            # LENGTH_WEIGHT, normalised to average 1 over the training set; 1 = every token alike.
                            # SST-2 train is mostly phrases (median 7 words), validation full sentences (median 19)
+AUGMENT_PAIRS = 0          # > 0: this many extra training inputs, each two training rows (5+ tokens) joined end to
+                           # end and labelled by the teacher (soft targets, argmax as the hard label): longer inputs
+                           # for the distillation (common.data.concatenated_pairs); 0 = the training set alone.
+                           # Frontier runs use FRONTIER_AUGMENT_PAIRS instead
 BATCH_SIZE = 32
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
@@ -125,10 +139,12 @@ FRONTIER_RECOVERY_LR = 1e-4  # their peak lr (the student was distilled at 1e-4)
 FRONTIER_CONTINUE_RECOVERED = True  # True: the gradual run goes on from each branch's RECOVERED model (iterative
                                    # prune-recover, same cost); False: from the un-recovered one
 FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline
+FRONTIER_AUGMENT_PAIRS = 16000  # AUGMENT_PAIRS of frontier runs (both methods): measured on 3 seeds, +0.4 to +2.1
+                                # points at 65-95% against 0 (README "Frontier results"), ~1.3x the stage's time
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"PRUNE_LR": 3e-5, "RECOVERY_LR": 2e-5, "FRONTIER_RECOVERY_LR": 5e-5}}
 QUICK_VALUES = {"TRAIN_LIMIT": 2000, "PRUNE_EPOCHS": 1, "RECOVERY_EPOCHS": 1, "PRUNE_STEPS": 4,
-                "EVALS_PER_EPOCH": 2, "FRONTIER_PRUNE_STEPS": 4}
+                "EVALS_PER_EPOCH": 2, "FRONTIER_PRUNE_STEPS": 4, "FRONTIER_AUGMENT_PAIRS": 500}
 
 
 def check_config(cfg) -> list:
@@ -151,6 +167,8 @@ def check_config(cfg) -> list:
         "FRONTIER_RECOVERY_LR": LEARNING_RATE,
         "HIDDEN_DISTILL": in_range(0, 100, what="weight of the layer-wise loss against the unpruned student, 0 = off"),
         "LENGTH_WEIGHT": in_range(0, 4, what="exponent of the per-sentence length weight, 0 = every sentence alike"),
+        "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of two joined training rows, 0 = none"),
+        "FRONTIER_AUGMENT_PAIRS": at_least(0, "AUGMENT_PAIRS of frontier runs, 0 = none"),
     })
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
@@ -462,6 +480,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.FRONTIER_RECOVERY_LR,
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
+        "augment_pairs": augment_pairs(cfg),
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
         "wall_time_s": wall, "runs": {str(s["seed"]): s for s in summaries},
@@ -485,7 +504,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
-                  "continue_recovered", "hidden_distill", "length_weight", "schedule", "preset", "quick")
+                  "continue_recovered", "hidden_distill", "length_weight", "schedule", "augment_pairs", "preset",
+                  "quick")
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -512,6 +532,26 @@ def earlier_frontier_runs(path, summary) -> dict:
     return kept
 
 
+def augment_pairs(cfg) -> int:
+    """How many joined pairs this run adds to the training set: FRONTIER_AUGMENT_PAIRS in a frontier run,
+    AUGMENT_PAIRS otherwise."""
+    return cfg.FRONTIER_AUGMENT_PAIRS if cfg.FRONTIER else cfg.AUGMENT_PAIRS
+
+
+def with_augmented_pairs(cfg, data, logits, teacher_dir, n: int) -> tuple:
+    """(training set + `n` joined pairs, their teacher logits): the pairs are labelled by the teacher (argmax as
+    the hard label), their logits cached like the training set's; the same pairs for every seed (made with SEED)."""
+    pairs = concatenated_pairs(data["train"], n, cfg.SEED, cfg.MAX_LENGTH)
+    pair_logits = teacher_logits_for(teacher_dir, pairs, models_root() / "cache",
+                                     tokenization=dict(data["tokenization"], augment="concatenated_pairs",
+                                                       augment_seed=cfg.SEED))
+    pairs.labels = pair_logits.argmax(-1)
+    logger.info(f"training set: {len(data['train'])} rows + {len(pairs)} joined pairs labelled by the teacher "
+                f"(median {sorted(pairs.lengths)[len(pairs) // 2]} tokens; {100 * pairs.labels.float().mean():.1f}% "
+                f"positive)")
+    return joined(data["train"], pairs), torch.cat([logits, pair_logits])
+
+
 def main(argv=None):
     setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
@@ -527,6 +567,9 @@ def main(argv=None):
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
     loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
+    n_pairs = augment_pairs(cfg)
+    if n_pairs:
+        data["train"], logits = with_augmented_pairs(cfg, data, logits, teacher_dir, n_pairs)
     student = load_model(student_dir).eval()  # the unpruned student every run here starts from
     # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,

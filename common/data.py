@@ -222,6 +222,31 @@ def encode(tokenizer, rows, max_length: int = MAX_LENGTH) -> Encoded:
     return Encoded(input_ids=ids, labels=torch.tensor([l for _, l in rows], dtype=torch.long))
 
 
+def concatenated_pairs(encoded: Encoded, n: int, seed: int, max_length: int = MAX_LENGTH,
+                       min_tokens: int = 5) -> Encoded:
+    """`n` longer inputs made by joining two training rows end to end (token level: the first row's ids without
+    its closing special token, then the second's without its opening one), truncated to `max_length` with the
+    closing token kept. Both parts are drawn (seeded, with replacement) from the rows with at least `min_tokens`
+    tokens between the special ones, so single words are not glued on. The labels are 0 placeholders: the caller
+    labels the pairs with the teacher (stage 8: AUGMENT_PAIRS)."""
+    pool = [i for i, ids in enumerate(encoded.input_ids) if len(ids) - 2 >= min_tokens]
+    if n > 0 and not pool:
+        raise ValueError(f"no training row has {min_tokens} or more tokens to build concatenated pairs from")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = encoded.input_ids[rng.choice(pool)], encoded.input_ids[rng.choice(pool)]
+        ids = a[:-1] + b[1:]
+        out.append(ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:])
+    return Encoded(input_ids=out, labels=torch.zeros(len(out), dtype=torch.long))
+
+
+def joined(first: Encoded, second: Encoded) -> Encoded:
+    """The rows of `first` then those of `second` (row i of `second` becomes row len(first) + i)."""
+    return Encoded(input_ids=list(first.input_ids) + list(second.input_ids),
+                   labels=torch.cat([first.labels, second.labels]))
+
+
 class LengthGroupedSampler(Sampler):
     """Batches of similar length (less padding); shuffled per epoch when `shuffle`, sorted otherwise.
 

@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from common.data import (DataError, check_prepared, encode, load_sst2_splits, make_loader, read_glue_tsv)
+from common.data import (DataError, Encoded, check_prepared, concatenated_pairs, encode, joined, load_sst2_splits,
+                         make_loader, read_glue_tsv)
 from conftest import run_script, tiny_sentences, write_glue_tsv
 
 
@@ -91,3 +92,26 @@ def test_length_grouped_batches_cover_every_row_once(tiny_tokenizer):
     first_epoch = seen
     second = [i for batch in loader for i in batch["idx"].tolist()]
     assert sorted(second) == list(range(100)) and second != first_epoch  # reshuffled per epoch
+
+
+def test_concatenated_pairs_join_two_long_enough_rows_and_keep_the_closing_token():
+    """[CLS] a [SEP] + [CLS] b [SEP] -> [CLS] a b [SEP]; rows with fewer than min_tokens inner tokens are never
+    used; truncation keeps the closing token; the same seed gives the same pairs."""
+    rows = Encoded(input_ids=[[101, 5, 6, 102], [101, 7, 102], [101, 8, 9, 10, 102]],
+                   labels=torch.tensor([1, 0, 1]))
+    pairs = concatenated_pairs(rows, 50, seed=3, min_tokens=2)
+    allowed = {(5, 6), (8, 9, 10)}  # row 1 has one inner token: left out
+    for ids in pairs.input_ids:
+        assert ids[0] == 101 and ids[-1] == 102 and 102 not in ids[1:-1] and 101 not in ids[1:]
+        inner = tuple(ids[1:-1])
+        assert any(inner[:len(a)] == a and inner[len(a):] in allowed for a in allowed)
+    assert {tuple(ids) for ids in pairs.input_ids} == {(101, *a, *b, 102) for a in allowed for b in allowed}
+    assert pairs.labels.tolist() == [0] * 50
+    assert concatenated_pairs(rows, 50, seed=3, min_tokens=2).input_ids == pairs.input_ids
+    assert concatenated_pairs(rows, 50, seed=4, min_tokens=2).input_ids != pairs.input_ids
+    short = concatenated_pairs(rows, 20, seed=0, max_length=4, min_tokens=2)
+    assert all(len(ids) == 4 and ids[-1] == 102 for ids in short.input_ids)
+    with pytest.raises(ValueError, match="5 or more tokens"):
+        concatenated_pairs(rows, 1, seed=0)
+    both = joined(rows, pairs)
+    assert len(both) == 53 and both.input_ids[3] == pairs.input_ids[0] and both.labels[:3].tolist() == [1, 0, 1]

@@ -61,7 +61,8 @@ def frontier(tmp_path_factory):
 
         mp.setattr(pruning, "gradual_prune", counted)  # the stage imports it from common.pruning at run time
         results = run_script(STAGE, "FRONTIER=True", f"FRONTIER_TARGETS={TARGETS}", "SEEDS=(42, 43)",
-                             "FRONTIER_PRUNE_STEPS=2", "FRONTIER_RECOVERY_FRACTION=0.25", *FAST)
+                             "FRONTIER_PRUNE_STEPS=2", "FRONTIER_RECOVERY_FRACTION=0.25", "FRONTIER_AUGMENT_PAIRS=16",
+                             *FAST)
         mp.setattr(pruning, "gradual_prune", real)
         quantized = run_script("9_quantize_pruned_model.py", 'QUANTIZE=("student", "sweep")', "ONNX=()")
         report = run_script("7_evaluate_and_generate_report.py", *REPORT_ARGS)
@@ -82,6 +83,7 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     assert summary["targets"] == list(TARGETS) and summary["seeds"] == [42, 43]
     assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
     assert summary["continue_recovered"] is True and summary["recovery_lr"] == 5e-4  # the FAST recovery lr
+    assert summary["augment_pairs"] == 16  # FRONTIER_AUGMENT_PAIRS, not AUGMENT_PAIRS (0)
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
     assert summary["separate_runs_would_take_passes"] == 6
@@ -104,7 +106,8 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
             assert r["frontier"]["sweep_wall_time_s"] == run["wall_time_s"]  # the whole sweep, added at its end
             if target < 0.8:  # a branch of the run: saved at the event that hit its target
                 assert r["frontier"]["branch_step"] == next(e["step"] for e in hits if e["sparsity_target"] == target)
-            assert r["recovery_batches"] == 2  # a quarter of the 8 batches of an epoch
+            assert r["train_sentences"] == 64 + 16  # the training rows and the joined pairs
+            assert r["recovery_batches"] == 3  # a quarter of the 10 batches of an epoch, rounded up
             assert r["kept_state"].startswith(("recovery", "pruning"))
             gflops.append(r["encoder_gflops_after"])
         assert gflops == sorted(gflops, reverse=True) and len(set(gflops)) == len(gflops)
@@ -139,7 +142,7 @@ def test_magnitude_baseline_folders(frontier):
             ours = _meta(models / f"pruned_model_s{round(100 * target)}{suffix}")["results"]
             assert r["recovery_batches"] == ours["recovery_batches"]  # the same recovery budget
             ours_batches = ours["recovery_batches"]
-        assert ours_batches == 2
+        assert ours_batches == 3  # a quarter of (64 rows + 16 pairs) / 8, rounded up
     # stage 9 made a 4-bit twin of every fp32 pruned folder
     names = {p.name for p in models.iterdir() if p.is_dir()}
     for name in [n for n in names if n.startswith("pruned_") and not n.endswith("_quantized")]:
@@ -281,14 +284,19 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
 
     with pytest.MonkeyPatch.context() as mp:
         models = _tiny_pipeline(tmp_path, mp)
-        results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", *FAST)
+        results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", "AUGMENT_PAIRS=16",
+                             *FAST)
         assert set(results) == {"pruned_model", "pruned_model_seed7"}
+        # 64 training rows + 16 joined pairs labelled by the teacher, whose logits are cached apart
+        assert [r["train_sentences"] for r in results.values()] == [80, 80]
+        cached = [torch.load(p, weights_only=True) for p in (models / "cache").glob("teacher_logits_*.pt")]
+        assert [c["logits"].shape[0] for c in cached if c["key_parts"]["tokenization"].get("augment")] == [16]
         assert [_meta(models / n)["seed"] for n in ("pruned_model", "pruned_model_seed7")] == [42, 7]
         assert all(_meta(models / n)["results"]["mode"] == "single" for n in results)
         for args, match in ((("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.95)"), "out of reach"),
                             (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
                             (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
-                            (("SEEDS=(1, 1)",), "SEEDS")):
+                            (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS")):
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)
         assert not (models / "pruned_model_s20").exists()  # refused before any work

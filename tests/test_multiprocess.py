@@ -110,7 +110,8 @@ def test_frontier_with_two_processes_branches_alike_and_writes_each_folder_once(
 
     records = tiny_pipeline / "records"
     torchrun("8_pruning_with_finetuning.py", ["FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.4)", "FRONTIER_PRUNE_STEPS=2",
-                                              "FRONTIER_RECOVERY_FRACTION=0.5", "PRUNE_LR=1e-3",
+                                              "FRONTIER_RECOVERY_FRACTION=0.5", "FRONTIER_AUGMENT_PAIRS=0",
+                                              "PRUNE_LR=1e-3",
                                               "FRONTIER_RECOVERY_LR=5e-4", *SMALL], records, timeout=400)
     main, other = records_of(records)
     names = ["pruned_magnitude_s20", "pruned_magnitude_s40", "pruned_model_s20", "pruned_model_s40"]
