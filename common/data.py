@@ -231,7 +231,8 @@ def concatenated_pairs(encoded: Encoded, n: int, seed: int, max_length: int = MA
     labels the pairs with the teacher (stage 8: AUGMENT_PAIRS)."""
     pool = [i for i, ids in enumerate(encoded.input_ids) if len(ids) - 2 >= min_tokens]
     if n > 0 and not pool:
-        raise ValueError(f"no training row has {min_tokens} or more tokens to build concatenated pairs from")
+        raise DataError(f"no training row has {min_tokens} or more tokens to build joined pairs from: set "
+                        f"AUGMENT_PAIRS=0 / FRONTIER_AUGMENT_PAIRS=0, or train on longer sentences")
     rng = random.Random(seed)
     out = []
     for _ in range(n):

@@ -111,7 +111,7 @@ def test_concatenated_pairs_join_two_long_enough_rows_and_keep_the_closing_token
     assert concatenated_pairs(rows, 50, seed=4, min_tokens=2).input_ids != pairs.input_ids
     short = concatenated_pairs(rows, 20, seed=0, max_length=4, min_tokens=2)
     assert all(len(ids) == 4 and ids[-1] == 102 for ids in short.input_ids)
-    with pytest.raises(ValueError, match="5 or more tokens"):
+    with pytest.raises(DataError, match="5 or more tokens"):
         concatenated_pairs(rows, 1, seed=0)
     both = joined(rows, pairs)
     assert len(both) == 53 and both.input_ids[3] == pairs.input_ids[0] and both.labels[:3].tolist() == [1, 0, 1]
