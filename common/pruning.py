@@ -563,10 +563,10 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
-    sparsity target of each follows the cubic schedule (or `schedule`: SCHEDULES). Taylor importance is accumulated
-    on the training batches since the previous event (under `loss_fn`), units go by importance per FLOP
-    (prune_to_target), then the importance is reset and AdamW and the lr schedule (linear warmup and decay over the whole
-    run) are rebuilt for the new parameters. Held-out accuracy is measured after every event.
+    sparsity target of each follows the cubic schedule (or `schedule`: SCHEDULES). Taylor importance is
+    accumulated on the training batches since the previous event (under `loss_fn`), units go by importance per
+    FLOP (prune_to_target), then the importance is reset and AdamW and the lr schedule (linear warmup and decay
+    over the whole run) are rebuilt for the new parameters. Held-out accuracy is measured after every event.
 
     This is `common.training.train` (the one training loop) with a `GradualPruning` hook, no held-out model
     selection. Under several processes (torchrun) each process trains on its share of the batches, the importance

@@ -202,10 +202,10 @@ def _length_rows(report: dict, length: dict) -> list:
     """(first cells, bucket accuracies, vs-student entry or None) per table row."""
     if length["frontier_rows"]:
         methods = report["frontier"]["methods"]
-        student = [(["0%", "`student_model`", "unpruned student (the reference)"],
-                    length["models"]["student_model"]["accuracy_points"], None)] if "student_model" in length[
-            "models"] else []
-        return student + [([f"{100 * row['sparsity_target']:.0f}%", f"`{row['group']}`{_more_seeds(row['n_seeds'])}",
+        student = length["models"].get("student_model")
+        reference = ([(["0%", "`student_model`", "unpruned student (the reference)"], student["accuracy_points"],
+                       None)] if student else [])
+        return reference + [([f"{100 * row['sparsity_target']:.0f}%", f"`{row['group']}`{_more_seeds(row['n_seeds'])}",
                             methods.get(row["method"], row["method"])], row["accuracy_points_mean"], row["vs_student"])
                           for row in length["frontier_rows"] if row["bits"] == 32]
     versus = {v["model"]: v for v in length["vs_student"]}
