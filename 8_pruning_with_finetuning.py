@@ -91,7 +91,8 @@ from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, kept
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
-from common.training import evaluate, train
+from common.stats import mcnemar_exact
+from common.training import correct_rows, evaluate, train
 
 # -----------------------------------------------------------------------------
 PRESET = env_preset()
@@ -109,6 +110,8 @@ IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher"
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
 RECOVERY_EPOCHS = 1        # distillation epochs after the last event; best held-out state kept
 RECOVERY_LR = 3e-5
+RECOVERY_KEEP = "best"     # the recovered state kept: "best" held-out check (or the state before recovery), or
+                           # "last" step unless another is significantly better on held-out data (see recover())
 TEMPERATURE = 2.0          # soft targets, as in 2_distill_student.py
 ALPHA = 0.5                # weight of the soft-target loss; 1 - ALPHA on the hard labels
 HIDDEN_DISTILL = 0.0       # > 0: plus this weight x each layer's output error against the unpruned student's
@@ -136,6 +139,7 @@ FRONTIER_PRUNE_STEPS = 20  # pruning events per epoch of the frontier run (plus 
 FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per baseline point), best held-out kept
 FRONTIER_RECOVERY_LR = 1e-4  # their peak lr (the student was distilled at 1e-4). Measured, the magnitude one-shot
                              # 80% model after 0.1 epoch: 80.4 / 82.8 / 83.7% at 3e-5 / 1e-4 / 3e-4
+FRONTIER_RECOVERY_KEEP = "last"  # RECOVERY_KEEP of the branches and the baseline: MEASURED, see README
 FRONTIER_CONTINUE_RECOVERED = True  # True: the gradual run goes on from each branch's RECOVERED model (iterative
                                    # prune-recover, same cost); False: from the un-recovered one
 FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline
@@ -165,6 +169,8 @@ def check_config(cfg) -> list:
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
         "FRONTIER_RECOVERY_LR": LEARNING_RATE,
+        "RECOVERY_KEEP": one_of("best", "last"),
+        "FRONTIER_RECOVERY_KEEP": one_of("best", "last"),
         "HIDDEN_DISTILL": in_range(0, 100, what="weight of the layer-wise loss against the unpruned student, 0 = off"),
         "LENGTH_WEIGHT": in_range(0, 4, what="exponent of the per-sentence length weight, 0 = every sentence alike"),
         "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of two joined training rows, 0 = none"),
@@ -243,21 +249,42 @@ def measure_start(model) -> dict:
             "parameters": count_parameters(model)}
 
 
-def recover(ctx, model, loaders, train_loader, epochs: int, desc: str, lr: float) -> dict:
-    """Distillation at peak `lr` on `train_loader` for `epochs`; the best held-out state is kept, or the state before
-    recovery if recovery never beats it on held-out data."""
+def recover(ctx, model, loaders, train_loader, epochs: int, desc: str, lr: float, keep: str = "best") -> dict:
+    """Distillation at peak `lr` on `train_loader` for `epochs`. keep="best": the best held-out state is kept, or
+    the state before recovery if recovery never beats it on held-out data. keep="last": the last step's state (the
+    lr has decayed to 0 there) is kept unless the best of the others (before recovery, each held-out check) is
+    significantly better on the held-out rows (exact McNemar p < 0.05, paired on the same rows): a
+    difference of a few held-out sentences between checks is noise, and the end of the schedule is the annealed
+    state, but a recovery that broke the model (a nonsense lr) never replaces the better one."""
     cfg = ctx.cfg
-    pruned_accuracy = evaluate(model, loaders["heldout"])
+    pruned_correct = correct_rows(model, loaders["heldout"])
+    pruned_accuracy = pruned_correct.float().mean().item()
     out = {"kept_state": "pruning", "heldout_accuracy_before_recovery": pruned_accuracy,
-           "heldout_accuracy": pruned_accuracy, "recovery_history": [], "recovery_batches": 0}
+           "heldout_accuracy": pruned_accuracy, "recovery_history": [], "recovery_batches": 0, "keep": keep}
     if epochs <= 0:
         return out
     before_recovery = copy.deepcopy(model.state_dict())
     recovery = train(model, train_loader, loaders["heldout"], ctx.loss_fn, epochs=epochs, lr=lr,
                      weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                     evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=desc)
+                     evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=desc, keep=keep)
     out.update(recovery_history=recovery.history, recovery_batches=epochs * len(train_loader))
-    if recovery.best_accuracy >= pruned_accuracy:
+    if keep == "last":
+        last_step, last_correct = recovery.history[-1]["step"], recovery.last_correct
+        best = max([("pruning", pruned_correct, before_recovery),
+                    (f"recovery step {recovery.best_step}", recovery.best_correct, recovery.best_state)],
+                   key=lambda c: c[1].float().mean().item())  # ties: the state before recovery
+        only_best, only_last = int((best[1] & ~last_correct).sum()), int((last_correct & ~best[1]).sum())
+        p = mcnemar_exact(only_best, only_last)
+        out.update(last_vs_best={"best": best[0], "only_best": only_best, "only_last": only_last, "p": p})
+        if only_best > only_last and p < 0.05:
+            model.load_state_dict(best[2])
+            out.update(kept_state=best[0], heldout_accuracy=best[1].float().mean().item())
+            logger.info(f"[{desc}] the last step is significantly worse on held-out data than {best[0]} "
+                        f"({only_best} rows only it gets right against {only_last}, McNemar p {p:.2g}): keeping that")
+        else:
+            out.update(kept_state=f"recovery step {last_step} (last)",
+                       heldout_accuracy=last_correct.float().mean().item())
+    elif recovery.best_accuracy >= pruned_accuracy:
         out.update(kept_state=f"recovery step {recovery.best_step}", heldout_accuracy=recovery.best_accuracy)
     else:
         model.load_state_dict(before_recovery)
@@ -329,7 +356,8 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
                             desc=f"prune s{round(100 * target):02d}")
-        recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR)
+        recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR,
+                            cfg.RECOVERY_KEEP)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode=mode, method="taylor", seed=seed, trajectory=run.trajectory,
             prune_loss_history=run.history))
@@ -353,7 +381,7 @@ def write_branch(ctx, seed, loaders, target, folder, model, start, run, step, sw
     with pruned_output(ctx, folder, target, seed) as out:
         loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
         recovered = recover(ctx, model, loaders, loader, 1, f"recovery s{round(100 * target):02d}",
-                            cfg.FRONTIER_RECOVERY_LR)
+                            cfg.FRONTIER_RECOVERY_LR, cfg.FRONTIER_RECOVERY_KEEP)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode="frontier", method="taylor", seed=seed, trajectory=list(run.trajectory),
             prune_loss_history=list(run.history),
@@ -382,7 +410,7 @@ def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
         set_seed(recovery_seed(seed, target))
         loader = partial_epoch_loader(loaders["train"], cfg.FRONTIER_RECOVERY_FRACTION, recovery_seed(seed, target))
         recovered = recover(ctx, model, loaders, loader, 1, f"magnitude recovery s{round(100 * target):02d}",
-                            cfg.FRONTIER_RECOVERY_LR)
+                            cfg.FRONTIER_RECOVERY_LR, cfg.FRONTIER_RECOVERY_KEEP)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
             recovered, mode="frontier", method="magnitude", seed=seed, trajectory=[event],
             importance="weight magnitude: squared L2 norm of each head's / FFN neuron's weights, per FLOP, one shot",
@@ -478,6 +506,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "targets": list(targets), "methods": methods, "seeds": list(seeds),
         "prune_epochs": cfg.PRUNE_EPOCHS, "prune_steps_per_epoch": cfg.FRONTIER_PRUNE_STEPS,
         "recovery_fraction": cfg.FRONTIER_RECOVERY_FRACTION, "recovery_lr": cfg.FRONTIER_RECOVERY_LR,
+        "recovery_keep": cfg.FRONTIER_RECOVERY_KEEP,
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "augment_pairs": augment_pairs(cfg),
@@ -504,8 +533,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
-                  "continue_recovered", "hidden_distill", "length_weight", "schedule", "augment_pairs", "preset",
-                  "quick")
+                  "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
+                  "augment_pairs", "preset", "quick")
 
 
 def earlier_frontier_runs(path, summary) -> dict:

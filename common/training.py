@@ -55,10 +55,14 @@ def predict_logits(model, loader, desc: str = None) -> torch.Tensor:
     return out
 
 
+def correct_rows(model, loader) -> torch.Tensor:
+    """Whether `model` gets each row of the loader's dataset right (bool, in row order)."""
+    return predict_logits(model, loader).argmax(-1) == loader.dataset.labels
+
+
 def evaluate(model, loader) -> float:
     """Accuracy of `model` on every row of the loader's dataset."""
-    logits = predict_logits(model, loader)
-    return (logits.argmax(-1) == loader.dataset.labels).float().mean().item()
+    return correct_rows(model, loader).float().mean().item()
 
 
 def cross_entropy_loss(model, batch) -> torch.Tensor:
@@ -92,6 +96,9 @@ class TrainResult:
     best_accuracy: float = -1.0
     best_step: int = -1
     history: list = field(default_factory=list)  # dicts: step, epoch, loss, heldout_accuracy
+    best_correct: torch.Tensor = None  # held-out rows the best state gets right (bool)
+    last_correct: torch.Tensor = None  # the same for the last check (the last step: the state keep="last" leaves)
+    best_state: dict = None  # keep="last" only: the best held-out state, for the caller to weigh against the last
 
 
 class TrainHook:
@@ -158,9 +165,11 @@ class TrainLoop:
 
 def train(model, train_loader, heldout_loader, loss_fn=cross_entropy_loss, *, epochs: int, lr: float,
           weight_decay: float = 0.01, warmup_ratio: float = 0.06, evals_per_epoch: int = 1,
-          max_grad_norm: float = 1.0, desc: str = "train", hook: TrainHook | None = None) -> TrainResult:
+          max_grad_norm: float = 1.0, desc: str = "train", hook: TrainHook | None = None,
+          keep: str = "best") -> TrainResult:
     """Fine-tune `model` in place; the best held-out state is restored at the end (`evals_per_epoch` held-out
-    checks per epoch; 0 = none, the model is left as the last step made it).
+    checks per epoch; 0 = none, the model is left as the last step made it). keep="last": the model is left as the
+    last step made it (the last check is the last step) and the best state comes back in `result.best_state`.
 
     The one training loop of the project. Accelerate prepares the model, AdamW and the training batches: under
     several processes each process trains on its share of the batches and gradients are averaged. The lr
@@ -169,6 +178,8 @@ def train(model, train_loader, heldout_loader, loss_fn=cross_entropy_loss, *, ep
     identical), so every process takes the same decisions; the running loss shown and recorded is this process's
     (its own batches). `hook` (a TrainHook) sees every step and may change the model's structure (gradual pruning).
     """
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     accelerator = make_accelerator()
     hook = hook or TrainHook()
     loader = accelerator.prepare(train_loader)
@@ -205,19 +216,23 @@ def train(model, train_loader, heldout_loader, loss_fn=cross_entropy_loss, *, ep
             bar.set_postfix(hook.postfix(loop) or {"loss": f"{loop.running_loss:.4f}",
                                                     "lr": f"{loop.scheduler.get_last_lr()[0]:.2e}"})
             if i in eval_at:
-                accuracy = evaluate(loop.unwrapped, heldout_loader)
+                correct = correct_rows(loop.unwrapped, heldout_loader)
+                accuracy = correct.float().mean().item()
+                result.last_correct = correct
                 result.history.append({"step": loop.step, "epoch": epoch + 1, "loss": round(loop.running_loss, 5),
                                        "heldout_accuracy": round(accuracy, 5)})
                 logger.info(f"[{desc}] step {loop.step}: loss {loop.running_loss:.4f}, held-out accuracy "
                             f"{accuracy:.4f}")
                 if accuracy > result.best_accuracy:
-                    result.best_accuracy, result.best_step = accuracy, loop.step
+                    result.best_accuracy, result.best_step, result.best_correct = accuracy, loop.step, correct
                     best_state = copy.deepcopy(loop.unwrapped.state_dict())
                 loop.model.train()
     hook.on_end(loop)
     model = loop.unwrapped
-    if best_state is not None:
+    if best_state is not None and keep == "best":
         model.load_state_dict(best_state)
         logger.info(f"[{desc}] kept step {result.best_step} (held-out accuracy {result.best_accuracy:.4f})")
+    elif best_state is not None:
+        result.best_state = best_state
     accelerator.free_memory()
     return result
