@@ -20,7 +20,8 @@ target; at each event the units with the least Taylor importance (per-example ga
 loss, squared: the empirical Fisher, accumulated on the training batches since the last event) per FLOP saved
 are removed, globally across layers and unit types, until the
 encoder GFLOPs MEASURED with fvcore (batch 1, sequence length 128) reach the target. Then RECOVERY_EPOCHS of
-distillation at a lower lr; the best state by held-out accuracy (2% of train, never validation) is kept.
+distillation at a lower lr; the best state by held-out accuracy (2% of train, never validation) is kept
+(RECOVERY_KEEP="best"; "last" keeps the end of the recovery unless another state is significantly better there).
 HIDDEN_DISTILL > 0 adds layer-wise distillation from the unpruned student (every layer's output, relative squared
 error, common.distillation.hidden_states_loss) to every loss here; off by default: on the one-shot magnitude 80% model,
 0.1 epoch of recovery reached 80.4 / 80.4 / 80.5% validation at weights 0 / 0.3 / 1.0, and a step cost ~1.45x as much.
@@ -49,10 +50,14 @@ more minutes when they must be recomputed). Each sweep target is a separate run 
 Frontier (FRONTIER=True, `make frontier`): ONE gradual run to the last of FRONTIER_TARGETS (cubic schedule,
 FRONTIER_PRUNE_STEPS events per epoch, plus one event exactly at each earlier target, placed where the cubic curve
 crosses it). At each target a copy of the model (a branch) gets a short recovery, FRONTIER_RECOVERY_FRACTION of an
-epoch of distillation at FRONTIER_RECOVERY_LR (best held-out state kept), and is written to pruned_model_sNN; the
+epoch of distillation at FRONTIER_RECOVERY_LR, and is written to pruned_model_sNN; the
 run goes on from the recovered branch (FRONTIER_CONTINUE_RECOVERED=True: iterative prune-recover, so every later
 target starts from a model recovered at each earlier one) or from the un-recovered model (False); the last target is
-the end of the run (after settling) with the same recovery. Cost:
+the end of the run (after settling) with the same recovery. Each recovery there (and in the baseline) keeps its
+last step (FRONTIER_RECOVERY_KEEP="last", see recover()): measured on 3 seeds (2026-12-02, README "Frontier results"),
+against the best held-out check from the same recovery, +0.24 points on average over the 21 branches (10 higher,
+5 lower), and the whole frontier +0.15 / +0.19 / +0.53 / +0.76 / -0.04 / -0.23 / +0.12 points at 20 ... 95%, none
+significant on its own. Cost:
 PRUNE_EPOCHS + len(targets) x FRONTIER_RECOVERY_FRACTION passes over the training set, against
 len(targets) x (PRUNE_EPOCHS + RECOVERY_EPOCHS) for separate runs. The baseline (FRONTIER_METHODS "magnitude"):
 for each target, the student pruned at once by weight magnitude per FLOP (common.pruning.magnitude_importance,
@@ -108,7 +113,7 @@ PRUNE_SCHEDULE = "cubic"   # the curve the events' targets follow: "cubic" (Zhu 
                            # run between 65% and 90% on the way to 95%, common.pruning.geometric_sparsity)
 IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher") or absolute ("abs")
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
-RECOVERY_EPOCHS = 1        # distillation epochs after the last event; best held-out state kept
+RECOVERY_EPOCHS = 1        # distillation epochs after the last event (RECOVERY_KEEP: which state is kept)
 RECOVERY_LR = 3e-5
 RECOVERY_KEEP = "best"     # the recovered state kept: "best" held-out check (or the state before recovery), or
                            # "last" step unless another is significantly better on held-out data (see recover())
@@ -136,10 +141,11 @@ FRONTIER = False           # True: ONE gradual run through FRONTIER_TARGETS, a b
 FRONTIER_TARGETS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)  # -> pruned_model_s20 ... pruned_model_s95
 FRONTIER_PRUNE_STEPS = 20  # pruning events per epoch of the frontier run (plus one per target); finer steps
                            # than PRUNE_STEPS because the run goes much further
-FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per baseline point), best held-out kept
+FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per baseline point)
 FRONTIER_RECOVERY_LR = 1e-4  # their peak lr (the student was distilled at 1e-4). Measured, the magnitude one-shot
                              # 80% model after 0.1 epoch: 80.4 / 82.8 / 83.7% at 3e-5 / 1e-4 / 3e-4
-FRONTIER_RECOVERY_KEEP = "last"  # RECOVERY_KEEP of the branches and the baseline: MEASURED, see README
+FRONTIER_RECOVERY_KEEP = "last"  # RECOVERY_KEEP of the branches and the baseline: measured on 3 seeds, +0.24 points
+                                 # a branch on average against "best" from the same recovery (README)
 FRONTIER_CONTINUE_RECOVERED = True  # True: the gradual run goes on from each branch's RECOVERED model (iterative
                                    # prune-recover, same cost); False: from the un-recovered one
 FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline

@@ -84,6 +84,7 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
     assert summary["continue_recovered"] is True and summary["recovery_lr"] == 5e-4  # the FAST recovery lr
     assert summary["augment_pairs"] == 16  # FRONTIER_AUGMENT_PAIRS, not AUGMENT_PAIRS (0)
+    assert summary["recovery_keep"] == "last"  # FRONTIER_RECOVERY_KEEP, not RECOVERY_KEEP ("best")
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
     assert summary["separate_runs_would_take_passes"] == 6
@@ -108,7 +109,9 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
                 assert r["frontier"]["branch_step"] == next(e["step"] for e in hits if e["sparsity_target"] == target)
             assert r["train_sentences"] == 64 + 16  # the training rows and the joined pairs
             assert r["recovery_batches"] == 3  # a quarter of the 10 batches of an epoch, rounded up
-            assert r["kept_state"].startswith(("recovery", "pruning"))
+            assert r["keep"] == "last" and r["kept_state"].startswith(("recovery", "pruning"))
+            versus = r["last_vs_best"]  # the last step unless another state is significantly better on held-out
+            assert ("(last)" in r["kept_state"]) == (versus["only_best"] <= versus["only_last"] or versus["p"] >= 0.05)
             gflops.append(r["encoder_gflops_after"])
         assert gflops == sorted(gflops, reverse=True) and len(set(gflops)) == len(gflops)
         point = {p["target"]: p for p in run["points"]["taylor"]}
@@ -296,7 +299,8 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
         for args, match in ((("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.95)"), "out of reach"),
                             (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
                             (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
-                            (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS")):
+                            (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS"),
+                            (("FRONTIER=True", "FRONTIER_RECOVERY_KEEP=first"), "FRONTIER_RECOVERY_KEEP")):
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)
         assert not (models / "pruned_model_s20").exists()  # refused before any work
@@ -352,3 +356,71 @@ def test_gradual_run_goes_on_from_the_recovered_branch_only_when_asked(tiny_bert
     assert (abs(float(tiny_bert.classifier.bias.detach().mean())) > 50) == continue_from_branch
     marked = [e for e in run.trajectory if e.get("continued_from_branch")]
     assert [e["sparsity_target"] for e in marked] == ([0.2, 0.4] if continue_from_branch else [])
+
+
+def _rows(vocab: int, n: int = 64, seed: int = 0):
+    from common.data import Encoded
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = [[2] + torch.randint(5, vocab, (int(k),), generator=gen).tolist() + [3]
+           for k in torch.randint(3, 10, (n,), generator=gen)]
+    return Encoded(input_ids=ids, labels=torch.arange(n) % 2)
+
+
+def test_train_keep_last_leaves_the_last_step_and_hands_back_the_best_state(tiny_bert):
+    from common.data import make_loader
+    from common.training import TrainHook, correct_rows, cross_entropy_loss, train
+
+    class AtEnd(TrainHook):
+        def on_end(self, loop):
+            self.state = {k: v.clone() for k, v in loop.unwrapped.state_dict().items()}
+
+    data = _rows(tiny_bert.config.vocab_size)
+    train_loader, heldout = make_loader(data, 8, shuffle=True, seed=1), make_loader(data, 32)
+    with pytest.raises(ValueError, match="keep must be"):
+        train(tiny_bert, train_loader, heldout, epochs=1, lr=1e-3, keep="worst")
+    torch.manual_seed(0)
+    hook = AtEnd()
+    result = train(tiny_bert.train(), train_loader, heldout, cross_entropy_loss, epochs=2, lr=1e-3, evals_per_epoch=2,
+                   hook=hook, keep="last")
+    assert all(torch.equal(v, hook.state[k]) for k, v in tiny_bert.state_dict().items())
+    assert torch.equal(correct_rows(tiny_bert, heldout), result.last_correct)
+    assert result.history[-1]["step"] == 2 * len(train_loader)
+    assert result.best_state is not None and result.best_correct.float().mean().item() == result.best_accuracy
+    assert round(result.best_accuracy, 5) == max(h["heldout_accuracy"] for h in result.history)
+
+
+@pytest.mark.parametrize("breaks", [False, True])
+def test_recovery_keeps_the_last_state_unless_another_is_significantly_better(tiny_bert, breaks):
+    """keep="last": a recovery that changes nothing keeps its last step (no held-out row tells the states apart); one
+    that breaks the model (trained towards the opposite of every held-out label) gives back the state before it."""
+    from types import SimpleNamespace
+
+    from common.data import make_loader
+    from common.training import predict_logits
+
+    recover = runpy.run_path(str(REPO / STAGE), run_name="dpq_test")["recover"]
+    data = _rows(tiny_bert.config.vocab_size)
+    tiny_bert.eval()
+    data.labels = predict_logits(tiny_bert, make_loader(data, 32)).argmax(-1)  # the model gets every row right
+    before = predict_logits(tiny_bert, make_loader(data, 32))
+
+    def loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not breaks:
+            return 0.0 * logits.sum()
+        return torch.nn.functional.cross_entropy(logits, 1 - batch["labels"])
+
+    ctx = SimpleNamespace(cfg=SimpleNamespace(WEIGHT_DECAY=0.0, WARMUP_RATIO=0.0, EVALS_PER_EPOCH=2),
+                          loss_fn=loss_fn)
+    torch.manual_seed(0)
+    loaders = {"heldout": make_loader(data, 32)}
+    out = recover(ctx, tiny_bert, loaders, make_loader(data, 8, shuffle=True, seed=1), 2, "test", 1e-2, "last")
+    assert out["keep"] == "last" and out["recovery_batches"] == 2 * 8
+    if breaks:
+        assert out["kept_state"] == "pruning" and out["last_vs_best"]["p"] < 0.05
+        assert out["heldout_accuracy"] == 1.0
+        assert torch.allclose(predict_logits(tiny_bert, make_loader(data, 32)), before)
+    else:
+        assert out["kept_state"] == "recovery step 16 (last)"
+        assert out["last_vs_best"]["only_best"] == out["last_vs_best"]["only_last"] == 0

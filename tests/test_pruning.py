@@ -252,6 +252,7 @@ def test_stage_prunes_saves_and_reloads(pipeline, workspace):
     assert r["trajectory"][-1]["sparsity"] == r["measured_sparsity"]
     assert r["trajectory"][-1]["sparsity_target"] == pytest.approx(0.3)
     assert all(w % 32 == 0 for w in r["layout"]["ffn"])
+    assert r["keep"] == "best" and "last_vs_best" not in r  # RECOVERY_KEEP of single runs
     model = load_model(folder)
     assert pruning.get_layout(model) == r["layout"] == json_config(folder)[LAYOUT_KEY]
     assert [len(h) for h in r["kept_heads"]] == r["layout"]["heads"]
