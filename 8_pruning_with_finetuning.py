@@ -96,7 +96,7 @@ from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, kept
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
-from common.stats import mcnemar_exact
+from common.stats import paired_comparison
 from common.training import correct_rows, evaluate, train
 
 # -----------------------------------------------------------------------------
@@ -275,21 +275,22 @@ def recover(ctx, model, loaders, train_loader, epochs: int, desc: str, lr: float
                      evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=desc, keep=keep)
     out.update(recovery_history=recovery.history, recovery_batches=epochs * len(train_loader))
     if keep == "last":
-        last_step, last_correct = recovery.history[-1]["step"], recovery.last_correct
-        best = max([("pruning", pruned_correct, before_recovery),
-                    (f"recovery step {recovery.best_step}", recovery.best_correct, recovery.best_state)],
-                   key=lambda c: c[1].float().mean().item())  # ties: the state before recovery
-        only_best, only_last = int((best[1] & ~last_correct).sum()), int((last_correct & ~best[1]).sum())
-        p = mcnemar_exact(only_best, only_last)
-        out.update(last_vs_best={"best": best[0], "only_best": only_best, "only_last": only_last, "p": p})
-        if only_best > only_last and p < 0.05:
-            model.load_state_dict(best[2])
-            out.update(kept_state=best[0], heldout_accuracy=best[1].float().mean().item())
-            logger.info(f"[{desc}] the last step is significantly worse on held-out data than {best[0]} "
+        # the better of the state before recovery and the best check (ties: the state before recovery)
+        name, correct, state, accuracy = (
+            ("pruning", pruned_correct, before_recovery, pruned_accuracy) if pruned_accuracy >= recovery.best_accuracy
+            else (f"recovery step {recovery.best_step}", recovery.best_correct, recovery.best_state,
+                  recovery.best_accuracy))
+        versus = paired_comparison(correct.numpy(), recovery.last_correct.numpy())  # the same held-out rows
+        only_best, only_last, p = versus["only_a_right"], versus["only_b_right"], versus["mcnemar_p"]
+        out.update(last_vs_best={"best": name, "only_best": only_best, "only_last": only_last, "p": p})
+        if only_best > only_last and versus["significant"]:
+            model.load_state_dict(state)
+            out.update(kept_state=name, heldout_accuracy=accuracy)
+            logger.info(f"[{desc}] the last step is significantly worse on held-out data than {name} "
                         f"({only_best} rows only it gets right against {only_last}, McNemar p {p:.2g}): keeping that")
         else:
-            out.update(kept_state=f"recovery step {last_step} (last)",
-                       heldout_accuracy=last_correct.float().mean().item())
+            out.update(kept_state=f"recovery step {recovery.history[-1]['step']} (last)",
+                       heldout_accuracy=recovery.last_correct.float().mean().item())
     elif recovery.best_accuracy >= pruned_accuracy:
         out.update(kept_state=f"recovery step {recovery.best_step}", heldout_accuracy=recovery.best_accuracy)
     else:
