@@ -39,7 +39,9 @@ set's logits; every loss here (pruning, importance, recovery, the baseline's rec
 short phrases, and the pruned models lose accuracy mostly on long validation sentences. Measured on the frontier
 (ours only, 3 seeds, each paired against the run without pairs of the same seed, 2026-12-02): better on every seed at
 each of 65/80/90/95% (means +0.42, +0.65, +1.07, +2.14 points), mixed at 20-50% (+0.19, -0.27, -0.31); ~1.3x the
-stage's time (ours ~1.5x, the baseline ~1.2x).
+stage's time (ours ~1.5x, the baseline ~1.2x). AUGMENT_ROWS=3 joins three rows instead (median 43 tokens): on 3
+seeds (ours only, against pairs) +0.08 / -0.15 / -0.46 / -1.76 points at 65 / 80 / 90 / 95%, and no better on the
+longest validation sentences (README "Frontier results").
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -86,7 +88,7 @@ from types import SimpleNamespace
 import torch
 
 from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
-                           constants, each, env_flag, env_preset, in_range, one_of, parse_overrides)
+                           constants, each, env_flag, env_preset, in_range, int_range, one_of, parse_overrides)
 from common.data import concatenated_pairs, encoded_splits, joined, split_loaders
 from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
@@ -128,6 +130,8 @@ AUGMENT_PAIRS = 0          # > 0: this many extra training inputs, each two trai
                            # end and labelled by the teacher (soft targets, argmax as the hard label): longer inputs
                            # for the distillation (common.data.concatenated_pairs); 0 = the training set alone.
                            # Frontier runs use FRONTIER_AUGMENT_PAIRS instead
+AUGMENT_ROWS = 2           # training rows joined into each of those extra inputs: 2 = pairs (median 29 tokens),
+                           # 3 = triples (longer, nearer the longest validation sentences)
 BATCH_SIZE = 32
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
@@ -181,6 +185,7 @@ def check_config(cfg) -> list:
         "LENGTH_WEIGHT": in_range(0, 4, what="exponent of the per-sentence length weight, 0 = every sentence alike"),
         "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of two joined training rows, 0 = none"),
         "FRONTIER_AUGMENT_PAIRS": at_least(0, "AUGMENT_PAIRS of frontier runs, 0 = none"),
+        "AUGMENT_ROWS": int_range(2, 4, what="training rows joined into each extra input: 2 = pairs, 3 = triples"),
     })
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
@@ -516,7 +521,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "recovery_keep": cfg.FRONTIER_RECOVERY_KEEP,
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
-        "augment_pairs": augment_pairs(cfg),
+        "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
         "wall_time_s": wall, "runs": {str(s["seed"]): s for s in summaries},
@@ -541,7 +546,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
-                  "augment_pairs", "preset", "quick")
+                  "augment_pairs", "augment_rows", "preset", "quick")
+_FRONTIER_DEFAULTS = {"augment_rows": 2}  # what a frontier.json written before the setting existed was made with
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -552,7 +558,7 @@ def earlier_frontier_runs(path, summary) -> dict:
         old = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-    if any(old.get(k) != json_roundtrip(summary[k]) for k in _SAME_FRONTIER):
+    if any(old.get(k, _FRONTIER_DEFAULTS.get(k)) != json_roundtrip(summary[k]) for k in _SAME_FRONTIER):
         return {}
     kept = {}
     for seed, run in old.get("runs", {}).items():
@@ -577,12 +583,14 @@ def augment_pairs(cfg) -> int:
 def with_augmented_pairs(cfg, data, logits, teacher_dir, n: int) -> tuple:
     """(training set + `n` joined pairs, their teacher logits): the pairs are labelled by the teacher (argmax as
     the hard label), their logits cached like the training set's; the same pairs for every seed (made with SEED)."""
-    pairs = concatenated_pairs(data["train"], n, cfg.SEED, cfg.MAX_LENGTH)
-    pair_logits = teacher_logits_for(teacher_dir, pairs, models_root() / "cache",
-                                     tokenization=dict(data["tokenization"], augment="concatenated_pairs",
-                                                       augment_seed=cfg.SEED))
+    pairs = concatenated_pairs(data["train"], n, cfg.SEED, cfg.MAX_LENGTH, rows=cfg.AUGMENT_ROWS)
+    key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=cfg.SEED)
+    if cfg.AUGMENT_ROWS != 2:  # pairs keep the cache key they had before AUGMENT_ROWS existed
+        key["augment_rows"] = cfg.AUGMENT_ROWS
+    pair_logits = teacher_logits_for(teacher_dir, pairs, models_root() / "cache", tokenization=key)
     pairs.labels = pair_logits.argmax(-1)
-    logger.info(f"training set: {len(data['train'])} rows + {len(pairs)} joined pairs labelled by the teacher "
+    logger.info(f"training set: {len(data['train'])} rows + {len(pairs)} joined inputs of {cfg.AUGMENT_ROWS} rows "
+                f"each, labelled by the teacher "
                 f"(median {sorted(pairs.lengths)[len(pairs) // 2]} tokens; {100 * pairs.labels.float().mean():.1f}% "
                 f"positive)")
     return joined(data["train"], pairs), torch.cat([logits, pair_logits])

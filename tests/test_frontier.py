@@ -84,6 +84,7 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
     assert summary["continue_recovered"] is True and summary["recovery_lr"] == 5e-4  # the FAST recovery lr
     assert summary["augment_pairs"] == 16  # FRONTIER_AUGMENT_PAIRS, not AUGMENT_PAIRS (0)
+    assert summary["augment_rows"] == 2
     assert summary["recovery_keep"] == "last"  # FRONTIER_RECOVERY_KEEP, not RECOVERY_KEEP ("best")
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
@@ -129,6 +130,10 @@ def test_frontier_summary_keeps_earlier_seeds_made_the_same_way(frontier, tmp_pa
     assert earlier_runs(path, new) == {"42": old["runs"]["42"]}
     assert earlier_runs(path, dict(new, recovery_fraction=0.5)) == {}  # made another way: not comparable
     assert earlier_runs(tmp_path / "missing.json", new) == {}
+    # written before AUGMENT_ROWS existed: those runs joined pairs, so they match 2 and nothing else
+    path.write_text(json.dumps({k: v for k, v in old.items() if k != "augment_rows"}))
+    assert earlier_runs(path, new) == {"42": old["runs"]["42"]}
+    assert earlier_runs(path, dict(new, augment_rows=3)) == {}
     rewritten = dict(old, runs={"42": dict(old["runs"]["42"], sweep_id="another")})  # folders rewritten since
     path.write_text(json.dumps(rewritten))
     assert earlier_runs(path, new) == {}
@@ -288,18 +293,21 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
     with pytest.MonkeyPatch.context() as mp:
         models = _tiny_pipeline(tmp_path, mp)
         results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", "AUGMENT_PAIRS=16",
-                             *FAST)
+                             "AUGMENT_ROWS=3", *FAST)
         assert set(results) == {"pruned_model", "pruned_model_seed7"}
-        # 64 training rows + 16 joined pairs labelled by the teacher, whose logits are cached apart
+        # 64 training rows + 16 joined triples labelled by the teacher, whose logits are cached apart from the
+        # frontier's pairs (same seed, other inputs)
         assert [r["train_sentences"] for r in results.values()] == [80, 80]
         cached = [torch.load(p, weights_only=True) for p in (models / "cache").glob("teacher_logits_*.pt")]
-        assert [c["logits"].shape[0] for c in cached if c["key_parts"]["tokenization"].get("augment")] == [16]
+        assert [c["logits"].shape[0] for c in cached
+                if c["key_parts"]["tokenization"].get("augment_rows") == 3] == [16]
         assert [_meta(models / n)["seed"] for n in ("pruned_model", "pruned_model_seed7")] == [42, 7]
         assert all(_meta(models / n)["results"]["mode"] == "single" for n in results)
         for args, match in ((("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.95)"), "out of reach"),
                             (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
                             (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
                             (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS"),
+                            (("AUGMENT_ROWS=1",), "AUGMENT_ROWS"),
                             (("FRONTIER=True", "FRONTIER_RECOVERY_KEEP=first"), "FRONTIER_RECOVERY_KEEP")):
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)
