@@ -218,6 +218,24 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     assert "magnitude one-shot (baseline)" in md and "ours - magnitude" in md and "the seed spread" in md
     png = frontier["root"] / "report" / "final_report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the chart's accuracy-by-length panel: one line per fp32 row of the method (seed means), plus the student
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.report.chart import _length_panel
+
+    length = report["by_length"]
+    fig, ax = plt.subplots()
+    _length_panel(ax, length, "magnitude")
+    ours = sorted((r for r in length["frontier_rows"] if r["method"] == "magnitude" and r["bits"] == 32),
+                  key=lambda r: r["sparsity_target"])
+    drawn = [list(line.get_ydata()) for line in ax.get_lines()]
+    assert drawn == [[y for y in r["accuracy_points_mean"] if y is not None] for r in ours] \
+        + [[y for y in length["models"]["student_model"]["accuracy_points"] if y is not None]]
+    assert len(ax.get_xticklabels()) == len(length["buckets"]) == 4
+    plt.close(fig)
 
 
 def test_magnitude_ranking_removes_the_smallest_norm_units(tiny_bert):

@@ -163,10 +163,42 @@ def matplotlib_bbox(x0, y0, x1, y1):
     return Bbox([[x0, y0], [x1, y1]])
 
 
+def _length_panel(ax, by_length: dict, method: str) -> None:
+    """Accuracy per sentence-length bucket (validation word-count quartiles) of one method's fp32 frontier rows, mean
+    over seeds, one line per target from light (least pruned) to dark, against the fp32 student (black)."""
+    import matplotlib.pyplot as plt  # (matplotlib: chart only)
+
+    buckets = by_length["buckets"]
+    xs = list(range(len(buckets)))
+    student = by_length["models"].get(STAGE_FOLDERS["student"], {}).get("accuracy_points")
+    rows = sorted((r for r in by_length["frontier_rows"] if r["method"] == method and r["bits"] == 32
+                   and r["sparsity_target"] is not None), key=lambda r: r["sparsity_target"])
+    shades = plt.get_cmap("YlOrRd" if method == "taylor" else "PuBu")
+    for i, row in enumerate(rows):
+        pts = [(x, y) for x, y in zip(xs, row["accuracy_points_mean"]) if y is not None]
+        color = shades(0.35 + 0.65 * i / max(len(rows) - 1, 1))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, lw=1.4, markersize=3.5)
+        if pts:
+            ax.annotate(f"{round(100 * row['sparsity_target'])}", pts[-1], xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=6.5, color=color)
+    if student:
+        pts = [(x, y) for x, y in zip(xs, student) if y is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="black", lw=2.2, markersize=4, label="student")
+        ax.legend(loc="lower left", fontsize=8, frameon=False)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{b['name']}: " + (f"{b['words'][0]}-{b['words'][1]} words" if b.get("words") else "empty")
+                        + f" (n={b['n']})" for b in buckets], fontsize=8)  # a bucket is empty where lengths tie
+    ax.set_xlim(-0.3, len(xs) - 0.6)
+    ax.set_ylabel("accuracy (%), mean over seeds")
+    ax.set_title(f"Accuracy by sentence length: {METHOD_WORDS.get(method, method)}, fp32", fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def plot_report(report: dict, path) -> None:
     """Top: accuracy vs GFLOPs and accuracy vs measured CPU latency at the largest batch timed (marker area = size on
     disk, circle = fp32, diamond = 4-bit; frontier lines for ours and the magnitude baseline, fp32 solid, 4-bit
     dashed; thin bars = 95% bootstrap interval over sentences, thick capped bars = +-1 s.d. across seeds).
+    Middle (when the report has frontier rows): accuracy by sentence length, one panel per pruning method.
     Bottom: per-model size and latency bars."""
     import matplotlib  # in the body: matplotlib is slow to import and only the chart needs it
 
@@ -182,12 +214,22 @@ def plot_report(report: dict, path) -> None:
     batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
     big = batch_keys[-1] if batch_keys else None
 
-    # geometry in inches: title, the two accuracy panels, their legend, the bars (one row per model)
+    length = report.get("by_length") or {}
+    length_methods = [m for m in METHOD_COLORS if any(r["method"] == m and r["bits"] == 32
+                                                      for r in length.get("frontier_rows") or [])]
+    # geometry in inches: title, the two accuracy panels, their legend, accuracy by length (frontier reports only),
+    # the bars (one row per model)
     title_h, top_h, legend_h, bar_h, bottom_h = 1.2, 4.8, 1.6, max(2.6, 0.32 * len(names)), 0.6
-    height = title_h + top_h + legend_h + bar_h + bottom_h
+    length_h = 4.2 if length_methods else 0.0
+    height = title_h + top_h + legend_h + length_h + bar_h + bottom_h
     fig = plt.figure(figsize=(16, height))
     top = fig.add_gridspec(1, 2, left=0.05, right=0.99, top=1 - title_h / height,
                            bottom=1 - (title_h + top_h) / height, wspace=0.16)
+    if length_methods:
+        middle = fig.add_gridspec(1, 2, left=0.05, right=0.99, top=1 - (title_h + top_h + legend_h) / height,
+                                  bottom=1 - (title_h + top_h + legend_h + length_h - 0.9) / height, wspace=0.16)
+        for i, method in enumerate(length_methods):
+            _length_panel(fig.add_subplot(middle[i]), length, method)
     bottom = fig.add_gridspec(1, 2, left=0.17, right=0.99, top=(bar_h + bottom_h) / height,
                               bottom=bottom_h / height, wspace=0.05)
     ax, ax_speed = fig.add_subplot(top[0]), fig.add_subplot(top[1])
