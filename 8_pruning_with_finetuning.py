@@ -547,7 +547,8 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
                   "augment_pairs", "augment_rows", "preset", "quick")
-_FRONTIER_DEFAULTS = {"augment_rows": 2}  # what a frontier.json written before the setting existed was made with
+_ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
+_FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS}  # for keys a frontier.json written before lacks
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -585,7 +586,7 @@ def with_augmented_pairs(cfg, data, logits, teacher_dir, n: int) -> tuple:
     the hard label), their logits cached like the training set's; the same pairs for every seed (made with SEED)."""
     pairs = concatenated_pairs(data["train"], n, cfg.SEED, cfg.MAX_LENGTH, rows=cfg.AUGMENT_ROWS)
     key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=cfg.SEED)
-    if cfg.AUGMENT_ROWS != 2:  # pairs keep the cache key they had before AUGMENT_ROWS existed
+    if cfg.AUGMENT_ROWS != _ROWS_BEFORE_AUGMENT_ROWS:  # pairs keep the cache key they had before the setting
         key["augment_rows"] = cfg.AUGMENT_ROWS
     pair_logits = teacher_logits_for(teacher_dir, pairs, models_root() / "cache", tokenization=key)
     pairs.labels = pair_logits.argmax(-1)

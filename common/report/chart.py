@@ -174,16 +174,21 @@ def _length_panel(ax, by_length: dict, method: str) -> None:
     rows = sorted((r for r in by_length["frontier_rows"] if r["method"] == method and r["bits"] == 32
                    and r["sparsity_target"] is not None), key=lambda r: r["sparsity_target"])
     shades = plt.get_cmap("YlOrRd" if method == "taylor" else "PuBu")
+
+    def line(values, fmt, **style) -> list:
+        """Plot the buckets that have a value (an empty bucket has none); returns the points drawn."""
+        pts = [(x, y) for x, y in zip(xs, values) if y is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, **style)
+        return pts
+
     for i, row in enumerate(rows):
-        pts = [(x, y) for x, y in zip(xs, row["accuracy_points_mean"]) if y is not None]
         color = shades(0.35 + 0.65 * i / max(len(rows) - 1, 1))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, lw=1.4, markersize=3.5)
+        pts = line(row["accuracy_points_mean"], "-o", color=color, lw=1.4, markersize=3.5)
         if pts:
             ax.annotate(f"{round(100 * row['sparsity_target'])}", pts[-1], xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize=6.5, color=color)
     if student:
-        pts = [(x, y) for x, y in zip(xs, student) if y is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="black", lw=2.2, markersize=4, label="student")
+        line(student, "-s", color="black", lw=2.2, markersize=4, label="student")
         ax.legend(loc="lower left", fontsize=8, frameon=False)
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{b['name']}: " + (f"{b['words'][0]}-{b['words'][1]} words" if b.get("words") else "empty")
