@@ -92,7 +92,7 @@ from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick
 from common.data import concatenated_pairs, encoded_splits, joined, split_loaders
 from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
-from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload, set_dropout
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
 from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, kept_units, magnitude_importance,
                             partial_epoch_loader, prune_to_target, reachable_sparsity)
@@ -113,6 +113,12 @@ PRUNE_END_FRACTION = 0.8   # the last event falls at this fraction of the prunin
 PRUNE_SCHEDULE = "cubic"   # the curve the events' targets follow: "cubic" (Zhu & Gupta 2017: most removed early)
                            # or "geometric" (each stretch removes the same fraction of what is left: more of the
                            # run between 65% and 90% on the way to 95%, common.pruning.geometric_sparsity)
+ABLATION_FROM = 0.0        # > 0: pruning events at or past this sparsity rank units by their MEASURED loss increase
+                           # when removed (ABLATION_BATCHES recent training batches, common.pruning.ablation_order)
+                           # instead of the Taylor estimate; 0 = Taylor everywhere
+ABLATION_BATCHES = 32      # training batches (the last ones before the event) each removal is measured on
+PRUNE_DROPOUT = 0.1        # dropout probability while this stage trains (pruning, recovery, the baseline's recovery);
+                           # both presets' students were trained with 0.1; saved configs keep the model's own
 IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher") or absolute ("abs")
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
 RECOVERY_EPOCHS = 1        # distillation epochs after the last event (RECOVERY_KEEP: which state is kept)
@@ -175,6 +181,10 @@ def check_config(cfg) -> list:
         "PRUNE_END_FRACTION": in_range(0, 1, low_open=True, what="where the last pruning event falls"),
         "IMPORTANCE": one_of(*CRITERIA),
         "PRUNE_SCHEDULE": one_of(*SCHEDULES),
+        "ABLATION_FROM": in_range(0, 1, high_open=True, what="the sparsity from which units are ranked by measured "
+                                  "loss increase, 0 = never"),
+        "ABLATION_BATCHES": int_range(1, 1000, what="training batches each removal is measured on"),
+        "PRUNE_DROPOUT": in_range(0, 1, high_open=True, what="dropout probability while pruning and recovering"),
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
@@ -357,6 +367,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
     cfg = ctx.cfg
     set_seed(seed)
     model = load_model(ctx.student_dir)
+    set_dropout(model, cfg.PRUNE_DROPOUT)
     with pruned_output(ctx, folder, target, seed) as out:
         start = measure_start(model)
         logger.info(f"pruning {type(model).__name__} ({start['parameters']:,} parameters, "
@@ -367,6 +378,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
+                            ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             desc=f"prune s{round(100 * target):02d}")
         recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR,
                             cfg.RECOVERY_KEEP)
@@ -409,6 +421,7 @@ def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
     set_seed(seed)
     started = time.time()
     model = load_model(ctx.student_dir)
+    set_dropout(model, cfg.PRUNE_DROPOUT)
     with pruned_output(ctx, folder, target, seed) as out:
         start = measure_start(model)
         removed = prune_to_target(model, magnitude_importance(model), (1 - target) * start["encoder_gflops"], SEQ_LEN)
@@ -452,6 +465,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
     if "taylor" in cfg.FRONTIER_METHODS:
         set_seed(seed)
         model = load_model(ctx.student_dir)
+        set_dropout(model, cfg.PRUNE_DROPOUT)
         start = measure_start(model)
         logger.info(f"frontier, seed {seed}: one gradual run of {type(model).__name__} through "
                     f"{', '.join(f'{100 * t:.0f}%' for t in targets)} fewer encoder GFLOPs, a branch at each")
@@ -466,6 +480,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
+                            ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             on_milestone=branch,
                             continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
@@ -521,6 +536,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "recovery_keep": cfg.FRONTIER_RECOVERY_KEEP,
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
+        "ablation_from": cfg.ABLATION_FROM, "ablation_batches": cfg.ABLATION_BATCHES, "dropout": cfg.PRUNE_DROPOUT,
         "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
@@ -546,9 +562,11 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
-                  "augment_pairs", "augment_rows", "preset", "quick")
+                  "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "preset", "quick")
 _ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
-_FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS}  # for keys a frontier.json written before lacks
+# for keys a frontier.json written before them lacks: what those runs did
+_FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
+                      "dropout": 0.1}
 
 
 def earlier_frontier_runs(path, summary) -> dict:

@@ -208,6 +208,17 @@ def save_and_reload(model, tokenizer, folder):
     return load_model(folder)
 
 
+def set_dropout(model, p: float) -> None:
+    """Every dropout layer of `model` drops with probability `p` while it trains (BERT's and DistilBERT's attention
+    read their dropout module's `p` too). The config is left as it is: a folder saved afterwards loads with the
+    dropout it was made with, which only matters to whoever trains it again."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability {p}: use a value in [0, 1)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

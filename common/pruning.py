@@ -60,6 +60,7 @@ FLOPs follow common.flops (fvcore, one multiply-add = 1 FLOP, batch 1, sequence 
 costs below only rank units; every target check and reported number is measured with common.flops.
 """
 
+import collections
 import copy
 import itertools
 import math
@@ -386,6 +387,97 @@ def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int
     return sorted(candidates)
 
 
+class _Zeroed:
+    """Inside the block, the given input features of Linear modules are zero: {module: tensor of feature indices}
+    (the attention-output columns of a head, the second-FFN-layer columns of neurons). A forward pre-hook, so the
+    weights are untouched."""
+
+    def __init__(self, features: dict):
+        self.features = features
+        self.handles = []
+
+    def __enter__(self):
+        for module, index in self.features.items():
+            self.handles.append(module.register_forward_pre_hook(
+                lambda mod, args, index=index: (args[0].index_fill(-1, index.to(args[0].device), 0.0), *args[1:])))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1,
+                   accelerator=None) -> list:
+    """Every removable unit, least important per FLOP first, by its MEASURED loss increase when it is removed.
+
+    The same candidates as `removal_order` (heads one at a time; FFN neurons in blocks of
+    `ffn_granularity(original width)`, in the order of `importance`, the Taylor estimate, within each layer), each
+    scored by the mean of `loss_fn` over `batches` with the unit zeroed minus the mean without (eval mode, no
+    gradients; the same batches for every candidate, so the comparison is paired). A layer's FFN blocks are zeroed
+    cumulatively (the first block, the first two, ...), each scored by what it adds, raised where needed to at
+    least the score of the block before it, so a layer's blocks still go in their Taylor order. Heads are scored
+    one at a time; units removed together at one event interact, which this ignores, as the Taylor estimate does.
+
+    Near the end of a gradual run few, large units are left, and removing one is far from the small perturbation a
+    first- or second-order (Taylor / Fisher) estimate describes; measuring it costs one forward pass per candidate
+    and batch. Under several processes the scores are averaged over the processes (`accelerator.reduce`), so every
+    process ranks the same numbers.
+    """
+    if isinstance(importance, TaylorImportance):
+        importance = {"heads": importance.heads, "ffn": importance.ffn}
+    batches = list(batches)
+    if not batches:
+        raise ValueError("ablation_order needs at least one batch")
+    layout = get_layout(model)
+    _, _, of, _ = original_sizes(model.config)
+    g = ffn_granularity(of)
+    cost = unit_flops(model, seq_len)
+    layers = encoder_layers(model)
+    trials = []  # (kind, layer, units, {module: features zeroed})
+    for layer, n in enumerate(layout["heads"]):
+        p = _parts(layers[layer])
+        d = _head_size(p)
+        for h in range(n):
+            trials.append(("head", layer, [h], {p.attn_out: torch.arange(h * d, (h + 1) * d)}))
+    for layer, width in enumerate(layout["ffn"]):
+        p = _parts(layers[layer])
+        ranked = torch.argsort(torch.as_tensor(importance["ffn"][layer], dtype=torch.float64).cpu(),
+                               stable=True).tolist()
+        for b in range(max(len(ranked) // g - min_ffn_blocks, 0)):
+            trials.append(("ffn", layer, ranked[b * g:(b + 1) * g],
+                           {p.ffn_out: torch.tensor(ranked[:(b + 1) * g])}))
+    was_training = model.training
+    model.eval()
+    losses = []
+    try:
+        with torch.no_grad():
+            def mean_loss():
+                return sum(float(loss_fn(model, batch)) for batch in batches) / len(batches)
+
+            base = mean_loss()
+            for _, _, _, features in trials:
+                with _Zeroed(features):
+                    losses.append(mean_loss() - base)
+    finally:
+        model.train(was_training)
+    deltas = torch.tensor(losses, dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        deltas = accelerator.reduce(deltas.to(accelerator.device), reduction="mean").cpu()
+    candidates, previous = [], {}
+    for order, ((kind, layer, units, _), delta) in enumerate(zip(trials, deltas.tolist())):
+        if kind == "head":
+            score, flops = delta, cost["head"][layer]
+        else:  # cumulative: this block's share is what it adds to the blocks before it
+            before = previous.get(layer)
+            score = delta if before is None else max(delta - before[0], before[1])
+            previous[layer] = (delta, score)
+            flops = cost["ffn_neuron"][layer] * g
+        candidates.append(_Candidate(score / flops, order, kind, layer, units, flops, score))
+    return sorted(candidates)
+
+
 def _by_layer(chosen) -> tuple:
     heads, ffn = {}, {}
     for c in chosen:
@@ -394,18 +486,20 @@ def _by_layer(chosen) -> tuple:
 
 
 def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: int = SEQ_LEN,
-                    min_ffn_blocks: int = 1) -> dict:
+                    min_ffn_blocks: int = 1, order: list | None = None) -> dict:
     """Remove the least important units per FLOP until the MEASURED encoder GFLOPs <= the target.
 
     Units are chosen from the predicted cost of each unit, then the model is measured with common.flops;
     if the measurement is still above the target (it should not be: the prediction matches fvcore), the
-    next units are removed one at a time and measured again. Returns what was removed per layer (ORIGINAL
+    next units are removed one at a time and measured again. `order` (e.g. `ablation_order`): the candidates,
+    least important per FLOP first, instead of `removal_order(model, importance)`. Returns what was removed per
+    layer (ORIGINAL
     head indices, number of FFN neurons) and the measured encoder GFLOPs.
     Raises ValueError when the target cannot be reached (every removable unit gone).
     """
     before = measure_encoder_gflops(model, seq_len)
     original_heads = kept_units(model)["heads"]
-    order = removal_order(model, importance, seq_len, min_ffn_blocks)
+    order = removal_order(model, importance, seq_len, min_ffn_blocks) if order is None else list(order)
     need = (before - target_encoder_gflops) * 1e9
     chosen, saved = [], 0
     for c in order:
@@ -559,7 +653,8 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                   end_fraction: float = 0.8, max_grad_norm: float = 1.0, seq_len: int = SEQ_LEN,
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
                   milestones=(), on_milestone=None, continue_from_branch: bool = False,
-                  schedule: str = "cubic", desc: str = "prune") -> PruneRun:
+                  schedule: str = "cubic", ablation_from: float = 0.0, ablation_batches: int = 32,
+                  desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -581,13 +676,18 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     without branches. With `continue_from_branch=True` the run instead goes on from the branch as the callback left
     it (e.g. recovered): its weights are loaded into the model (same layout), so each later milestone starts from
     a model that was recovered at every earlier one (iterative prune-recover; the training cost is the same).
+
+    `ablation_from` > 0: events whose target is at least that sparsity rank the units by their measured loss
+    increase on the last `ablation_batches` training batches (`ablation_order`, under `loss_fn`) instead of the
+    Taylor estimate alone (which still orders the FFN neurons within a layer). 0: the Taylor estimate everywhere.
     """
     started = time.time()
     hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
                           end_fraction=end_fraction, seq_len=seq_len, base_encoder_gflops=base_encoder_gflops,
                           criterion=criterion, milestones=milestones, on_milestone=on_milestone,
                           continue_from_branch=continue_from_branch, schedule=schedule, desc=desc,
-                          data_epoch=getattr(train_loader.batch_sampler, "epoch", 0))
+                          data_epoch=getattr(train_loader.batch_sampler, "epoch", 0), ablation_from=ablation_from,
+                          ablation_batches=ablation_batches, loss_fn=loss_fn)
     train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
           warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
     # every event ran: the measured sparsity reached the schedule's final target
@@ -608,7 +708,12 @@ class GradualPruning(TrainHook):
     def __init__(self, heldout_loader, *, target_sparsity: float, prune_steps: int, end_fraction: float = 0.8,
                  seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
                  milestones=(), on_milestone=None, continue_from_branch: bool = False, schedule: str = "cubic",
-                 desc: str = "prune", data_epoch: int = 0):
+                 desc: str = "prune", data_epoch: int = 0, ablation_from: float = 0.0, ablation_batches: int = 32,
+                 loss_fn=None):
+        if ablation_from and (loss_fn is None or ablation_batches < 1):
+            raise ValueError("ablation_from > 0 needs loss_fn and ablation_batches >= 1")
+        self.ablation_from, self.loss_fn = ablation_from, loss_fn
+        self.recent = collections.deque(maxlen=ablation_batches if ablation_from else 0)  # for ablation_order
         self.heldout_loader = heldout_loader
         self.data_epoch = data_epoch
         self.target_sparsity, self.prune_steps, self.end_fraction = target_sparsity, prune_steps, end_fraction
@@ -645,6 +750,8 @@ class GradualPruning(TrainHook):
         self.last_entry = None
         self.running_loss = (loop.loss if self.running_loss is None
                              else 0.98 * self.running_loss + 0.02 * loop.loss)
+        if self.ablation_from:
+            self.recent.append(loop.batch)
         if self.pending and loop.step >= self.pending[0][0]:  # one event per step (pruning_schedule)
             _, target = self.pending.pop(0)
             self.prune(loop, target)
@@ -656,7 +763,11 @@ class GradualPruning(TrainHook):
     def prune(self, loop, target: float) -> None:
         model = loop.unwrapped
         self.importance.all_reduce(loop.accelerator)  # every process ranks the same (summed) scores
-        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len)
+        ablate = bool(self.ablation_from) and target >= self.ablation_from - 1e-9
+        order = (ablation_order(model, self.recent, self.loss_fn, self.importance, self.seq_len,
+                                accelerator=loop.accelerator) if ablate else None)
+        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len, order=order)
+        removed["ranked_by"] = "ablation" if ablate else "taylor"
         self.importance.reset()
         self.last_entry = self.record(model, loop.step, target, removed)
         if target in self.branch_at:
@@ -692,6 +803,7 @@ class GradualPruning(TrainHook):
         if removed is not None:
             entry["removed_heads"] = {str(k): v for k, v in removed["removed_heads"].items()}
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
+            entry["ranked_by"] = removed.get("ranked_by", "taylor")
         if target in self.branch_at:
             entry["milestone"] = True
         self.run.trajectory.append(entry)

@@ -147,6 +147,7 @@ class TrainLoop:
     warmup_steps: int = 0
     epoch: int = 0
     step: int = 0
+    batch: dict = None  # this step's training batch (this process's), as the loss saw it
     loss: float = None  # this step's loss (this process's batch)
     running_loss: float = None  # its moving average over the epoch so far (shown, and recorded at held-out checks)
 
@@ -209,6 +210,7 @@ def train(model, train_loader, heldout_loader, loss_fn=cross_entropy_loss, *, ep
             loop.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             loop.loss = value = loss.item()
+            loop.batch = batch
             loop.running_loss = value if loop.running_loss is None else 0.98 * loop.running_loss + 0.02 * value
             if hook.on_step(loop):
                 loop.build_optimizer()

@@ -311,8 +311,12 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
     with pytest.MonkeyPatch.context() as mp:
         models = _tiny_pipeline(tmp_path, mp)
         results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", "AUGMENT_PAIRS=16",
-                             "AUGMENT_ROWS=3", *FAST)
+                             "AUGMENT_ROWS=3", "ABLATION_FROM=0.2", "ABLATION_BATCHES=4", "PRUNE_DROPOUT=0.0", *FAST)
         assert set(results) == {"pruned_model", "pruned_model_seed7"}
+        # PRUNE_STEPS=2 to 30%: the event at 0.3 * (1 - 1/8) = 26% and the last one rank by measured loss increase
+        events = [e for e in results["pruned_model"]["trajectory"] if e["step"]]
+        assert [e["ranked_by"] for e in events] == ["ablation", "ablation"]
+        assert _meta(models / "pruned_model")["config"]["PRUNE_DROPOUT"] == 0.0
         # 64 training rows + 16 joined triples labelled by the teacher, whose logits are cached apart from the
         # frontier's pairs (same seed, other inputs)
         assert [r["train_sentences"] for r in results.values()] == [80, 80]
@@ -325,7 +329,8 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
                             (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
                             (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
                             (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS"),
-                            (("AUGMENT_ROWS=1",), "AUGMENT_ROWS"),
+                            (("AUGMENT_ROWS=1",), "AUGMENT_ROWS"), (("ABLATION_FROM=1",), "ABLATION_FROM"),
+                            (("PRUNE_DROPOUT=1",), "PRUNE_DROPOUT"),
                             (("FRONTIER=True", "FRONTIER_RECOVERY_KEEP=first"), "FRONTIER_RECOVERY_KEEP")):
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)

@@ -315,3 +315,87 @@ def test_reachable_sparsity_is_measured_on_a_copy(tiny_bert):
     base = measure_encoder_gflops(tiny_bert, SEQ)
     pruning.prune_to_target(tiny_bert, imp, (1 - limit) * base, seq_len=SEQ)
     assert pruning.get_layout(tiny_bert) == {"heads": [0, 0], "ffn": [32, 32]}
+
+
+def _labelled(seed):
+    return dict(inputs(seed), labels=torch.tensor([0, 1, 1]))
+
+
+def _mean_loss(model, batches):
+    with torch.no_grad():
+        return sum(float(ce_loss(model, {k: v for k, v in b.items() if k != "labels"})) for b in batches) / len(batches)
+
+
+def test_ablation_scores_are_the_measured_loss_increase_of_removing_each_unit(tiny):
+    """Each head's score is the mean loss with that head physically removed minus without; FFN blocks are removed
+    cumulatively in the Taylor order and scored by what each adds (raised to the block before it); the model comes
+    back unchanged, in training mode; prune_to_target follows the order it is given."""
+    batches = [_labelled(s) for s in range(3)]
+
+    def loss(model, batch):
+        return ce_loss(model, {k: v for k, v in batch.items() if k != "labels"})
+
+    imp = pruning.estimate_importance(tiny, batches, loss)
+    tiny.train()
+    before = copy.deepcopy(tiny.state_dict())
+    order = pruning.ablation_order(tiny, batches, loss, imp, seq_len=SEQ, min_ffn_blocks=0)
+    assert tiny.training and all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+    tiny.eval()
+    base = _mean_loss(tiny, batches)
+    assert [c.score for c in order] == sorted(c.score for c in order)
+    heads = [c for c in order if c.kind == "head"]
+    assert len(heads) == 8
+    for c in heads:
+        removed = copy.deepcopy(tiny)
+        pruning.prune_units(removed, {c.layer: c.units})
+        assert c.importance == pytest.approx(_mean_loss(removed, batches) - base, abs=1e-5)
+        assert c.score == pytest.approx(c.importance / c.flops)
+    for layer in range(2):
+        first, second = sorted((c for c in order if c.kind == "ffn" and c.layer == layer), key=lambda c: c.order)
+        assert first.units == torch.argsort(imp.ffn[layer].cpu(), stable=True)[:32].tolist()
+        one, both = copy.deepcopy(tiny), copy.deepcopy(tiny)
+        pruning.prune_units(one, ffn={layer: first.units})
+        pruning.prune_units(both, ffn={layer: first.units + second.units})
+        alone, together = _mean_loss(one, batches) - base, _mean_loss(both, batches) - base
+        assert first.importance == pytest.approx(alone, abs=1e-5)
+        assert second.importance == pytest.approx(max(together - alone, alone), abs=1e-5)
+    target = measure_encoder_gflops(tiny, SEQ) - order[0].flops / 1e9
+    result = pruning.prune_to_target(tiny, None, target, seq_len=SEQ, order=order)
+    removed = result["removed_heads"] if order[0].kind == "head" else result["removed_ffn"]
+    assert list(removed) == [order[0].layer]
+    with pytest.raises(ValueError, match="at least one batch"):
+        pruning.ablation_order(tiny, [], loss, imp, seq_len=SEQ)
+
+
+def test_gradual_run_ranks_events_past_ablation_from_by_measured_loss(tiny_bert):
+    from common.data import Encoded, make_loader
+    from common.training import cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    ids = [[2] + torch.randint(5, tiny_bert.config.vocab_size, (int(n),), generator=gen).tolist() + [3]
+           for n in torch.randint(3, 10, (64,), generator=gen)]
+    data = Encoded(input_ids=ids, labels=torch.arange(64) % 2)
+    loader, heldout = make_loader(data, 8, shuffle=True, seed=1), make_loader(data, 32)
+    torch.manual_seed(0)
+    run = pruning.gradual_prune(tiny_bert.train(), loader, heldout, cross_entropy_loss, target_sparsity=0.6, epochs=1,
+                                prune_steps=3, lr=1e-3, seq_len=SEQ, ablation_from=0.5, ablation_batches=2)
+    ranked = [(e["sparsity_target"] >= 0.5, e["ranked_by"]) for e in run.trajectory if e["step"]]
+    assert ranked and all(by == ("ablation" if late else "taylor") for late, by in ranked)
+    assert {by for _, by in ranked} == {"ablation", "taylor"}
+    assert measure_encoder_gflops(tiny_bert, SEQ) <= 0.4 * run.base_encoder_gflops + 1e-9
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        pruning.GradualPruning(heldout, target_sparsity=0.5, prune_steps=2, ablation_from=0.3)
+
+
+def test_set_dropout_changes_every_dropout_layer_but_not_the_config(tiny):
+    from common.modeling import set_dropout
+
+    set_dropout(tiny, 0.0)
+    assert all(m.p == 0.0 for m in tiny.modules() if isinstance(m, torch.nn.Dropout))
+    assert any(isinstance(m, torch.nn.Dropout) for m in tiny.modules())
+    assert 0.0 not in {v for k, v in tiny.config.to_dict().items() if "dropout" in k and isinstance(v, float)}
+    tiny.train()
+    with torch.no_grad():  # no dropout: training mode gives the eval-mode logits
+        torch.testing.assert_close(tiny(**inputs()).logits, tiny.eval()(**inputs()).logits)
+    with pytest.raises(ValueError, match="dropout probability"):
+        set_dropout(tiny, 1.0)
