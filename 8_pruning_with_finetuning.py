@@ -42,6 +42,12 @@ each of 65/80/90/95% (means +0.42, +0.65, +1.07, +2.14 points), mixed at 20-50% 
 stage's time (ours ~1.5x, the baseline ~1.2x). AUGMENT_ROWS=3 joins three rows instead (median 43 tokens): on 3
 seeds (ours only, against pairs) +0.08 / -0.15 / -0.46 / -1.76 points at 65 / 80 / 90 / 95%, and no better on the
 longest validation sentences (README "Frontier results").
+ABLATION_FROM > 0: events at or past that sparsity rank heads and FFN blocks by their measured loss increase when
+removed (ABLATION_BATCHES recent training batches, common.pruning.ablation_order) instead of the Taylor estimate.
+PRUNE_DROPOUT: dropout while this stage trains (0.1, the students' own). Measured on the frontier (seed 42, ours only,
+paired against a default run made on the same machine, 2026-12-02): ABLATION_FROM=0.5 built other layouts (fewer
+heads, wider FFNs) that scored the same at 80% and 90% (+0.00, +0.00 points) for 1.4x the time; PRUNE_DROPOUT=0
++0.00 / -0.92 there; both were above an outlying default at 95% only. Both off by default.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,

@@ -66,8 +66,10 @@ def test_stage_8_with_two_processes_prunes_the_same_units_and_writes_one_folder(
     from common.stage import read_metadata
 
     records = tiny_pipeline / "records"
+    # ABLATION_FROM: each process measures the removals on its own batches; the scores are averaged across them
     wall = torchrun("8_pruning_with_finetuning.py", ["TARGET_SPARSITY=0.3", "PRUNE_STEPS=2", "PRUNE_LR=1e-3",
-                                                     "RECOVERY_LR=5e-4", *SMALL], records)
+                                                     "RECOVERY_LR=5e-4", "ABLATION_FROM=0.2", "ABLATION_BATCHES=2",
+                                                     *SMALL], records)
     main, other = records_of(records)
     layouts = [r["results"]["layout"] for r in (main, other)]
     print(f"2-process stage 8: {wall:.1f} s, layouts rank 0 {layouts[0]}, rank 1 {layouts[1]}")
@@ -76,6 +78,7 @@ def test_stage_8_with_two_processes_prunes_the_same_units_and_writes_one_folder(
         assert main["results"][key] == other["results"][key], key
     events = main["results"]["trajectory"][1:]
     assert len(events) == 2 and events[-1]["sparsity"] >= 0.3
+    assert [e["ranked_by"] for e in events] == ["ablation", "ablation"]
     # 128 sentences in batches of 16 = 8 batches, 4 per process: the schedule counts this process's steps
     assert [e["step"] for e in events] == [2, 3]
     models = tiny_pipeline / "models"
