@@ -349,6 +349,33 @@ class _Candidate:
     importance: float = field(compare=False)
 
 
+def _importance_by_layer(model, importance) -> dict:
+    """{"heads": [...], "ffn": [...]}: float64 CPU tensors per layer, after checking they match the model's layout."""
+    if isinstance(importance, TaylorImportance):
+        importance = {"heads": importance.heads, "ffn": importance.ffn}
+    out = {kind: [torch.as_tensor(v, dtype=torch.float64).cpu() for v in importance[kind]] for kind in ("heads", "ffn")}
+    layout = get_layout(model)
+    if [len(h) for h in out["heads"]] != layout["heads"] or [len(f) for f in out["ffn"]] != layout["ffn"]:
+        raise ValueError("importance does not match the model's current layout (reset it after pruning)")
+    return out
+
+
+def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int) -> list:
+    """[(kind, layer, units, flops)]: every layer's heads one at a time, then every layer's FFN blocks of
+    `ffn_granularity(original width)` neurons, the least important by `importance["ffn"]` first, leaving
+    `min_ffn_blocks` blocks per layer. The candidates both orders rank, in this fixed order (their tie-break)."""
+    _, _, of, _ = original_sizes(model.config)
+    g = ffn_granularity(of)
+    cost = unit_flops(model, seq_len)
+    units = [("head", layer, [h], cost["head"][layer])
+             for layer, imp in enumerate(importance["heads"]) for h in range(len(imp))]
+    for layer, imp in enumerate(importance["ffn"]):
+        ranked = torch.argsort(imp, stable=True).tolist()
+        units += [("ffn", layer, ranked[b * g:(b + 1) * g], cost["ffn_neuron"][layer] * g)
+                  for b in range(max(len(ranked) // g - min_ffn_blocks, 0))]
+    return units
+
+
 def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -> list:
     """Every removable unit, least important per FLOP first.
 
@@ -358,32 +385,11 @@ def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int
     `ffn_granularity(original width)`, the least important neurons of a layer first; each layer keeps at
     least `min_ffn_blocks` blocks.
     """
-    if isinstance(importance, TaylorImportance):
-        importance = {"heads": importance.heads, "ffn": importance.ffn}
-    heads_imp = [torch.as_tensor(h, dtype=torch.float64).cpu() for h in importance["heads"]]
-    ffn_imp = [torch.as_tensor(f, dtype=torch.float64).cpu() for f in importance["ffn"]]
-    layout = get_layout(model)
-    if [len(h) for h in heads_imp] != layout["heads"] or [len(f) for f in ffn_imp] != layout["ffn"]:
-        raise ValueError("importance does not match the model's current layout (reset it after pruning)")
-    _, _, of, _ = original_sizes(model.config)
-    g = ffn_granularity(of)
-    cost = unit_flops(model, seq_len)
+    importance = _importance_by_layer(model, importance)
     candidates = []
-    order = 0
-    for layer, imp in enumerate(heads_imp):
-        for h in range(len(imp)):
-            flops = cost["head"][layer]
-            candidates.append(_Candidate(float(imp[h]) / flops, order, "head", layer, [h], flops, float(imp[h])))
-            order += 1
-    for layer, imp in enumerate(ffn_imp):
-        ranked = torch.argsort(imp, stable=True).tolist()
-        blocks = len(ranked) // g - min_ffn_blocks
-        for b in range(max(blocks, 0)):
-            units = ranked[b * g:(b + 1) * g]
-            total = float(imp[units].sum())
-            flops = cost["ffn_neuron"][layer] * g
-            candidates.append(_Candidate(total / flops, order, "ffn", layer, units, flops, total))
-            order += 1
+    for order, (kind, layer, units, flops) in enumerate(_removable_units(model, importance, seq_len, min_ffn_blocks)):
+        total = float(importance["heads" if kind == "head" else "ffn"][layer][units].sum())
+        candidates.append(_Candidate(total / flops, order, kind, layer, units, flops, total))
     return sorted(candidates)
 
 
@@ -425,29 +431,20 @@ def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, 
     and batch. Under several processes the scores are averaged over the processes (`accelerator.reduce`), so every
     process ranks the same numbers.
     """
-    if isinstance(importance, TaylorImportance):
-        importance = {"heads": importance.heads, "ffn": importance.ffn}
     batches = list(batches)
     if not batches:
         raise ValueError("ablation_order needs at least one batch")
-    layout = get_layout(model)
-    _, _, of, _ = original_sizes(model.config)
-    g = ffn_granularity(of)
-    cost = unit_flops(model, seq_len)
+    units = _removable_units(model, _importance_by_layer(model, importance), seq_len, min_ffn_blocks)
     layers = encoder_layers(model)
-    trials = []  # (kind, layer, units, {module: features zeroed})
-    for layer, n in enumerate(layout["heads"]):
+    trials, zeroed = [], {}  # per unit {module: input features zeroed}; the FFN neurons zeroed so far per layer
+    for kind, layer, kept, _ in units:
         p = _parts(layers[layer])
-        d = _head_size(p)
-        for h in range(n):
-            trials.append(("head", layer, [h], {p.attn_out: torch.arange(h * d, (h + 1) * d)}))
-    for layer, width in enumerate(layout["ffn"]):
-        p = _parts(layers[layer])
-        ranked = torch.argsort(torch.as_tensor(importance["ffn"][layer], dtype=torch.float64).cpu(),
-                               stable=True).tolist()
-        for b in range(max(len(ranked) // g - min_ffn_blocks, 0)):
-            trials.append(("ffn", layer, ranked[b * g:(b + 1) * g],
-                           {p.ffn_out: torch.tensor(ranked[:(b + 1) * g])}))
+        if kind == "head":
+            d = _head_size(p)
+            trials.append({p.attn_out: torch.arange(kept[0] * d, (kept[0] + 1) * d)})
+        else:
+            zeroed[layer] = zeroed.get(layer, []) + kept
+            trials.append({p.ffn_out: torch.tensor(zeroed[layer])})
     was_training = model.training
     model.eval()
     losses = []
@@ -457,7 +454,7 @@ def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, 
                 return sum(float(loss_fn(model, batch)) for batch in batches) / len(batches)
 
             base = mean_loss()
-            for _, _, _, features in trials:
+            for features in trials:
                 with _Zeroed(features):
                     losses.append(mean_loss() - base)
     finally:
@@ -466,15 +463,13 @@ def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, 
     if accelerator is not None and accelerator.num_processes > 1:
         deltas = accelerator.reduce(deltas.to(accelerator.device), reduction="mean").cpu()
     candidates, previous = [], {}
-    for order, ((kind, layer, units, _), delta) in enumerate(zip(trials, deltas.tolist())):
-        if kind == "head":
-            score, flops = delta, cost["head"][layer]
-        else:  # cumulative: this block's share is what it adds to the blocks before it
+    for order, ((kind, layer, kept, flops), delta) in enumerate(zip(units, deltas.tolist())):
+        score = delta
+        if kind == "ffn":  # cumulative: this block's share is what it adds to the blocks before it
             before = previous.get(layer)
             score = delta if before is None else max(delta - before[0], before[1])
             previous[layer] = (delta, score)
-            flops = cost["ffn_neuron"][layer] * g
-        candidates.append(_Candidate(score / flops, order, kind, layer, units, flops, score))
+        candidates.append(_Candidate(score / flops, order, kind, layer, kept, flops, score))
     return sorted(candidates)
 
 
@@ -493,8 +488,7 @@ def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: in
     if the measurement is still above the target (it should not be: the prediction matches fvcore), the
     next units are removed one at a time and measured again. `order` (e.g. `ablation_order`): the candidates,
     least important per FLOP first, instead of `removal_order(model, importance)`. Returns what was removed per
-    layer (ORIGINAL
-    head indices, number of FFN neurons) and the measured encoder GFLOPs.
+    layer (ORIGINAL head indices, number of FFN neurons) and the measured encoder GFLOPs.
     Raises ValueError when the target cannot be reached (every removable unit gone).
     """
     before = measure_encoder_gflops(model, seq_len)
