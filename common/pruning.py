@@ -797,7 +797,7 @@ class GradualPruning(TrainHook):
         if removed is not None:
             entry["removed_heads"] = {str(k): v for k, v in removed["removed_heads"].items()}
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
-            entry["ranked_by"] = removed.get("ranked_by", "taylor")
+            entry["ranked_by"] = removed["ranked_by"]
         if target in self.branch_at:
             entry["milestone"] = True
         self.run.trajectory.append(entry)

@@ -317,28 +317,20 @@ def test_reachable_sparsity_is_measured_on_a_copy(tiny_bert):
     assert pruning.get_layout(tiny_bert) == {"heads": [0, 0], "ffn": [32, 32]}
 
 
-def _labelled(seed):
-    return dict(inputs(seed), labels=torch.tensor([0, 1, 1]))
-
-
 def _mean_loss(model, batches):
     with torch.no_grad():
-        return sum(float(ce_loss(model, {k: v for k, v in b.items() if k != "labels"})) for b in batches) / len(batches)
+        return sum(float(ce_loss(model, b)) for b in batches) / len(batches)
 
 
 def test_ablation_scores_are_the_measured_loss_increase_of_removing_each_unit(tiny):
     """Each head's score is the mean loss with that head physically removed minus without; FFN blocks are removed
     cumulatively in the Taylor order and scored by what each adds (raised to the block before it); the model comes
     back unchanged, in training mode; prune_to_target follows the order it is given."""
-    batches = [_labelled(s) for s in range(3)]
-
-    def loss(model, batch):
-        return ce_loss(model, {k: v for k, v in batch.items() if k != "labels"})
-
-    imp = pruning.estimate_importance(tiny, batches, loss)
+    batches = [inputs(s) for s in range(3)]
+    imp = pruning.estimate_importance(tiny, batches, ce_loss)
     tiny.train()
     before = copy.deepcopy(tiny.state_dict())
-    order = pruning.ablation_order(tiny, batches, loss, imp, seq_len=SEQ, min_ffn_blocks=0)
+    order = pruning.ablation_order(tiny, batches, ce_loss, imp, seq_len=SEQ, min_ffn_blocks=0)
     assert tiny.training and all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
     tiny.eval()
     base = _mean_loss(tiny, batches)
@@ -364,7 +356,7 @@ def test_ablation_scores_are_the_measured_loss_increase_of_removing_each_unit(ti
     removed = result["removed_heads"] if order[0].kind == "head" else result["removed_ffn"]
     assert list(removed) == [order[0].layer]
     with pytest.raises(ValueError, match="at least one batch"):
-        pruning.ablation_order(tiny, [], loss, imp, seq_len=SEQ)
+        pruning.ablation_order(tiny, [], ce_loss, imp, seq_len=SEQ)
 
 
 def test_gradual_run_ranks_events_past_ablation_from_by_measured_loss(tiny_bert):
