@@ -100,8 +100,8 @@ from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload, set_dropout
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
-from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, kept_units, magnitude_importance,
-                            partial_epoch_loader, prune_to_target, reachable_sparsity)
+from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, head_sizes, kept_units,
+                            magnitude_importance, partial_epoch_loader, prune_to_target, reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
 from common.stats import paired_comparison
@@ -125,6 +125,10 @@ ABLATION_FROM = 0.0        # > 0: pruning events at or past this sparsity rank u
 ABLATION_BATCHES = 32      # training batches (the last ones before the event) each removal is measured on
 PRUNE_DROPOUT = 0.1        # dropout probability while this stage trains (pruning, recovery, the baseline's recovery);
                            # both presets' students were trained with 0.1; saved configs keep the model's own
+HEAD_DIM_STEP = 0          # > 0: heads can also be NARROWED, this many query/key and value dimensions per head at a
+                           # time (every head of a layer, each its own least important; common.pruning), ranked per
+                           # FLOP with whole heads and FFN blocks; 0 = whole heads only. The gradual run only (the
+                           # magnitude baseline removes whole units); not with ABLATION_FROM
 IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher") or absolute ("abs")
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
 RECOVERY_EPOCHS = 1        # distillation epochs after the last event (RECOVERY_KEEP: which state is kept)
@@ -191,6 +195,7 @@ def check_config(cfg) -> list:
                                   "loss increase, 0 = never"),
         "ABLATION_BATCHES": int_range(1, 1000, what="training batches each removal is measured on"),
         "PRUNE_DROPOUT": in_range(0, 1, high_open=True, what="dropout probability while pruning and recovering"),
+        "HEAD_DIM_STEP": int_range(0, 1024, what="head dimensions removed per narrowing step, 0 = whole heads only"),
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
@@ -203,6 +208,9 @@ def check_config(cfg) -> list:
         "FRONTIER_AUGMENT_PAIRS": at_least(0, "AUGMENT_PAIRS of frontier runs, 0 = none"),
         "AUGMENT_ROWS": int_range(2, 4, what="training rows joined into each extra input: 2 = pairs, 3 = triples"),
     })
+    if cfg.HEAD_DIM_STEP and cfg.ABLATION_FROM:
+        raise ConfigError(f"HEAD_DIM_STEP={cfg.HEAD_DIM_STEP} and ABLATION_FROM={cfg.ABLATION_FROM}: the measured "
+                          f"ranking does not score narrowing steps; set one of them to 0")
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
         seen = {}
@@ -262,9 +270,15 @@ def check_runs(cfg, targets) -> tuple:
     return "frontier", targets, seeds
 
 
-def check_reachable(targets, student_dir) -> None:
-    """Refuse, before any work, a target that removing every head and all but one FFN block per layer cannot reach."""
-    limit = reachable_sparsity(load_model(student_dir), SEQ_LEN)
+def check_reachable(targets, student_dir, head_dim_step: int = 0) -> None:
+    """Refuse, before any work, a target that removing every head and all but one FFN block per layer cannot reach,
+    and a HEAD_DIM_STEP that cannot narrow the student's heads (not below its head size)."""
+    student = load_model(student_dir)
+    size = max(head_sizes(student))
+    if head_dim_step >= size:
+        raise ConfigError(f"HEAD_DIM_STEP={head_dim_step} narrows nothing: the student's heads have {size} dimensions; "
+                          f"use a step below that (e.g. {max(size // 4, 1)}), or 0 for whole heads only")
+    limit = reachable_sparsity(student, SEQ_LEN)
     beyond = [t for t in targets if t >= limit]
     if beyond:
         raise ConfigError(f"sparsity target {', '.join(map(str, beyond))} is out of reach: removing every head and "
@@ -385,6 +399,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
+                            head_dim_step=cfg.HEAD_DIM_STEP,
                             desc=f"prune s{round(100 * target):02d}")
         recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR,
                             cfg.RECOVERY_KEEP)
@@ -487,6 +502,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
+                            head_dim_step=cfg.HEAD_DIM_STEP,
                             on_milestone=branch,
                             continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
@@ -543,6 +559,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "ablation_from": cfg.ABLATION_FROM, "ablation_batches": cfg.ABLATION_BATCHES, "dropout": cfg.PRUNE_DROPOUT,
+        "head_dim_step": cfg.HEAD_DIM_STEP,
         "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
@@ -568,11 +585,12 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 # what must match for an earlier frontier run to be listed beside this one in models/frontier.json
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
-                  "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "preset", "quick")
+                  "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "head_dim_step",
+                  "preset", "quick")
 _ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
 # for keys a frontier.json written before them lacks: what those runs did
 _FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
-                      "dropout": 0.1}
+                      "dropout": 0.1, "head_dim_step": 0}
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -630,7 +648,7 @@ def main(argv=None):
     mode, targets, seeds = check_runs(cfg, targets)
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
-    check_reachable(targets, student_dir)
+    check_reachable(targets, student_dir, cfg.HEAD_DIM_STEP)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)

@@ -22,7 +22,9 @@ Two roles
 
 What a folder holds
 - config.json of the UNPRUNED architecture (original head count and FFN width), plus
-  - `dpq_layout` (LAYOUT_KEY) for a pruned model: {"heads": [heads kept per layer], "ffn": [FFN width per layer]};
+  - `dpq_layout` (LAYOUT_KEY) for a pruned model: {"heads": [heads kept per layer], "ffn": [FFN width per layer]},
+    and "head_size": [dimensions kept per head, per layer] when any layer's heads were narrowed (absent: the
+    original head size everywhere);
   - `dpq_quantization` (QUANT_KEY) for a 4-bit model: the bitsandbytes settings (quant_type, blocksize,
     double_quant, compute_dtype, embedding_bits, quantize_head, ...).
 - model.safetensors (or shards model-*.safetensors): the state dict; for 4-bit, bnb's codes plus their
@@ -43,6 +45,11 @@ Anatomy: a head is a block of rows of query/key/value and of columns of the atte
 attention module's head count is updated (`num_attention_heads`/`all_head_size` for BERT, `n_heads` for
 DistilBERT) and the attention forward infers the head count from the tensor shape, so a layer may keep 0 heads.
 An FFN neuron is a row of the first FFN Linear and a column of the second.
+A head can also be narrowed (`keep_head_dims`): every head of a layer keeps the same number d' of its d dimensions,
+chosen separately for the query/key side (rows of query and key: the terms of q.k) and the value side (rows of value,
+columns of the attention output), since the two are independent sums; the module's `attention_head_size` becomes d'
+and its `scaling` stays 1/sqrt(d) of the ORIGINAL head size, so a narrowed head computes exactly what the full head
+computes with the removed dimensions zeroed.
 
 4-bit: every Linear of the transformer blocks (and, with `quantize_head`, BERT's pooler dense / DistilBERT's
 pre_classifier) is a bnb `Linear4bit` with `support_avx512bf16_for_cpu = False` (bnb's AVX512-BF16 CPU repack path
@@ -76,7 +83,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-LAYOUT_KEY = "dpq_layout"  # config attribute: {"heads": [...], "ffn": [...]} per layer
+LAYOUT_KEY = "dpq_layout"  # config attribute: {"heads": [...], "ffn": [...] (, "head_size": [...])} per layer
 QUANT_KEY = "dpq_quantization"  # config attribute: bitsandbytes settings of a 4-bit model
 CODE_FILE = "modeling_dpq.py"  # the name this file has inside a model folder
 AUTO_CLASS = "AutoModelForSequenceClassification"
@@ -191,22 +198,38 @@ def original_sizes(config) -> tuple:
 
 
 def get_layout(model) -> dict:
-    """{"heads": [heads kept per layer], "ffn": [FFN width per layer]} (JSON-able)."""
-    heads, ffn = [], []
+    """{"heads": [heads kept per layer], "ffn": [FFN width per layer]} (JSON-able), plus "head_size": [dimensions
+    per head, per layer] when any layer's heads are narrower than the original head size."""
+    heads, ffn, sizes = [], [], []
     for layer in encoder_layers(model):
         p = block_parts(layer)
         heads.append(num_heads(p))
         ffn.append(p.ffn_in.out_features)
-    return {"heads": heads, "ffn": ffn}
+        sizes.append(head_size(p))
+    layout = {"heads": heads, "ffn": ffn}
+    _, d, _, _ = original_sizes(model.config)
+    if any(size != d for size in sizes):
+        layout["head_size"] = sizes
+    return layout
+
+
+def head_sizes(model_or_layout, config=None) -> list:
+    """Dimensions per head, per layer, of a model or of a layout dict (the original head size where it has none)."""
+    if isinstance(model_or_layout, dict):
+        _, d, _, _ = original_sizes(config)
+        return list(model_or_layout.get("head_size") or [d] * len(model_or_layout["heads"]))
+    return [head_size(block_parts(layer)) for layer in encoder_layers(model_or_layout)]
 
 
 def config_is_pruned(config) -> bool:
-    """Whether a config's layout removes any head or FFN neuron (plain `from_pretrained` cannot load it)."""
+    """Whether a config's layout removes any head, head dimension or FFN neuron (plain `from_pretrained` cannot load
+    it)."""
     layout = getattr(config, LAYOUT_KEY, None)
     if not layout:
         return False
-    heads, _, ffn, _ = original_sizes(config)
-    return any(h != heads for h in layout.get("heads", [])) or any(w != ffn for w in layout.get("ffn", []))
+    heads, d, ffn, _ = original_sizes(config)
+    return (any(h != heads for h in layout.get("heads", [])) or any(w != ffn for w in layout.get("ffn", []))
+            or any(size != d for size in layout.get("head_size") or []))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,10 +258,21 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
 
 
 def kept_record(layer, original_heads: int, original_ffn: int) -> dict:
-    """Original indices of the units a layer still has (bookkeeping `_dpq_kept` on the layer module; not saved)."""
+    """Original indices of the units a layer still has (bookkeeping `_dpq_kept` on the layer module; not saved):
+    heads, FFN neurons, and once a head was narrowed, "qk_dims" / "v_dims": per kept head, its original dimensions."""
     if not hasattr(layer, "_dpq_kept"):
         layer._dpq_kept = {"heads": list(range(original_heads)), "ffn": list(range(original_ffn))}
     return layer._dpq_kept
+
+
+def _set_head_geometry(attention, heads: int, size: int) -> None:
+    """The head count and head size an attention module uses (its forward reshapes to (..., -1, head size))."""
+    if hasattr(attention, "n_heads"):  # DistilBERT
+        attention.n_heads = heads
+    else:
+        attention.num_attention_heads = heads
+        attention.all_head_size = heads * size
+    attention.attention_head_size = size
 
 
 def keep_heads(model, layer_idx: int, keep: torch.Tensor) -> None:
@@ -251,14 +285,40 @@ def keep_heads(model, layer_idx: int, keep: torch.Tensor) -> None:
     for linear in (p.query, p.key, p.value):
         slice_linear(linear, rows, dim=0)
     slice_linear(p.attn_out, rows, dim=1)
-    if hasattr(p.attention, "n_heads"):  # DistilBERT
-        p.attention.n_heads = len(keep)
-    else:
-        p.attention.num_attention_heads = len(keep)
-        p.attention.all_head_size = len(keep) * d
+    _set_head_geometry(p.attention, len(keep), d)
     oh, _, of, _ = original_sizes(model.config)
     kept = kept_record(layer, oh, of)
     kept["heads"] = [kept["heads"][i] for i in keep.tolist()]
+    for key in ("qk_dims", "v_dims"):
+        if key in kept:
+            kept[key] = [kept[key][i] for i in keep.tolist()]
+
+
+def keep_head_dims(model, layer_idx: int, qk_keep, v_keep) -> None:
+    """Narrow every head of one layer to d' dimensions: `qk_keep` / `v_keep` are [heads, d'] (current numbering within
+    each head, ascending per row): the query/key dimensions and the value dimensions each head keeps. The module's
+    `scaling` is left as it is (1/sqrt of the original head size), so the result equals the wider head with the other
+    dimensions zeroed."""
+    layer = encoder_layers(model)[layer_idx]
+    p = block_parts(layer)
+    n, d = num_heads(p), head_size(p)
+    qk_keep = torch.as_tensor(qk_keep, dtype=torch.long)
+    v_keep = torch.as_tensor(v_keep, dtype=torch.long)
+    if qk_keep.dim() != 2 or qk_keep.shape[0] != n or qk_keep.shape != v_keep.shape:
+        raise ValueError(f"layer {layer_idx}: query/key keep {tuple(qk_keep.shape)} and value keep "
+                         f"{tuple(v_keep.shape)} must both be [{n} heads, kept dimensions] (every head has one size)")
+    offsets = (torch.arange(n) * d)[:, None]
+    qk_rows, v_rows = (qk_keep + offsets).reshape(-1), (v_keep + offsets).reshape(-1)
+    slice_linear(p.query, qk_rows, dim=0)
+    slice_linear(p.key, qk_rows, dim=0)
+    slice_linear(p.value, v_rows, dim=0)
+    slice_linear(p.attn_out, v_rows, dim=1)
+    _set_head_geometry(p.attention, n, qk_keep.shape[1])
+    oh, od, of, _ = original_sizes(model.config)
+    kept = kept_record(layer, oh, of)
+    for key, keep in (("qk_dims", qk_keep), ("v_dims", v_keep)):
+        before = kept.get(key) or [list(range(od)) for _ in range(n)]
+        kept[key] = [[before[h][i] for i in row] for h, row in enumerate(keep.tolist())]
 
 
 def keep_ffn_neurons(model, layer_idx: int, keep: torch.Tensor) -> None:
@@ -274,29 +334,37 @@ def keep_ffn_neurons(model, layer_idx: int, keep: torch.Tensor) -> None:
 
 
 def validate_layout(model, layout) -> None:
-    """Raise ValueError unless `layout` has one head count and one FFN width per layer, each within the model's."""
+    """Raise ValueError unless `layout` has one head count and one FFN width per layer (and, optionally, one head size
+    per layer, at least 1), each within the model's."""
     layers = encoder_layers(model)
     current = get_layout(model)
-    for key in ("heads", "ffn"):
+    current["head_size"] = head_sizes(model)
+    keys = ("heads", "ffn", "head_size") if isinstance(layout, dict) and "head_size" in layout else ("heads", "ffn")
+    for key in keys:
         values = layout.get(key) if isinstance(layout, dict) else None
         if not isinstance(values, (list, tuple)) or len(values) != len(layers):
             raise ValueError(
-                f"bad pruning layout {layout!r}: expected {{'heads': [...], 'ffn': [...]}} with one entry per "
-                f"layer ({len(layers)} layers)"
+                f"bad pruning layout {layout!r}: expected {{'heads': [...], 'ffn': [...]}} (and optionally "
+                f"'head_size': [...]) with one entry per layer ({len(layers)} layers)"
             )
+        low = 1 if key == "head_size" else 0
         for i, (want, have) in enumerate(zip(values, current[key])):
-            if not isinstance(want, int) or not 0 <= want <= have:
+            if not isinstance(want, int) or isinstance(want, bool) or not low <= want <= have:
                 raise ValueError(f"bad pruning layout: layer {i} {key}={want!r}, the model has {have}")
 
 
 def shrink_to_layout(model, layout: dict) -> None:
-    """Shrink a model in place to `layout`, keeping the FIRST heads / neurons of each layer (a skeleton whose
-    weights the saved state dict then overwrites), and record the layout in `model.config`."""
+    """Shrink a model in place to `layout`, keeping the FIRST heads / neurons / head dimensions of each layer (a
+    skeleton whose weights the saved state dict then overwrites), and record the layout in `model.config`."""
     validate_layout(model, layout)
     current = get_layout(model)
+    sizes = head_sizes(model)
     for i in range(len(current["heads"])):
         if layout["heads"][i] < current["heads"][i]:
             keep_heads(model, i, torch.arange(layout["heads"][i]))
+        if "head_size" in layout and layout["head_size"][i] < sizes[i]:
+            keep = torch.arange(layout["head_size"][i]).expand(layout["heads"][i], -1)
+            keep_head_dims(model, i, keep, keep)
         if layout["ffn"][i] < current["ffn"][i]:
             keep_ffn_neurons(model, i, torch.arange(layout["ffn"][i]))
     setattr(model.config, LAYOUT_KEY, get_layout(model))

@@ -6,7 +6,12 @@ Units
   count is updated (`num_attention_heads`/`all_head_size` for BERT-shaped blocks, `n_heads` for DistilBERT). The
   attention forward infers the head count from the tensor shape, so a layer may keep 0 heads: its
   attention block then outputs the output bias only, and the model still runs and trains.
-- An FFN neuron is a row of the first FFN Linear and a column of the second. Widths stay multiples of
+- An FFN neuron is a row of the first FFN Linear and a column of the second.
+- With `head_dim_step` > 0 (off by default) a layer's heads can also be NARROWED: one step removes `head_dim_step`
+  query/key dimensions and as many value dimensions from every head of the layer (each head its own least
+  important ones; `common.modeling_dpq.keep_head_dims`), down to `head_dim_step` dimensions per head. The query/key
+  side (rows of query and key: terms of q.k, scaled by 1/sqrt of the ORIGINAL head size) and the value side (rows of
+  value, columns of the attention output) are chosen separately. Widths stay multiples of
   `ffn_granularity(original width)` = gcd(original width, 32): 32 for every real model (bitsandbytes CPU
   kernels need out_features % 32 == 0), 32 for the tiny test models (FFN 64). Each layer keeps at least
   one such block of neurons.
@@ -79,7 +84,8 @@ from common.modeling import LAYOUT_KEY, encoder_layers
 # pruned folder): one copy, used here to prune and there to shrink a skeleton to a saved layout
 from common.modeling_dpq import BlockParts as _Parts
 from common.modeling_dpq import block_parts as _parts
-from common.modeling_dpq import get_layout, keep_ffn_neurons, keep_heads, kept_record, original_sizes, validate_layout
+from common.modeling_dpq import (get_layout, head_sizes, keep_ffn_neurons, keep_head_dims, keep_heads, kept_record,
+                                 original_sizes, validate_layout)
 from common.modeling_dpq import head_size as _head_size
 from common.modeling_dpq import num_heads as _num_heads
 from common.stage import logger
@@ -139,8 +145,30 @@ def remove_ffn_neurons(model, layer_idx: int, neurons) -> None:
     _write_layout(model)
 
 
-def prune_units(model, heads: dict | None = None, ffn: dict | None = None) -> None:
-    """Remove {layer: [head indices]} and {layer: [neuron indices]} (current numbering) at once."""
+def remove_head_dims(model, layer_idx: int, qk, v) -> None:
+    """Narrow every head of one layer: `qk[h]` / `v[h]` are the query/key and value dimensions (current numbering within
+    head h) to remove; every head must lose as many of each (one head size per layer), and keep at least one."""
+    p = _parts(encoder_layers(model)[layer_idx])
+    n, d = _num_heads(p), _head_size(p)
+    if len(qk) != n or len(v) != n:
+        raise ValueError(f"layer {layer_idx}: head dimensions given for {len(qk)} / {len(v)} heads, the layer has {n}")
+    qk_keep = [_keep_index(d, dims) for dims in qk]
+    v_keep = [_keep_index(d, dims) for dims in v]
+    sizes = {len(k) for k in qk_keep + v_keep}
+    if n == 0 or sizes == {d}:
+        return
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"layer {layer_idx}: every head must keep the same number (at least 1) of query/key and of "
+                         f"value dimensions, got {sorted(sizes)}")
+    keep_head_dims(model, layer_idx, torch.stack(qk_keep), torch.stack(v_keep))
+    _write_layout(model)
+
+
+def prune_units(model, heads: dict | None = None, ffn: dict | None = None, head_dims: dict | None = None) -> None:
+    """Remove {layer: [head indices]}, {layer: [neuron indices]} and {layer: {"qk": [[dims] per head], "v": [[dims]
+    per head]}} (current numbering) at once; head dimensions are removed before the heads (both numbered as now)."""
+    for layer_idx, dims in (head_dims or {}).items():
+        remove_head_dims(model, int(layer_idx), dims["qk"], dims["v"])
     for layer_idx, units in (heads or {}).items():
         remove_heads(model, int(layer_idx), units)
     for layer_idx, units in (ffn or {}).items():
@@ -158,7 +186,7 @@ def _write_layout(model) -> None:
 def is_pruned(model) -> bool:
     oh, _, of, _ = original_sizes(model.config)
     layout = get_layout(model)
-    return any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"])
+    return any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"]) or "head_size" in layout
 
 
 def apply_layout(model, layout: dict) -> None:
@@ -170,20 +198,28 @@ def apply_layout(model, layout: dict) -> None:
     """
     validate_layout(model, layout)
     current = get_layout(model)
+    sizes = head_sizes(model)
     for i in range(len(current["heads"])):
         remove_heads(model, i, range(layout["heads"][i], current["heads"][i]))
+        if "head_size" in layout:
+            cut = [range(layout["head_size"][i], sizes[i])] * layout["heads"][i]
+            remove_head_dims(model, i, cut, cut)
         remove_ffn_neurons(model, i, range(layout["ffn"][i], current["ffn"][i]))
     _write_layout(model)
 
 
 def kept_units(model) -> dict:
-    """Original indices kept: {"heads": [[...] per layer], "ffn": [[...] per layer]} (for metadata)."""
-    oh, _, of, _ = original_sizes(model.config)
+    """Original indices kept: {"heads": [[...] per layer], "ffn": [[...] per layer]} (for metadata), plus, once any
+    head was narrowed, "qk_dims" / "v_dims": per layer, per kept head, its original dimensions."""
+    oh, od, of, _ = original_sizes(model.config)
     out = {"heads": [], "ffn": []}
-    for layer in encoder_layers(model):
-        kept = kept_record(layer, oh, of)
+    records = [kept_record(layer, oh, of) for layer in encoder_layers(model)]
+    for kept in records:
         out["heads"].append(list(kept["heads"]))
         out["ffn"].append(list(kept["ffn"]))
+    if any("qk_dims" in kept for kept in records):
+        for key in ("qk_dims", "v_dims"):
+            out[key] = [kept.get(key) or [list(range(od)) for _ in kept["heads"]] for kept in records]
     return out
 
 
@@ -192,16 +228,18 @@ def kept_units(model) -> dict:
 
 
 def unit_flops(model, seq_len: int = SEQ_LEN) -> dict:
-    """FLOPs one head / one FFN neuron costs per layer at batch 1 (fvcore: 1 multiply-add = 1 FLOP).
+    """FLOPs one head / one head dimension / one FFN neuron costs per layer at batch 1 (fvcore: 1 multiply-add = 1 FLOP).
 
-    head: q, k, v projections (3 L H d) + attention output (L d H) + Q K^T and P V (2 L^2 d);
-    neuron: one row of the first FFN Linear and one column of the second (2 L H).
+    head (of the layer's current head size d): q, k, v projections (3 L H d) + attention output (L d H) + Q K^T and
+    P V (2 L^2 d); head_dim: one query/key dimension and one value dimension of ONE head (4 L H + 2 L^2), so a head
+    costs d of them; neuron: one row of the first FFN Linear and one column of the second (2 L H).
     """
-    _, d, _, hidden = original_sizes(model.config)
-    n = len(encoder_layers(model))
-    head = 4 * seq_len * hidden * d + 2 * seq_len * seq_len * d
+    _, _, _, hidden = original_sizes(model.config)
+    head_dim = 4 * seq_len * hidden + 2 * seq_len * seq_len
     neuron = 2 * seq_len * hidden
-    return {"head": [head] * n, "ffn_neuron": [neuron] * n}
+    sizes = head_sizes(model)
+    return {"head": [head_dim * d for d in sizes], "head_dim": [head_dim] * len(sizes),
+            "ffn_neuron": [neuron] * len(sizes)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,10 +252,13 @@ class TaylorImportance:
     with TaylorImportance(model) as imp:
         loss_fn(model, batch).backward()      # any number of batches, e.g. inside the training loop
     imp.heads[layer][h], imp.ffn[layer][n]    # sum over examples of (dL/d gate)^2 (current numbering)
+    imp.qk[layer][h * d + j], imp.v[layer][h * d + j]   # the same for dimension j of head h (query/key, value side)
 
     dL/d gate is per example: the loss must be a mean over the batch (it is rescaled by the batch size).
     criterion "fisher" sums its square, "abs" its absolute value (see the module docstring). Hooks sit on the
-    attention-output and second FFN Linear of every layer (module objects survive physical pruning); call `reset()`
+    attention-output and second FFN Linear of every layer, and on the query Linear's output for the query/key
+    dimensions (the gate of dimension j multiplies q_j k_j, so dL/dg = sum over tokens of q_j dL/dq_j); module objects
+    survive physical pruning; call `reset()`
     after a structural change (indices shift) to start a new estimate. Forward passes without grad (evaluation)
     contribute nothing. Under several processes `all_reduce(accelerator)` sums the scores of all of them.
     """
@@ -232,6 +273,7 @@ class TaylorImportance:
             p = _parts(layer)
             self._handles.append(p.attn_out.register_forward_pre_hook(self._hook("heads", i, p)))
             self._handles.append(p.ffn_out.register_forward_pre_hook(self._hook("ffn", i, p)))
+            self._handles.append(p.query.register_forward_hook(self._query_hook(i)))
         self.reset()
 
     def reset(self) -> None:
@@ -239,7 +281,29 @@ class TaylorImportance:
         device = next(self.model.parameters()).device
         self.heads = [torch.zeros(h, dtype=torch.float64, device=device) for h in layout["heads"]]
         self.ffn = [torch.zeros(w, dtype=torch.float64, device=device) for w in layout["ffn"]]
+        widths = [h * d for h, d in zip(layout["heads"], head_sizes(self.model))]
+        self.qk = [torch.zeros(w, dtype=torch.float64, device=device) for w in widths]
+        self.v = [torch.zeros(w, dtype=torch.float64, device=device) for w in widths]
         self.examples = 0
+
+    def _score(self, gate: torch.Tensor) -> torch.Tensor:
+        """[batch, units] gate derivatives -> [units] summed score (squared or absolute, per example)."""
+        return (gate.abs() if self.criterion == "abs" else gate.pow(2)).sum(0).to(torch.float64)
+
+    def _query_hook(self, layer_idx: int):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and output.requires_grad) or output.shape[-1] == 0:
+                return None
+            saved = output.detach()
+
+            def grad_hook(grad):
+                gate = (saved * grad.detach()).flatten(1, -2).sum(1) * saved.shape[0]
+                self.qk[layer_idx] += self._score(gate)
+
+            output.register_hook(grad_hook)
+            return None
+
+        return hook
 
     def _hook(self, kind: str, layer_idx: int, parts: _Parts):
         def pre_hook(module, args):
@@ -254,10 +318,10 @@ class TaylorImportance:
                 # [batch, features]: d(example loss)/d gate; x batch size because the loss is a batch mean
                 gate = (saved * grad.detach()).flatten(1, -2).sum(1) * saved.shape[0]
                 if kind == "heads":
+                    self.v[layer_idx] += self._score(gate)  # one gate per value dimension
                     gate = gate.view(gate.shape[0], -1, _head_size(parts)).sum(-1)
-                score = gate.abs() if self.criterion == "abs" else gate.pow(2)
                 target = self.heads if kind == "heads" else self.ffn
-                target[layer_idx] += score.sum(0).to(torch.float64)
+                target[layer_idx] += self._score(gate)
 
             x.register_hook(grad_hook)
             return None
@@ -269,12 +333,13 @@ class TaylorImportance:
         on one process."""
         if accelerator.num_processes == 1:
             return
-        flat = torch.cat([*self.heads, *self.ffn, torch.tensor([self.examples], dtype=torch.float64,
-                                                                device=self.heads[0].device)])
+        groups = (self.heads, self.ffn, self.qk, self.v)
+        flat = torch.cat([t for group in groups for t in group]
+                         + [torch.tensor([self.examples], dtype=torch.float64, device=self.heads[0].device)])
         flat = accelerator.reduce(flat, reduction="sum")
-        sizes = [len(t) for t in (*self.heads, *self.ffn)]
-        parts = list(flat[:-1].split(sizes))
-        self.heads, self.ffn = parts[:len(self.heads)], parts[len(self.heads):]
+        parts = list(flat[:-1].split([len(t) for group in groups for t in group]))
+        n = len(self.heads)
+        self.heads, self.ffn, self.qk, self.v = (parts[k * n:(k + 1) * n] for k in range(4))
         self.examples = int(flat[-1].item())
 
     def close(self) -> None:
@@ -292,24 +357,29 @@ class TaylorImportance:
 def magnitude_importance(model) -> dict:
     """Weight-magnitude importance, the one-shot baseline's: no data, no gradients.
 
-    {"heads": [per layer], "ffn": [per layer]} in the current numbering, the format `removal_order` and
-    `prune_to_target` take (as they take a TaylorImportance). A head scores the squared L2 norm of its weights: its
-    rows of the query, key and value weights and its columns of the attention-output weight; an FFN neuron the
-    squared L2 norm of its row of the first FFN weight and its column of the second (biases not counted). Squared,
+    {"heads": [per layer], "ffn": [per layer], "qk": [per layer], "v": [per layer]} in the current numbering, the
+    format `removal_order` and `prune_to_target` take (as they take a TaylorImportance). A head scores the squared L2
+    norm of its weights: its rows of the query, key and value weights and its columns of the attention-output weight;
+    an FFN neuron the squared L2 norm of its row of the first FFN weight and its column of the second; a head's
+    query/key dimension its rows of query and key, its value dimension its row of value and column of the attention
+    output (biases not counted). Squared,
     so that a block of neurons (removal_order sums its neurons) scores the squared norm of all its weights, as a
     head does; within one unit type the order is that of the L2 norm. Ranked per FLOP like Taylor importance.
     """
-    heads, ffn = [], []
+    heads, ffn, qk, v = [], [], [], []
     with torch.no_grad():
         for layer in encoder_layers(model):
             p = _parts(layer)
             n, d = _num_heads(p), _head_size(p)
-            qkv = sum(lin.weight.detach().double().pow(2).sum(1) for lin in (p.query, p.key, p.value))
+            rows = {name: lin.weight.detach().double().pow(2).sum(1)
+                    for name, lin in (("q", p.query), ("k", p.key), ("v", p.value))}
             out = p.attn_out.weight.detach().double().pow(2).sum(0)
-            heads.append((qkv + out).view(n, d).sum(1).cpu())
+            heads.append((rows["q"] + rows["k"] + rows["v"] + out).view(n, d).sum(1).cpu())
+            qk.append((rows["q"] + rows["k"]).cpu())
+            v.append((rows["v"] + out).cpu())
             ffn.append((p.ffn_in.weight.detach().double().pow(2).sum(1)
                         + p.ffn_out.weight.detach().double().pow(2).sum(0)).cpu())
-    return {"heads": heads, "ffn": ffn}
+    return {"heads": heads, "ffn": ffn, "qk": qk, "v": v}
 
 
 IMPORTANCE_METHODS = ("taylor", "magnitude")  # how units are ranked: data-driven (gradual_prune) or weights only
@@ -342,28 +412,35 @@ def estimate_importance(model, batches, loss_fn, max_batches: int | None = None,
 class _Candidate:
     score: float  # importance per FLOP saved
     order: int  # tie-break: keeps the FFN blocks of a layer in ascending importance
-    kind: str = field(compare=False)  # "head" or "ffn"
+    kind: str = field(compare=False)  # "head", "ffn" or "dims" (one step of head narrowing)
     layer: int = field(compare=False)
-    units: list = field(compare=False)  # current indices
+    units: list | dict = field(compare=False)  # current indices; "dims": {"qk": [[...] per head], "v": [[...] per head]}
     flops: int = field(compare=False)
     importance: float = field(compare=False)
 
 
 def _importance_by_layer(model, importance) -> dict:
-    """{"heads": [...], "ffn": [...]}: float64 CPU tensors per layer, after checking they match the model's layout."""
+    """{"heads": [...], "ffn": [...]} (and "qk", "v" where given): float64 CPU tensors per layer, after checking they
+    match the model's layout."""
     if isinstance(importance, TaylorImportance):
-        importance = {"heads": importance.heads, "ffn": importance.ffn}
-    out = {kind: [torch.as_tensor(v, dtype=torch.float64).cpu() for v in importance[kind]] for kind in ("heads", "ffn")}
+        importance = {"heads": importance.heads, "ffn": importance.ffn, "qk": importance.qk, "v": importance.v}
+    kinds = [kind for kind in ("heads", "ffn", "qk", "v") if kind in importance]
+    out = {kind: [torch.as_tensor(v, dtype=torch.float64).cpu() for v in importance[kind]] for kind in kinds}
     layout = get_layout(model)
-    if [len(h) for h in out["heads"]] != layout["heads"] or [len(f) for f in out["ffn"]] != layout["ffn"]:
+    widths = [h * d for h, d in zip(layout["heads"], head_sizes(model))]
+    if ([len(h) for h in out["heads"]] != layout["heads"] or [len(f) for f in out["ffn"]] != layout["ffn"]
+            or any([len(t) for t in out[kind]] != widths for kind in ("qk", "v") if kind in out)):
         raise ValueError("importance does not match the model's current layout (reset it after pruning)")
     return out
 
 
-def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int) -> list:
+def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int, head_dim_step: int = 0) -> list:
     """[(kind, layer, units, flops)]: every layer's heads one at a time, then every layer's FFN blocks of
     `ffn_granularity(original width)` neurons, the least important by `importance["ffn"]` first, leaving
-    `min_ffn_blocks` blocks per layer. The candidates both orders rank, in this fixed order (their tie-break)."""
+    `min_ffn_blocks` blocks per layer; with `head_dim_step` > 0 then every layer's narrowing steps: each removes from
+    every head its `head_dim_step` least important query/key dimensions (`importance["qk"]`) and value dimensions
+    (`importance["v"]`) not removed by the steps before, down to `head_dim_step` dimensions per head. The candidates
+    every order ranks, in this fixed order (their tie-break)."""
     _, _, of, _ = original_sizes(model.config)
     g = ffn_granularity(of)
     cost = unit_flops(model, seq_len)
@@ -373,23 +450,47 @@ def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int)
         ranked = torch.argsort(imp, stable=True).tolist()
         units += [("ffn", layer, ranked[b * g:(b + 1) * g], cost["ffn_neuron"][layer] * g)
                   for b in range(max(len(ranked) // g - min_ffn_blocks, 0))]
+    if head_dim_step:
+        if "qk" not in importance or "v" not in importance:
+            raise ValueError("head_dim_step needs per-dimension importance ('qk' and 'v')")
+        step = head_dim_step
+        for layer, (n, d) in enumerate(zip(get_layout(model)["heads"], head_sizes(model))):
+            if n == 0:
+                continue
+            qk = torch.argsort(importance["qk"][layer].view(n, d), dim=1, stable=True)
+            v = torch.argsort(importance["v"][layer].view(n, d), dim=1, stable=True)
+            units += [("dims", layer, {"qk": qk[:, b * step:(b + 1) * step].tolist(),
+                                       "v": v[:, b * step:(b + 1) * step].tolist()},
+                       cost["head_dim"][layer] * step * n)
+                      for b in range(max((d - step) // step, 0))]
     return units
 
 
-def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -> list:
+def _unit_importance(importance: dict, kind: str, layer: int, units) -> float:
+    """The summed importance of one candidate (a head, an FFN block, or a narrowing step over every head)."""
+    if kind == "dims":
+        d = len(importance["qk"][layer]) // len(units["qk"])
+        return float(sum(importance["qk"][layer][h * d + j] for h, dims in enumerate(units["qk"]) for j in dims)
+                     + sum(importance["v"][layer][h * d + j] for h, dims in enumerate(units["v"]) for j in dims))
+    return float(importance["heads" if kind == "head" else "ffn"][layer][units].sum())
+
+
+def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1, head_dim_step: int = 0) -> list:
     """Every removable unit, least important per FLOP first.
 
-    `importance` is a TaylorImportance or {"heads": [...], "ffn": [...]} per layer (current numbering), e.g.
-    `magnitude_importance(model)`.
+    `importance` is a TaylorImportance or {"heads": [...], "ffn": [...]} per layer (current numbering; with "qk" and
+    "v" for `head_dim_step`), e.g. `magnitude_importance(model)`.
     Heads are single units (a layer may lose them all). FFN neurons go in blocks of
     `ffn_granularity(original width)`, the least important neurons of a layer first; each layer keeps at
-    least `min_ffn_blocks` blocks.
+    least `min_ffn_blocks` blocks. `head_dim_step` > 0 adds the narrowing steps of every layer's heads
+    (`_removable_units`).
     """
     importance = _importance_by_layer(model, importance)
     candidates = []
-    for order, (kind, layer, units, flops) in enumerate(_removable_units(model, importance, seq_len, min_ffn_blocks)):
-        total = float(importance["heads" if kind == "head" else "ffn"][layer][units].sum())
-        candidates.append(_Candidate(total / flops, order, kind, layer, units, flops, total))
+    units = _removable_units(model, importance, seq_len, min_ffn_blocks, head_dim_step)
+    for order, (kind, layer, kept, flops) in enumerate(units):
+        total = _unit_importance(importance, kind, layer, kept)
+        candidates.append(_Candidate(total / flops, order, kind, layer, kept, flops, total))
     return sorted(candidates)
 
 
@@ -474,33 +575,61 @@ def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, 
 
 
 def _by_layer(chosen) -> tuple:
-    heads, ffn = {}, {}
+    """({layer: heads}, {layer: FFN neurons}, {layer: {"qk": [[dims] per head], "v": [[dims] per head]}})."""
+    heads, ffn, dims = {}, {}, {}
     for c in chosen:
-        (heads if c.kind == "head" else ffn).setdefault(c.layer, []).extend(c.units)
-    return heads, ffn
+        if c.kind == "dims":
+            merged = dims.setdefault(c.layer, {"qk": [[] for _ in c.units["qk"]], "v": [[] for _ in c.units["v"]]})
+            for side in ("qk", "v"):
+                for h, extra in enumerate(c.units[side]):
+                    merged[side][h].extend(extra)
+        else:
+            (heads if c.kind == "head" else ffn).setdefault(c.layer, []).extend(c.units)
+    return heads, ffn, dims
+
+
+def _saving(c, geometry: dict) -> float:
+    """FLOPs candidate `c` saves given the candidates chosen before it in the same call: a head costs in proportion
+    to its layer's head size and a narrowing step in proportion to its layer's head count, both of which earlier
+    choices may have cut (`geometry[layer]` = [heads, head size] at the call's start and now; updated here)."""
+    start, now = geometry[c.layer]
+    if c.kind == "head":
+        flops = c.flops * now[1] / start[1]
+        now[0] -= 1
+    elif c.kind == "dims":
+        flops = c.flops * now[0] / start[0]
+        now[1] -= len(c.units["qk"][0])
+    else:
+        flops = c.flops
+    return flops
 
 
 def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: int = SEQ_LEN,
-                    min_ffn_blocks: int = 1, order: list | None = None) -> dict:
+                    min_ffn_blocks: int = 1, order: list | None = None, head_dim_step: int = 0) -> dict:
     """Remove the least important units per FLOP until the MEASURED encoder GFLOPs <= the target.
 
     Units are chosen from the predicted cost of each unit, then the model is measured with common.flops;
     if the measurement is still above the target (it should not be: the prediction matches fvcore), the
     next units are removed one at a time and measured again. `order` (e.g. `ablation_order`): the candidates,
-    least important per FLOP first, instead of `removal_order(model, importance)`. Returns what was removed per
-    layer (ORIGINAL head indices, number of FFN neurons) and the measured encoder GFLOPs.
+    least important per FLOP first, instead of `removal_order(model, importance, ..., head_dim_step)`. Returns what
+    was removed per layer (ORIGINAL head indices, number of FFN neurons, dimensions removed from each head) and the
+    measured encoder GFLOPs.
     Raises ValueError when the target cannot be reached (every removable unit gone).
     """
     before = measure_encoder_gflops(model, seq_len)
     original_heads = kept_units(model)["heads"]
-    order = removal_order(model, importance, seq_len, min_ffn_blocks) if order is None else list(order)
+    if order is None:
+        order = removal_order(model, importance, seq_len, min_ffn_blocks, head_dim_step)
+    order = list(order)
     need = (before - target_encoder_gflops) * 1e9
+    layout, sizes = get_layout(model), head_sizes(model)
+    geometry = {layer: ((n, d), [n, d]) for layer, (n, d) in enumerate(zip(layout["heads"], sizes))}
     chosen, saved = [], 0
     for c in order:
         if saved >= need - 1:  # 1 FLOP of slack for float rounding of GFLOPs
             break
         chosen.append(c)
-        saved += c.flops
+        saved += _saving(c, geometry)
     pending = order[len(chosen):]
     prune_units(model, *_by_layer(chosen))  # indices in this call's starting numbering, one go per layer
     measured = measure_encoder_gflops(model, seq_len)
@@ -513,15 +642,17 @@ def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: in
         c = pending.pop(0)
         _remove_one_more(model, chosen, c)
         chosen.append(c)
+        saved += _saving(c, geometry)
         measured = measure_encoder_gflops(model, seq_len)
-    heads, ffn = _by_layer(chosen)
+    heads, ffn, dims = _by_layer(chosen)
     return {
         "removed_heads": {layer: sorted(original_heads[layer][u] for u in units)
                           for layer, units in sorted(heads.items())},
         "removed_ffn": {layer: len(units) for layer, units in sorted(ffn.items())},
+        "removed_head_dims": {layer: len(d["qk"][0]) for layer, d in sorted(dims.items())},
         "encoder_gflops_before": before,
         "encoder_gflops": measured,
-        "predicted_flops_saved": int(sum(c.flops for c in chosen)),
+        "predicted_flops_saved": int(round(saved)),
     }
 
 
@@ -539,10 +670,23 @@ def reachable_sparsity(model, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -
     return 1 - measure_encoder_gflops(shell, seq_len) / before
 
 
+def _shift(units, gone) -> list:
+    """Indices `units` of a numbering from which `gone` were removed since, in the numbering now."""
+    return [u - sum(1 for r in gone if r < u) for u in units]
+
+
 def _remove_one_more(model, chosen, c) -> None:
     """Remove candidate `c` (indices in the numbering before `chosen` were removed) from the model."""
+    if c.kind == "dims":
+        _, _, dims = _by_layer([e for e in chosen if e.layer == c.layer])
+        gone_heads = {u for e in chosen if e.kind == "head" and e.layer == c.layer for u in e.units}
+        done = dims.get(c.layer, {"qk": [[] for _ in c.units["qk"]], "v": [[] for _ in c.units["v"]]})
+        left = [h for h in range(len(c.units["qk"])) if h not in gone_heads]
+        remove_head_dims(model, c.layer, *([_shift(c.units[side][h], done[side][h]) for h in left]
+                                           for side in ("qk", "v")))
+        return
     gone = sorted(u for e in chosen if e.kind == c.kind and e.layer == c.layer for u in e.units)
-    current = [u - sum(1 for r in gone if r < u) for u in c.units]
+    current = _shift(c.units, gone)
     if c.kind == "head":
         remove_heads(model, c.layer, current)
     else:
@@ -648,7 +792,7 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
                   milestones=(), on_milestone=None, continue_from_branch: bool = False,
                   schedule: str = "cubic", ablation_from: float = 0.0, ablation_batches: int = 32,
-                  desc: str = "prune") -> PruneRun:
+                  head_dim_step: int = 0, desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -674,6 +818,9 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     `ablation_from` > 0: events whose target is at least that sparsity rank the units by their measured loss
     increase on the last `ablation_batches` training batches (`ablation_order`, under `loss_fn`) instead of the
     Taylor estimate alone (which still orders the FFN neurons within a layer). 0: the Taylor estimate everywhere.
+
+    `head_dim_step` > 0: heads may also be narrowed, `head_dim_step` query/key and value dimensions per head at a time
+    (`removal_order`), ranked per FLOP with the heads and FFN blocks. Not combined with `ablation_from`.
     """
     started = time.time()
     hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
@@ -681,7 +828,7 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                           criterion=criterion, milestones=milestones, on_milestone=on_milestone,
                           continue_from_branch=continue_from_branch, schedule=schedule, desc=desc,
                           data_epoch=getattr(train_loader.batch_sampler, "epoch", 0), ablation_from=ablation_from,
-                          ablation_batches=ablation_batches, loss_fn=loss_fn)
+                          ablation_batches=ablation_batches, loss_fn=loss_fn, head_dim_step=head_dim_step)
     train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
           warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
     # every event ran: the measured sparsity reached the schedule's final target
@@ -703,9 +850,12 @@ class GradualPruning(TrainHook):
                  seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
                  milestones=(), on_milestone=None, continue_from_branch: bool = False, schedule: str = "cubic",
                  desc: str = "prune", data_epoch: int = 0, ablation_from: float = 0.0, ablation_batches: int = 32,
-                 loss_fn=None):
+                 loss_fn=None, head_dim_step: int = 0):
         if ablation_from and (loss_fn is None or ablation_batches < 1):
             raise ValueError("ablation_from > 0 needs loss_fn and ablation_batches >= 1")
+        if head_dim_step < 0 or (head_dim_step and ablation_from):
+            raise ValueError("head_dim_step must be >= 0 (0: whole heads only), and is not combined with ablation_from")
+        self.head_dim_step = head_dim_step
         self.ablation_from, self.loss_fn = ablation_from, loss_fn
         self.recent = collections.deque(maxlen=ablation_batches if ablation_from else 0)  # for ablation_order
         self.heldout_loader = heldout_loader
@@ -760,7 +910,8 @@ class GradualPruning(TrainHook):
         ablate = bool(self.ablation_from) and target >= self.ablation_from - 1e-9
         order = (ablation_order(model, self.recent, self.loss_fn, self.importance, self.seq_len,
                                 accelerator=loop.accelerator) if ablate else None)
-        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len, order=order)
+        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len, order=order,
+                                  head_dim_step=self.head_dim_step)
         removed["ranked_by"] = "ablation" if ablate else "taylor"
         self.importance.reset()
         self.last_entry = self.record(model, loop.step, target, removed)
@@ -797,13 +948,17 @@ class GradualPruning(TrainHook):
         if removed is not None:
             entry["removed_heads"] = {str(k): v for k, v in removed["removed_heads"].items()}
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
+            if removed["removed_head_dims"]:
+                entry["removed_head_dims"] = {str(k): v for k, v in removed["removed_head_dims"].items()}
             entry["ranked_by"] = removed["ranked_by"]
         if target in self.branch_at:
             entry["milestone"] = True
         self.run.trajectory.append(entry)
         logger.info(f"[{self.desc}] step {step}: target {target:.3f}, measured sparsity {entry['sparsity']:.3f} "
                     f"({gflops:.4f} encoder GFLOPs), heads {entry['layout']['heads']}, "
-                    f"FFN {entry['layout']['ffn']}, held-out accuracy {accuracy:.4f}")
+                    f"FFN {entry['layout']['ffn']}"
+                    + (f", head size {entry['layout']['head_size']}" if "head_size" in entry["layout"] else "")
+                    + f", held-out accuracy {accuracy:.4f}")
         return entry
 
 

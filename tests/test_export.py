@@ -30,7 +30,7 @@ def models(tokenizer_dir):
         trained = train_briefly(build(kind), tokenizer)
         out[kind, False] = trained
         pruned = copy.deepcopy(trained)
-        prune_units(pruned, heads=PRUNE["heads"], ffn=PRUNE["ffn"])
+        prune_units(pruned, **PRUNE)
         out[kind, True] = pruned.eval()
     return out
 

@@ -47,8 +47,9 @@ def _tiny_pipeline(root, mp):
 
 @pytest.fixture(scope="module")
 def frontier(tmp_path_factory):
-    """ONE stage-8 frontier invocation (3 targets, ours + magnitude, seeds 42 and 43), stage 9 (4-bit twins of every
-    pruned folder) and the report over all of it; gradual_prune calls counted."""
+    """ONE stage-8 frontier invocation (3 targets, ours + magnitude, seeds 42 and 43; ours may narrow heads,
+    HEAD_DIM_STEP=4), stage 9 (4-bit twins of every pruned folder) and the report over all of it; gradual_prune calls
+    counted."""
     root = tmp_path_factory.mktemp("frontier")
     calls = []
     with pytest.MonkeyPatch.context() as mp:
@@ -62,7 +63,7 @@ def frontier(tmp_path_factory):
         mp.setattr(pruning, "gradual_prune", counted)  # the stage imports it from common.pruning at run time
         results = run_script(STAGE, "FRONTIER=True", f"FRONTIER_TARGETS={TARGETS}", "SEEDS=(42, 43)",
                              "FRONTIER_PRUNE_STEPS=2", "FRONTIER_RECOVERY_FRACTION=0.25", "FRONTIER_AUGMENT_PAIRS=16",
-                             *FAST)
+                             "HEAD_DIM_STEP=4", *FAST)
         mp.setattr(pruning, "gradual_prune", real)
         quantized = run_script("9_quantize_pruned_model.py", 'QUANTIZE=("student", "sweep")', "ONNX=()")
         report = run_script("7_evaluate_and_generate_report.py", *REPORT_ARGS)
@@ -86,6 +87,11 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     assert summary["augment_pairs"] == 16  # FRONTIER_AUGMENT_PAIRS, not AUGMENT_PAIRS (0)
     assert summary["augment_rows"] == 2
     assert summary["recovery_keep"] == "last"  # FRONTIER_RECOVERY_KEEP, not RECOVERY_KEEP ("best")
+    assert summary["head_dim_step"] == 4 and all(c["head_dim_step"] == 4 for c in calls)
+    layouts = [_meta(models / f"pruned_model_s{round(100 * t)}{suffix}")["results"]["layout"]
+               for t in TARGETS for suffix in ("", "_seed43")]
+    narrowed = [layout["head_size"] for layout in layouts if "head_size" in layout]
+    assert narrowed and all(size in (4, 8) for sizes in narrowed for size in sizes)  # 8 dimensions, or 4 left
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
     assert summary["separate_runs_would_take_passes"] == 6
@@ -331,6 +337,8 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
                             (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS"),
                             (("AUGMENT_ROWS=1",), "AUGMENT_ROWS"), (("ABLATION_FROM=1",), "ABLATION_FROM"),
                             (("PRUNE_DROPOUT=1",), "PRUNE_DROPOUT"),
+                            (("HEAD_DIM_STEP=8",), "narrows nothing"),  # the tiny heads have 8 dimensions
+                            (("HEAD_DIM_STEP=2", "ABLATION_FROM=0.5"), "HEAD_DIM_STEP"),
                             (("FRONTIER=True", "FRONTIER_RECOVERY_KEEP=first"), "FRONTIER_RECOVERY_KEEP")):
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)

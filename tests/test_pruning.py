@@ -391,3 +391,147 @@ def test_set_dropout_changes_every_dropout_layer_but_not_the_config(tiny):
         torch.testing.assert_close(tiny(**inputs()).logits, tiny.eval()(**inputs()).logits)
     with pytest.raises(ValueError, match="dropout probability"):
         set_dropout(tiny, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Narrowing heads (head_dim_step): query/key and value dimensions removed from every head of a layer
+
+QK = [[0, 5, 6], [1, 2, 7], [3, 4, 5], [0, 1, 2]]  # per head of a tiny layer (head size 8): dims to remove
+V = [[7, 6, 1], [0, 3, 4], [2, 5, 6], [4, 5, 7]]
+
+
+def narrowed_copy(model, layer_idx: int, qk, v):
+    """The unpruned model with the given query/key dimensions (query rows and bias) and value dimensions
+    (attention-output columns) of each head of one layer zeroed."""
+    model = copy.deepcopy(model)
+    parts = pruning._parts(encoder_layers(model)[layer_idx])
+    d = parts.attention.attention_head_size
+    with torch.no_grad():
+        for h, (qk_dims, v_dims) in enumerate(zip(qk, v)):
+            for j in qk_dims:
+                parts.query.weight[h * d + j] = 0
+                parts.query.bias[h * d + j] = 0
+            for j in v_dims:
+                parts.attn_out.weight[:, h * d + j] = 0
+    return model
+
+
+def test_narrowing_equals_zeroing_and_reloads(tiny, tmp_path):
+    """Removing query/key and value dimensions (each head its own) computes what the full heads compute with those
+    dimensions zeroed (the 1/sqrt(8) scale is kept); the layout and kept units record it, and the saved folder loads
+    (load_model and apply_layout rebuild the same shapes)."""
+    reference = zeroed_copy(narrowed_copy(tiny, 1, QK, V), heads={1: [2], 0: [0]}, ffn={})
+    pruning.prune_units(tiny, heads={1: [2], 0: [0]}, head_dims={1: {"qk": QK, "v": V}})
+    layout = {"heads": [3, 3], "ffn": [64, 64], "head_size": [8, 5]}
+    assert pruning.get_layout(tiny) == layout == getattr(tiny.config, LAYOUT_KEY)
+    assert pruning.is_pruned(tiny)
+    kept = pruning.kept_units(tiny)
+    assert kept["heads"] == [[1, 2, 3], [0, 1, 3]]
+    assert kept["qk_dims"][1] == [[1, 2, 3, 4, 7], [0, 3, 4, 5, 6], [3, 4, 5, 6, 7]]  # heads 0, 1, 3
+    assert kept["v_dims"][1] == [[0, 2, 3, 4, 5], [1, 2, 5, 6, 7], [0, 1, 2, 3, 6]]
+    assert kept["qk_dims"][0] == [list(range(8))] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(**inputs()).logits, reference(**inputs()).logits, atol=1e-5, rtol=0)
+        loaded = load_model(save_tiny(tiny, tmp_path / "narrowed"))
+        assert pruning.get_layout(loaded) == layout
+        assert torch.equal(loaded(**inputs()).logits, tiny(**inputs()).logits)
+    with pytest.raises(ValueError, match="same number"):
+        pruning.remove_head_dims(tiny, 0, [[0], [0, 1], [0]], [[0], [0], [0]])
+    with pytest.raises(ValueError, match="head_size=9"):
+        pruning.apply_layout(tiny, {**layout, "head_size": [9, 5]})
+
+
+def test_unit_flops_follow_the_head_size(tiny):
+    """A narrowing step saves (4 L H + 2 L^2) per dimension and head, and a narrowed head costs in proportion."""
+    gflops = measure_encoder_gflops(tiny, SEQ)
+    cost = pruning.unit_flops(tiny, SEQ)
+    assert cost["head"][1] == 8 * cost["head_dim"][1]
+    pruning.prune_units(tiny, head_dims={1: {"qk": QK, "v": V}})
+    assert (gflops - measure_encoder_gflops(tiny, SEQ)) * 1e9 == pytest.approx(4 * 3 * cost["head_dim"][1], abs=1)
+    assert pruning.unit_flops(tiny, SEQ)["head"] == [cost["head"][0], 5 * cost["head_dim"][1]]
+
+
+@pytest.mark.parametrize("criterion", pruning.CRITERIA)
+def test_dimension_importance_is_the_per_example_gate_gradient(tiny_distilbert, criterion):
+    """dL/d gate of a query/key dimension = sum over tokens of q_j dL/dq_j = weight x grad over its query row (bias
+    included); of a value dimension = weight x grad over its attention-output column; per example."""
+    model = tiny_distilbert
+    batch = dict(inputs(batch=2), labels=torch.tensor([1, 0]))
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(
+            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    imp = pruning.estimate_importance(model, [batch], loss, criterion=criterion)
+    expected = {"qk": [torch.zeros(32), torch.zeros(32)], "v": [torch.zeros(32), torch.zeros(32)]}
+    for row in range(2):
+        model.zero_grad()
+        loss(model, {k: v[row:row + 1] for k, v in batch.items()}).backward()
+        for i, layer in enumerate(encoder_layers(model)):
+            parts = pruning._parts(layer)
+            gates = {"qk": (parts.query.weight * parts.query.weight.grad).sum(1)
+                     + parts.query.bias * parts.query.bias.grad,
+                     "v": (parts.attn_out.weight * parts.attn_out.weight.grad).sum(0)}
+            for kind, gate in gates.items():
+                expected[kind][i] += (gate.abs() if criterion == "abs" else gate.pow(2)).detach()
+    for i in range(2):
+        torch.testing.assert_close(imp.qk[i].float(), expected["qk"][i], atol=1e-8, rtol=1e-4)
+        torch.testing.assert_close(imp.v[i].float(), expected["v"][i], atol=1e-8, rtol=1e-4)
+        assert imp.qk[i].abs().sum() > 0 and imp.v[i].abs().sum() > 0
+
+
+def test_prune_to_target_narrows_heads_with_exact_accounting(tiny):
+    """With head_dim_step, cheap dimensions go first, each head losing its own least important ones, down to
+    head_dim_step per head; heads and narrowing steps of the same layer chosen in one call are costed exactly (the
+    prediction equals the measured saving); without head_dim_step nothing is narrowed."""
+    g = torch.Generator().manual_seed(3)
+    importance = {"heads": [[50.0] * 4, [9.0, 50.0, 50.0, 50.0]], "ffn": [[50.0] * 64, [50.0] * 64],
+                  "qk": [torch.rand(32, generator=g) * 0.01, torch.rand(32, generator=g)],
+                  "v": [torch.rand(32, generator=g) * 0.01, torch.rand(32, generator=g)]}
+    plain = copy.deepcopy(tiny)
+    base = measure_encoder_gflops(tiny, SEQ)
+    result = pruning.prune_to_target(tiny, importance, 0.55 * base, seq_len=SEQ, head_dim_step=2)
+    layout = pruning.get_layout(tiny)
+    assert layout["head_size"] == [2, 2] and layout["heads"] == [4, 3] and layout["ffn"] == [64, 64]
+    assert result["removed_head_dims"] == {0: 6, 1: 6} and result["removed_heads"] == {1: [0]}
+    assert (base - result["encoder_gflops"]) * 1e9 == pytest.approx(result["predicted_flops_saved"], abs=1)
+    least = torch.argsort(importance["qk"][0].view(4, 8), dim=1, stable=True)[:, 6:].sort(dim=1).values
+    assert pruning.kept_units(tiny)["qk_dims"][0] == least.tolist()  # each head keeps its 2 best dimensions
+    with pytest.raises(ValueError, match="per-dimension"):
+        pruning.removal_order(plain, {k: importance[k] for k in ("heads", "ffn")}, SEQ, head_dim_step=2)
+    pruning.prune_to_target(plain, importance, 0.55 * base, seq_len=SEQ)
+    assert "head_size" not in pruning.get_layout(plain)
+
+
+def test_narrowing_when_the_prediction_falls_short(tiny_bert, monkeypatch):
+    """If the per-unit costs were overestimated (the first choice saves too little), narrowing steps are added one at
+    a time (in the numbering left by the steps and the head already removed) until the MEASURED target holds."""
+    real = pruning.unit_flops
+    monkeypatch.setattr(pruning, "unit_flops",
+                        lambda model, seq_len: {k: [c * 3 for c in v] for k, v in real(model, seq_len).items()})
+    more = []
+    monkeypatch.setattr(pruning, "_remove_one_more", lambda model, chosen, c, real=pruning._remove_one_more: (
+        more.append(c.kind), real(model, chosen, c)))
+    importance = {"heads": [[50.0] * 4, [50.0, 50.0, 1e-4, 50.0]], "ffn": [[50.0] * 64, [50.0] * 64],
+                  "qk": [torch.arange(32.0) * 1e-3, torch.arange(32.0).flip(0) * 1e-3],
+                  "v": [torch.arange(32.0) * 1e-3, torch.arange(32.0) * 1e-3]}
+    reference = copy.deepcopy(tiny_bert)
+    base = measure_encoder_gflops(tiny_bert, SEQ)
+    pruning.prune_to_target(tiny_bert, importance, 0.7 * base, seq_len=SEQ, head_dim_step=2)
+    assert measure_encoder_gflops(tiny_bert, SEQ) <= 0.7 * base + 1e-9
+    layout = pruning.get_layout(tiny_bert)
+    kept = pruning.kept_units(tiny_bert)
+    cut = {i: 8 - size for i, size in enumerate(layout["head_size"])}
+    qk = {i: [[j for j in range(8) if j not in dims] for dims in kept["qk_dims"][i]] for i in range(2)}
+    v = {i: [[j for j in range(8) if j not in dims] for dims in kept["v_dims"][i]] for i in range(2)}
+    assert cut[0] > 0 and cut[1] > 0 and layout["heads"] == [4, 3] and more.count("dims") >= 2
+    assert qk[0] == [list(range(cut[0]))] * 4  # layer 0: the lowest dimensions of every head went first
+    assert qk[1] == [list(range(8 - cut[1], 8))] * layout["heads"][1]  # layer 1: the highest
+    narrowed = narrowed_copy(reference, 0, [list(range(cut[0]))] * 4, v[0])
+    removed = [h for h in range(4) if h not in kept["heads"][1]]
+    full_qk = {h: list(range(8 - cut[1], 8)) for h in range(4)}
+    full_v = {h: list(range(cut[1])) for h in range(4)}
+    narrowed = narrowed_copy(narrowed, 1, [full_qk[h] for h in range(4)], [full_v[h] for h in range(4)])
+    narrowed = zeroed_copy(narrowed, heads={1: removed}, ffn={})
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_bert(**inputs()).logits, narrowed(**inputs()).logits, atol=1e-5, rtol=0)

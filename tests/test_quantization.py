@@ -29,7 +29,12 @@ from conftest import (run_script, save_tiny, tiny_bert_config, tiny_distilbert_c
 STAGE = "9_quantize_pruned_model.py"
 KINDS = ("bert", "distilbert")
 # layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps no head at all and 64 neurons
-PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(64))}}
+# layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
+PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(64))},
+         "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
+                                  [0, 1, 2, 3, 4, 5]],
+                           "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
+                                 [3, 6, 9, 12, 13, 15]]}}}
 
 
 def build(kind: str):
@@ -76,7 +81,7 @@ def trained(one_thread, tokenizer_dir):
 def fp32_model(trained, kind: str, pruned: bool):
     model = copy.deepcopy(trained[kind])
     if pruned:
-        prune_units(model, heads=PRUNE["heads"], ffn=PRUNE["ffn"])
+        prune_units(model, **PRUNE)
     return model
 
 

@@ -18,7 +18,7 @@ from common.data import DataError, encode, make_loader, read_glue_tsv
 from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
 from common.flops import FLOPS_CONVENTION, count_flops
 from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
-from common.modeling_dpq import FAMILIES, build_model, get_layout, original_sizes
+from common.modeling_dpq import FAMILIES, build_model, get_layout, head_sizes, original_sizes
 from common.report.discover import (_config_dict, _is_model_folder, display_label, family, folder_status,
                                     pruning_fields, sweep_target)
 from common.stage import StageError, read_metadata, resolve_upstream
@@ -37,16 +37,18 @@ class SkipModel(Exception):
 
 
 def architecture(model) -> dict:
-    """Layers, attention heads kept and FFN neurons kept, counted from the modules by common.modeling_dpq.get_layout
-    (any family, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
+    """Layers, attention heads kept, their size (dimensions per head, per layer: narrowed heads have fewer) and FFN
+    neurons kept, counted from the modules by common.modeling_dpq.get_layout (any family, pruned or not, fp32 or
+    4-bit: Linear4bit keeps out_features)."""
     layout = get_layout(model)
-    _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model; slicing keeps the head size
+    _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model
     return {
         "layers": len(layout["heads"]),
         "heads": sum(layout["heads"]),
         "ffn_neurons": sum(layout["ffn"]),
         "heads_per_layer": layout["heads"],
         "ffn_per_layer": layout["ffn"],
+        "head_size_per_layer": head_sizes(model),
         "hidden_size": hidden,
         "head_dim": head_dim,
     }
@@ -55,7 +57,7 @@ def architecture(model) -> dict:
 def architecture_signature(model_class: str, arch: dict) -> tuple:
     """Two models with equal signatures run the same matmuls (embedding lookups are not counted by fvcore)."""
     return (model_class, arch["hidden_size"], arch["head_dim"], tuple(arch["heads_per_layer"]),
-            tuple(arch["ffn_per_layer"]))
+            tuple(arch["ffn_per_layer"]), tuple(arch["head_size_per_layer"]))
 
 
 def logical_parameters(model) -> int:
@@ -354,9 +356,11 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
 
     layout = config.get(LAYOUT_KEY)
     if layout and (list(layout.get("heads", [])) != arch["heads_per_layer"]
-                   or list(layout.get("ffn", [])) != arch["ffn_per_layer"]):
+                   or list(layout.get("ffn", [])) != arch["ffn_per_layer"]
+                   or list(layout.get("head_size") or [arch["head_dim"]] * arch["layers"]) != arch["head_size_per_layer"]):
         notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
-                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
+                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']}, "
+                     f"head size {arch['head_size_per_layer']})")
 
     sentences = [s for s, _ in validation]
     loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
@@ -411,6 +415,7 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         "ffn_neurons": arch["ffn_neurons"],
         "heads_per_layer": arch["heads_per_layer"],
         "ffn_per_layer": arch["ffn_per_layer"],
+        "head_size_per_layer": arch["head_size_per_layer"],
         "label": display_label(name),
         "model_class": model_class,
         "family": family(name, config, meta),
