@@ -48,6 +48,12 @@ PRUNE_DROPOUT: dropout while this stage trains (0.1, the students' own). Measure
 paired against a default run made on the same machine, 2026-12-02): ABLATION_FROM=0.5 built other layouts (fewer
 heads, wider FFNs) that scored the same at 80% and 90% (+0.00, +0.00 points) for 1.4x the time; PRUNE_DROPOUT=0
 +0.00 / -0.92 there; both were above an outlying default at 95% only. Both off by default.
+HEAD_DIM_STEP > 0: heads can also be narrowed, HEAD_DIM_STEP query/key and value dimensions per head at a time (every
+head of a layer, each its own least important, per-dimension Taylor/Fisher gates; common.pruning). Measured on the
+frontier (HEAD_DIM_STEP=8, seed 42, ours only, paired against the same machine's default run, 2026-12-02): the
+80% model kept 27 heads of 8 to 24 dimensions against 14 whole heads and scored the same (+0.11 points, p 1), 90%
+-0.57 (p 0.60), 65% -0.80 (p 0.36); at the same GFLOPs very different layouts again gave the same accuracy. Off by
+default.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,

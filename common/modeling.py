@@ -9,9 +9,9 @@ Presets (env/constant `PRESET`):
 `load_model(folder)` is the only way stages read a model folder. It handles the three kinds of folder the
 pipeline writes:
 - plain: `from_pretrained`;
-- pruned: config carries `dpq_layout` (heads and FFN width kept per layer): `common.modeling_dpq.load_folder`
-  builds the unpruned skeleton, shrinks it to that layout and loads the weights strictly (no missing or
-  unexpected keys);
+- pruned: config carries `dpq_layout` (heads, FFN width and, if narrowed, head size per layer):
+  `common.modeling_dpq.load_folder` builds the unpruned skeleton, shrinks it to that layout and loads the weights
+  strictly (no missing or unexpected keys);
 - 4-bit: config carries `dpq_quantization`: `common.quantization.load_quantized`, i.e. the same
   `load_folder` with bnb placeholders swapped in, plus the project's checks of the 4-bit layers.
 
