@@ -116,10 +116,12 @@ def test_apply_layout_validates(tiny):
 
 
 @pytest.mark.parametrize("criterion", pruning.CRITERIA)
-def test_importance_is_the_per_example_gate_gradient(tiny_bert, criterion):
-    """A head's dL/d gate = sum of weight x grad over its attention-output columns, taken per example
-    (the hooks see a batch of 2 with a mean loss; the reference runs each example alone)."""
-    model = tiny_bert
+def test_importance_is_the_per_example_gate_gradient(tiny, criterion):
+    """dL/d gate, taken per example (the hooks see a batch of 2 with a mean loss; the reference runs each example
+    alone): a head's = sum of weight x grad over its attention-output columns; an FFN neuron's over its second-layer
+    column; a value dimension's over its one attention-output column; a query/key dimension's = sum over tokens of
+    q_j dL/dq_j = weight x grad over its query row (bias included)."""
+    model = tiny
     batch = dict(inputs(batch=2), labels=torch.tensor([1, 0]))
 
     def loss(m, b):
@@ -127,19 +129,25 @@ def test_importance_is_the_per_example_gate_gradient(tiny_bert, criterion):
             m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
 
     imp = pruning.estimate_importance(model, [batch], loss, criterion=criterion)
-    expected = {"heads": [torch.zeros(4), torch.zeros(4)], "ffn": [torch.zeros(64), torch.zeros(64)]}
+    sizes = {"heads": 4, "ffn": 64, "qk": 32, "v": 32}
+    expected = {kind: [torch.zeros(n), torch.zeros(n)] for kind, n in sizes.items()}
     for row in range(2):
         model.zero_grad()
         loss(model, {k: v[row:row + 1] for k, v in batch.items()}).backward()
         for i, layer in enumerate(encoder_layers(model)):
             parts = pruning._parts(layer)
-            gates = {"heads": (parts.attn_out.weight * parts.attn_out.weight.grad).view(32, 4, 8).sum((0, 2)),
-                     "ffn": (parts.ffn_out.weight * parts.ffn_out.weight.grad).sum(0)}
+            value = (parts.attn_out.weight * parts.attn_out.weight.grad).sum(0)
+            gates = {"heads": value.view(4, 8).sum(1),
+                     "ffn": (parts.ffn_out.weight * parts.ffn_out.weight.grad).sum(0),
+                     "qk": (parts.query.weight * parts.query.weight.grad).sum(1)
+                     + parts.query.bias * parts.query.bias.grad,
+                     "v": value}
             for kind, gate in gates.items():
                 expected[kind][i] += (gate.abs() if criterion == "abs" else gate.pow(2)).detach()
-    for i in range(2):
-        torch.testing.assert_close(imp.heads[i].float(), expected["heads"][i], atol=1e-8, rtol=1e-4)
-        torch.testing.assert_close(imp.ffn[i].float(), expected["ffn"][i], atol=1e-8, rtol=1e-4)
+    for kind in sizes:
+        for i in range(2):
+            torch.testing.assert_close(getattr(imp, kind)[i].float(), expected[kind][i], atol=1e-8, rtol=1e-4)
+    assert all(imp.qk[i].abs().sum() > 0 and imp.v[i].abs().sum() > 0 for i in range(2))
     assert imp.examples == 2
     with pytest.raises(ValueError, match="criterion"):
         pruning.TaylorImportance(model, "magnitude")
@@ -449,35 +457,6 @@ def test_unit_flops_follow_the_head_size(tiny):
     pruning.prune_units(tiny, head_dims={1: {"qk": QK, "v": V}})
     assert (gflops - measure_encoder_gflops(tiny, SEQ)) * 1e9 == pytest.approx(4 * 3 * cost["head_dim"][1], abs=1)
     assert pruning.unit_flops(tiny, SEQ)["head"] == [cost["head"][0], 5 * cost["head_dim"][1]]
-
-
-@pytest.mark.parametrize("criterion", pruning.CRITERIA)
-def test_dimension_importance_is_the_per_example_gate_gradient(tiny_distilbert, criterion):
-    """dL/d gate of a query/key dimension = sum over tokens of q_j dL/dq_j = weight x grad over its query row (bias
-    included); of a value dimension = weight x grad over its attention-output column; per example."""
-    model = tiny_distilbert
-    batch = dict(inputs(batch=2), labels=torch.tensor([1, 0]))
-
-    def loss(m, b):
-        return torch.nn.functional.cross_entropy(
-            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-
-    imp = pruning.estimate_importance(model, [batch], loss, criterion=criterion)
-    expected = {"qk": [torch.zeros(32), torch.zeros(32)], "v": [torch.zeros(32), torch.zeros(32)]}
-    for row in range(2):
-        model.zero_grad()
-        loss(model, {k: v[row:row + 1] for k, v in batch.items()}).backward()
-        for i, layer in enumerate(encoder_layers(model)):
-            parts = pruning._parts(layer)
-            gates = {"qk": (parts.query.weight * parts.query.weight.grad).sum(1)
-                     + parts.query.bias * parts.query.bias.grad,
-                     "v": (parts.attn_out.weight * parts.attn_out.weight.grad).sum(0)}
-            for kind, gate in gates.items():
-                expected[kind][i] += (gate.abs() if criterion == "abs" else gate.pow(2)).detach()
-    for i in range(2):
-        torch.testing.assert_close(imp.qk[i].float(), expected["qk"][i], atol=1e-8, rtol=1e-4)
-        torch.testing.assert_close(imp.v[i].float(), expected["v"][i], atol=1e-8, rtol=1e-4)
-        assert imp.qk[i].abs().sum() > 0 and imp.v[i].abs().sum() > 0
 
 
 def test_prune_to_target_narrows_heads_with_exact_accounting(tiny):

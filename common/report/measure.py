@@ -357,7 +357,7 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     layout = config.get(LAYOUT_KEY)
     if layout and (list(layout.get("heads", [])) != arch["heads_per_layer"]
                    or list(layout.get("ffn", [])) != arch["ffn_per_layer"]
-                   or list(layout.get("head_size") or [arch["head_dim"]] * arch["layers"]) != arch["head_size_per_layer"]):
+                   or head_sizes(layout, config) != arch["head_size_per_layer"]):
         notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
                      f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']}, "
                      f"head size {arch['head_size_per_layer']})")
