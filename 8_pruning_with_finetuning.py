@@ -54,6 +54,14 @@ frontier (HEAD_DIM_STEP=8, seed 42, ours only, paired against the same machine's
 80% model kept 27 heads of 8 to 24 dimensions against 14 whole heads and scored the same (+0.11 points, p 1), 90%
 -0.57 (p 0.60), 65% -0.80 (p 0.36); at the same GFLOPs very different layouts again gave the same accuracy. Off by
 default.
+PRUNE_FROM="teacher": our gradual run starts from teacher_model (6 layers) instead of student_model (3 of them) and
+prunes it straight to each target, distilling from the teacher's own soft targets (as CoFi prunes the fine-tuned
+model); the sparsity is still counted against the student (the teacher starts at -1: twice its encoder GFLOPs; the
+schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seed 42,
+ours only, 2026-12-02 night, AMD EPYC, README "Frontier results"): ahead of the student start at 20-50% (89.79,
+89.11, 88.65% against 88.76, 87.73, 88.07%), level at 65%, behind from 80% on (86.58 / 85.44 / 81.31% against
+87.61 / 86.81 / 81.65%): six layers each keep a 32-neuron FFN floor, 13% of the 80% model's GFLOPs and 65% of the
+95% one's. Off by default; the magnitude baseline always starts from the student.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -131,6 +139,11 @@ ABLATION_FROM = 0.0        # > 0: pruning events at or past this sparsity rank u
 ABLATION_BATCHES = 32      # training batches (the last ones before the event) each removal is measured on
 PRUNE_DROPOUT = 0.1        # dropout probability while this stage trains (pruning, recovery, the baseline's recovery);
                            # both presets' students were trained with 0.1; saved configs keep the model's own
+PRUNE_FROM = "student"     # the model our gradual pruning starts from: "student" (student_model) or "teacher"
+                           # (teacher_model, pruned straight to the targets with the teacher's own soft targets, as
+                           # CoFi prunes the fine-tuned model); the sparsity is measured against the student either way
+                           # (the teacher starts at -1 with twice its encoder GFLOPs). The magnitude baseline always
+                           # starts from the student; not with HIDDEN_DISTILL (its reference is the student's layers)
 HEAD_DIM_STEP = 0          # > 0: heads can also be NARROWED, this many query/key and value dimensions per head at a
                            # time (every head of a layer, each its own least important; common.pruning), ranked per
                            # FLOP with whole heads and FFN blocks; 0 = whole heads only. The gradual run only (the
@@ -196,6 +209,7 @@ def check_config(cfg) -> list:
         "PRUNE_STEPS": at_least(1, "pruning events per pruning epoch"),
         "PRUNE_END_FRACTION": in_range(0, 1, low_open=True, what="where the last pruning event falls"),
         "IMPORTANCE": one_of(*CRITERIA),
+        "PRUNE_FROM": one_of("student", "teacher"),
         "PRUNE_SCHEDULE": one_of(*SCHEDULES),
         "ABLATION_FROM": in_range(0, 1, high_open=True, what="the sparsity from which units are ranked by measured "
                                   "loss increase, 0 = never"),
@@ -217,6 +231,9 @@ def check_config(cfg) -> list:
     if cfg.HEAD_DIM_STEP and cfg.ABLATION_FROM:
         raise ConfigError(f"HEAD_DIM_STEP={cfg.HEAD_DIM_STEP} and ABLATION_FROM={cfg.ABLATION_FROM}: the measured "
                           f"ranking does not score narrowing steps; set one of them to 0")
+    if cfg.PRUNE_FROM == "teacher" and cfg.HIDDEN_DISTILL:
+        raise ConfigError(f"PRUNE_FROM='teacher' and HIDDEN_DISTILL={cfg.HIDDEN_DISTILL}: the layer-wise loss compares "
+                          f"with the student's layers, which a pruned teacher does not have; set HIDDEN_DISTILL=0")
     targets = list(cfg.PRUNE_TARGETS) or [cfg.TARGET_SPARSITY]
     if cfg.PRUNE_TARGETS:
         seen = {}
@@ -276,24 +293,38 @@ def check_runs(cfg, targets) -> tuple:
     return "frontier", targets, seeds
 
 
-def check_reachable(targets, student_dir, head_dim_step: int = 0) -> None:
-    """Refuse, before any work, a target that removing every head and all but one FFN block per layer cannot reach,
-    and a HEAD_DIM_STEP that cannot narrow the student's heads (not below its head size)."""
-    student = load_model(student_dir)
-    size = max(head_sizes(student))
+def check_reachable(targets, start_dir, head_dim_step: int = 0, student_dir=None) -> None:
+    """Refuse, before any work, a target that removing every head and all but one FFN block per layer of the model
+    pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`, default the same),
+    and a HEAD_DIM_STEP that cannot narrow its heads (not below its head size)."""
+    start = load_model(start_dir)
+    from_student = student_dir in (None, start_dir)
+    size = max(head_sizes(start))
     if head_dim_step >= size:
-        raise ConfigError(f"HEAD_DIM_STEP={head_dim_step} narrows nothing: the student's heads have {size} dimensions; "
+        whose = "student" if from_student else "teacher"
+        raise ConfigError(f"HEAD_DIM_STEP={head_dim_step} narrows nothing: the {whose}'s heads have {size} dimensions; "
                           f"use a step below that (e.g. {max(size // 4, 1)}), or 0 for whole heads only")
-    limit = reachable_sparsity(student, SEQ_LEN)
+    limit = reachable_sparsity(start, SEQ_LEN)
+    if not from_student:  # from the start model's own GFLOPs to the student's
+        limit = 1 - (1 - limit) * measure_encoder_gflops(start, SEQ_LEN) / measure_encoder_gflops(
+            load_model(student_dir), SEQ_LEN)
     beyond = [t for t in targets if t >= limit]
     if beyond:
         raise ConfigError(f"sparsity target {', '.join(map(str, beyond))} is out of reach: removing every head and "
                           f"all but 32 FFN neurons per layer saves {limit:.3f} of the encoder GFLOPs")
 
 
-def measure_start(model) -> dict:
+def measure_start(model, source: str = "student") -> dict:
+    """What a pruned folder records of the model its pruning started from (`source`: "student" or "teacher")."""
     return {"encoder_gflops": measure_encoder_gflops(model, SEQ_LEN), "gflops": measure_gflops(model, SEQ_LEN),
-            "parameters": count_parameters(model)}
+            "parameters": count_parameters(model), "from": source}
+
+
+def load_start(ctx):
+    """The model our gradual pruning starts from (PRUNE_FROM), with this stage's dropout, and its measurements."""
+    model = load_model(ctx.teacher_dir if ctx.cfg.PRUNE_FROM == "teacher" else ctx.student_dir)
+    set_dropout(model, ctx.cfg.PRUNE_DROPOUT)
+    return model, measure_start(model, ctx.cfg.PRUNE_FROM)
 
 
 def recover(ctx, model, loaders, train_loader, epochs: int, desc: str, lr: float, keep: str = "best") -> dict:
@@ -352,15 +383,18 @@ def finish(ctx, loaders, model, out, folder, target, start, extra) -> dict:
     if get_layout(reloaded) != get_layout(model):
         raise RuntimeError(f"reloaded layout {get_layout(reloaded)} differs from the saved {get_layout(model)}")
     encoder_before, encoder_after = start["encoder_gflops"], measure_encoder_gflops(reloaded, SEQ_LEN)
+    sparsity = 1 - encoder_after / reference["encoder_gflops"]  # against the student, whatever pruning started from
     accuracy = evaluate(reloaded, loaders["validation"])
     drop = 100 * (reference["validation_accuracy"] - accuracy)
     logger.info(f"{folder.name}: validation accuracy (reloaded from disk) {accuracy:.4f} "
                 f"(student {reference['validation_accuracy']:.4f}, drop {drop:.2f} points); encoder GFLOPs "
-                f"{encoder_before:.4f} -> {encoder_after:.4f} ({100 * (1 - encoder_after / encoder_before):.1f}% "
-                f"fewer); parameters {start['parameters']:,} -> {count_parameters(reloaded):,}")
+                f"{encoder_before:.4f} -> {encoder_after:.4f} ({100 * sparsity:.1f}% fewer than the student's "
+                f"{reference['encoder_gflops']:.4f}); parameters {start['parameters']:,} -> "
+                f"{count_parameters(reloaded):,}")
     results = {
         "target_sparsity": target,
-        "measured_sparsity": round(1 - encoder_after / encoder_before, 5),
+        "measured_sparsity": round(sparsity, 5),
+        "pruned_from": start["from"], "student_encoder_gflops": reference["encoder_gflops"],
         "encoder_gflops_before": encoder_before, "encoder_gflops_after": encoder_after,
         "gflops_before": start["gflops"], "gflops_after": measure_gflops(reloaded, SEQ_LEN),
         "flops_convention": FLOPS_CONVENTION,
@@ -392,17 +426,15 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
     """Prune a fresh copy of the student to `target` (gradual, then RECOVERY_EPOCHS) and write `folder`."""
     cfg = ctx.cfg
     set_seed(seed)
-    model = load_model(ctx.student_dir)
-    set_dropout(model, cfg.PRUNE_DROPOUT)
+    model, start = load_start(ctx)
     with pruned_output(ctx, folder, target, seed) as out:
-        start = measure_start(model)
-        logger.info(f"pruning {type(model).__name__} ({start['parameters']:,} parameters, "
-                    f"{start['encoder_gflops']:.4f} encoder GFLOPs) to {100 * target:.0f}% fewer encoder GFLOPs, "
-                    f"seed {seed}")
+        logger.info(f"pruning the {start['from']} {type(model).__name__} ({start['parameters']:,} parameters, "
+                    f"{start['encoder_gflops']:.4f} encoder GFLOPs) to {100 * target:.0f}% fewer encoder GFLOPs than "
+                    f"the student, seed {seed}")
         run = gradual_prune(model, loaders["train"], loaders["heldout"], ctx.loss_fn, target_sparsity=target,
                             epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.PRUNE_STEPS, lr=cfg.PRUNE_LR,
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
+                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=ctx.reference["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             head_dim_step=cfg.HEAD_DIM_STEP,
@@ -491,10 +523,8 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
     summary = {"seed": seed, "sweep_id": sweep["sweep_id"], "gradual_runs": 0}
     if "taylor" in cfg.FRONTIER_METHODS:
         set_seed(seed)
-        model = load_model(ctx.student_dir)
-        set_dropout(model, cfg.PRUNE_DROPOUT)
-        start = measure_start(model)
-        logger.info(f"frontier, seed {seed}: one gradual run of {type(model).__name__} through "
+        model, start = load_start(ctx)
+        logger.info(f"frontier, seed {seed}: one gradual run of the {start['from']} {type(model).__name__} through "
                     f"{', '.join(f'{100 * t:.0f}%' for t in targets)} fewer encoder GFLOPs, a branch at each")
 
         def branch(step, target, copy_of_model, run):
@@ -505,7 +535,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
         run = gradual_prune(model, loaders["train"], loaders["heldout"], ctx.loss_fn, target_sparsity=targets[-1],
                             epochs=cfg.PRUNE_EPOCHS, prune_steps=cfg.FRONTIER_PRUNE_STEPS, lr=cfg.PRUNE_LR,
                             weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=start["encoder_gflops"],
+                            end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=ctx.reference["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             head_dim_step=cfg.HEAD_DIM_STEP,
@@ -565,7 +595,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "ablation_from": cfg.ABLATION_FROM, "ablation_batches": cfg.ABLATION_BATCHES, "dropout": cfg.PRUNE_DROPOUT,
-        "head_dim_step": cfg.HEAD_DIM_STEP,
+        "head_dim_step": cfg.HEAD_DIM_STEP, "pruned_from": cfg.PRUNE_FROM,
         "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
@@ -592,11 +622,11 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
                   "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "head_dim_step",
-                  "preset", "quick")
+                  "pruned_from", "preset", "quick")
 _ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
 # for keys a frontier.json written before them lacks: what those runs did
 _FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
-                      "dropout": 0.1, "head_dim_step": 0}
+                      "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student"}
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -654,7 +684,8 @@ def main(argv=None):
     mode, targets, seeds = check_runs(cfg, targets)
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
-    check_reachable(targets, student_dir, cfg.HEAD_DIM_STEP)
+    check_reachable(targets, teacher_dir if cfg.PRUNE_FROM == "teacher" else student_dir, cfg.HEAD_DIM_STEP,
+                    student_dir)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
@@ -670,6 +701,7 @@ def main(argv=None):
                          length_norm_value=length_norm(data["train"].input_ids, cfg.LENGTH_WEIGHT)
                          if cfg.LENGTH_WEIGHT else 1.0)
     reference = {"validation_accuracy": evaluate(student, loaders["validation"]),
+                 "encoder_gflops": measure_encoder_gflops(student, SEQ_LEN),  # every sparsity here is against it
                  "teacher_validation_accuracy": teacher_meta.get("results", {}).get("validation_accuracy")}
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "
                 f"{len(data['train'])} training / {len(data['heldout'])} held-out sentences")

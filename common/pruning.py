@@ -697,46 +697,60 @@ def _remove_one_more(model, chosen, c) -> None:
 # Schedule
 
 
-def cubic_sparsity(step: float, total_steps: float, final_sparsity: float) -> float:
-    """Zhu & Gupta (2017): s_t = s_f * (1 - (1 - t/T)^3), 0 at t=0, s_f from t=T on."""
+# Every schedule runs from `initial` (the sparsity the run starts at: 0 for the model the sparsity is measured
+# against; NEGATIVE for a larger one, e.g. -1 for a teacher with twice the student's encoder GFLOPs when the
+# sparsity is measured against the student) to `final_sparsity`.
+
+
+def _check_range(sparsity: float, final_sparsity: float, initial: float) -> None:
+    if not initial <= sparsity <= final_sparsity:
+        raise ValueError(f"sparsity {sparsity} is outside the schedule's range {initial}..{final_sparsity}")
+
+
+def cubic_sparsity(step: float, total_steps: float, final_sparsity: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - t/T)^3, s_i at t=0, s_f from t=T on."""
     if total_steps <= 0:
         return final_sparsity
     t = min(max(step / total_steps, 0.0), 1.0)
-    return final_sparsity * (1.0 - (1.0 - t) ** 3)
+    return final_sparsity + (initial - final_sparsity) * (1.0 - t) ** 3
 
 
-def cubic_step(sparsity: float, total_steps: float, final_sparsity: float) -> float:
-    """Where the cubic schedule reaches `sparsity` (the inverse of cubic_sparsity): T (1 - (1 - s/s_f)^(1/3))."""
-    if not 0 <= sparsity <= final_sparsity:
-        raise ValueError(f"sparsity {sparsity} is outside the schedule's range 0..{final_sparsity}")
-    return total_steps * (1.0 - (1.0 - sparsity / final_sparsity) ** (1.0 / 3.0))
+def cubic_step(sparsity: float, total_steps: float, final_sparsity: float, initial: float = 0.0) -> float:
+    """Where the cubic schedule reaches `sparsity` (the inverse of cubic_sparsity):
+    T (1 - ((s_f - s) / (s_f - s_i))^(1/3))."""
+    _check_range(sparsity, final_sparsity, initial)
+    return total_steps * (1.0 - ((final_sparsity - sparsity) / (final_sparsity - initial)) ** (1.0 / 3.0))
 
 
-def geometric_sparsity(step: float, total_steps: float, final_sparsity: float) -> float:
-    """s_t = 1 - (1 - s_f)^(t/T): every equal stretch of steps removes the same FRACTION of what is left (as in
-    iterative pruning by rounds). Against the cubic curve (to 95%): the same start, more of the run between about
-    65% and 90% (80% at 54% of the schedule instead of 46%), less in the cubic curve's slow approach to the end."""
+def geometric_sparsity(step: float, total_steps: float, final_sparsity: float, initial: float = 0.0) -> float:
+    """s_t = 1 - (1 - s_i) ((1 - s_f) / (1 - s_i))^(t/T): every equal stretch of steps removes the same FRACTION of
+    what is left (as in iterative pruning by rounds). Against the cubic curve (to 95%): the same start, more of the
+    run between about 65% and 90% (80% at 54% of the schedule instead of 46%), less in the cubic curve's slow
+    approach to the end."""
     if total_steps <= 0:
         return final_sparsity
     t = min(max(step / total_steps, 0.0), 1.0)
-    return 1.0 - (1.0 - final_sparsity) ** t
+    return 1.0 - (1.0 - initial) * ((1.0 - final_sparsity) / (1.0 - initial)) ** t
 
 
-def geometric_step(sparsity: float, total_steps: float, final_sparsity: float) -> float:
-    """Where the geometric schedule reaches `sparsity`: T log(1 - s) / log(1 - s_f)."""
-    if not 0 <= sparsity <= final_sparsity:
-        raise ValueError(f"sparsity {sparsity} is outside the schedule's range 0..{final_sparsity}")
-    return total_steps * math.log1p(-sparsity) / math.log1p(-final_sparsity)
+def geometric_step(sparsity: float, total_steps: float, final_sparsity: float, initial: float = 0.0) -> float:
+    """Where the geometric schedule reaches `sparsity`: T log((1 - s) / (1 - s_i)) / log((1 - s_f) / (1 - s_i))."""
+    _check_range(sparsity, final_sparsity, initial)
+    return total_steps * math.log((1.0 - sparsity) / (1.0 - initial)) / math.log(
+        (1.0 - final_sparsity) / (1.0 - initial))
 
 
 SCHEDULES = {"cubic": (cubic_sparsity, cubic_step), "geometric": (geometric_sparsity, geometric_step)}
 
 
 def pruning_schedule(total_train_steps: int, prune_steps: int, final_sparsity: float,
-                     end_fraction: float = 0.8, milestones=(), schedule: str = "cubic") -> list:
+                     end_fraction: float = 0.8, milestones=(), schedule: str = "cubic",
+                     initial_sparsity: float = 0.0) -> list:
     """[(train step, sparsity target)] for `prune_steps` pruning events spread evenly over the first
     `end_fraction` of training (the rest lets the model settle); the last event reaches `final_sparsity`.
-    `schedule` names the curve the targets follow (SCHEDULES: "cubic", Zhu & Gupta 2017, or "geometric").
+    `schedule` names the curve the targets follow (SCHEDULES: "cubic", Zhu & Gupta 2017, or "geometric"), from
+    `initial_sparsity` (the starting model's own: 0, or negative for a model larger than the one the sparsity is
+    measured against) at step 0.
 
     `milestones` (sparsities below `final_sparsity`) add events that hit each of them EXACTLY, placed where the
     curve crosses them (a frontier run branches there). Every event gets its own training step: a regular
@@ -748,16 +762,20 @@ def pruning_schedule(total_train_steps: int, prune_steps: int, final_sparsity: f
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     curve, crossing = SCHEDULES[schedule]
-    bad = [m for m in milestones if not 0 < m <= final_sparsity]
+    if not initial_sparsity < final_sparsity:
+        raise ValueError(f"the run starts at sparsity {initial_sparsity:.4f}, not below its final {final_sparsity}")
+    bad = [m for m in milestones if not initial_sparsity < m <= final_sparsity]
     if bad:
-        raise ValueError(f"milestones {bad} must lie in (0, {final_sparsity}] (the final sparsity)")
+        raise ValueError(f"milestones {bad} must lie in ({initial_sparsity:g}, {final_sparsity}] (the start and the "
+                         f"final sparsity)")
     end = max(1, int(round(total_train_steps * end_fraction)))
     by_target = {}
     for k in range(1, prune_steps + 1):
-        by_target[curve(k, prune_steps, final_sparsity)] = max(1, int(round(end * k / prune_steps)))
+        step = max(1, int(round(end * k / prune_steps)))
+        by_target[curve(k, prune_steps, final_sparsity, initial_sparsity)] = step
     for m in milestones:
         if m < final_sparsity:
-            by_target[m] = max(1, int(round(crossing(m, end, final_sparsity))))
+            by_target[m] = max(1, int(round(crossing(m, end, final_sparsity, initial_sparsity))))
     required = set(milestones) | {final_sparsity}
     events = []
     for target in sorted(by_target):  # the curve rises: by target = by step
@@ -805,6 +823,10 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     selection. Under several processes (torchrun) each process trains on its share of the batches, the importance
     scores are summed across processes before ranking, so every process removes the same units, and the model is
     prepared again (DDP rebuilt) after every event.
+
+    `base_encoder_gflops`: the encoder GFLOPs the sparsity is measured against (default: the model's own). A model
+    larger than that starts at a negative sparsity (a 6-layer teacher measured against its 3-layer student: -1),
+    and the schedule runs from there to `target_sparsity`.
 
     Frontier: `milestones` (sparsities up to `target_sparsity`) get events of their own that hit them exactly
     (`pruning_schedule`); right after each, `on_milestone(step, target, branch, run)` is called with `branch` a
@@ -876,11 +898,14 @@ class GradualPruning(TrainHook):
         # drew on it (a sweep's later targets); Accelerate's loader restarts at epoch 0 unless told: go on as before.
         loop.loader.set_epoch(self.data_epoch)
         model = loop.unwrapped
-        self.base = self.base or measure_encoder_gflops(model, self.seq_len)
+        gflops = measure_encoder_gflops(model, self.seq_len)
+        self.base = self.base or gflops
         self.run.base_encoder_gflops = self.base
+        initial = 1 - gflops / self.base  # 0 unless the sparsity is measured against another model
+        initial = 0.0 if abs(initial) < 1e-9 else initial
         self.pending = pruning_schedule(loop.total_steps, self.prune_steps, self.target_sparsity, self.end_fraction,
-                                        self.milestones, self.schedule)
-        self.record(model, 0, 0.0)
+                                        self.milestones, self.schedule, initial_sparsity=initial)
+        self.record(model, 0, initial)
         self.importance = TaylorImportance(model, self.criterion)
 
     def on_epoch_start(self, loop) -> None:

@@ -197,6 +197,25 @@ def test_cubic_schedule_reaches_target():
     assert targets[0] > 0.2 / 4  # cubic: prunes fastest early
 
 
+def test_schedule_from_a_larger_model_starts_below_zero():
+    """Measured against a student with half the GFLOPs, a teacher starts at -1; the curve is the start model's own
+    curve (0 -> 0.9 of ITS GFLOPs) seen through 1 - s = 2 (1 - r)."""
+    assert pruning.cubic_sparsity(0, 10, 0.8, initial=-1.0) == pytest.approx(-1.0)
+    assert pruning.cubic_sparsity(10, 10, 0.8, initial=-1.0) == pytest.approx(0.8)
+    for k in range(11):
+        for curve in (pruning.cubic_sparsity, pruning.geometric_sparsity):
+            assert curve(k, 10, 0.8, initial=-1.0) == pytest.approx(1 - 2 * (1 - curve(k, 10, 0.9)))
+    for step in (pruning.cubic_step, pruning.geometric_step):
+        assert step(0.5, 100, 0.8, initial=-1.0) == pytest.approx(step(0.75, 100, 0.9))
+    events = pruning.pruning_schedule(100, 4, 0.8, milestones=(0.0, 0.5), initial_sparsity=-1.0)
+    targets = [t for _, t in events]
+    assert targets == sorted(targets) and -1 < targets[0] and {0.0, 0.5} <= set(targets) and targets[-1] == 0.8
+    with pytest.raises(ValueError, match="not below"):
+        pruning.pruning_schedule(100, 4, 0.8, initial_sparsity=0.8)
+    with pytest.raises(ValueError, match="milestones"):
+        pruning.pruning_schedule(100, 4, 0.8, milestones=(-1.5,), initial_sparsity=-1.0)
+
+
 def test_measurement_not_prediction_decides(tiny_distilbert, monkeypatch):
     """If the per-unit costs underestimated, pruning keeps removing units until the MEASURED target holds."""
     real = pruning.unit_flops
@@ -272,6 +291,31 @@ def test_stage_prunes_saves_and_reloads(pipeline, workspace):
         AutoModelForSequenceClassification.from_pretrained(str(folder))
     assert (folder / "kept_units.json").is_file() and (folder / "stage.log").is_file()
     assert load_model(student_dir).num_parameters() == r["parameters_before"]  # input untouched
+
+
+def test_stage_prunes_the_teacher_to_the_students_gflops(pipeline, workspace):
+    """PRUNE_FROM="teacher": the 3-layer teacher is pruned, and every sparsity is counted against the student."""
+    from common.config import ConfigError
+    from conftest import run_script
+
+    student_dir = pipeline("bert")
+    models = workspace / "models"
+    r = run_script(STAGE, "PRUNE_FROM=teacher", "TARGET_SPARSITY=0.3", *FAST)
+    student_gflops = measure_encoder_gflops(load_model(student_dir))
+    teacher_gflops = measure_encoder_gflops(load_model(models / "teacher_model"))
+    model = load_model(models / "pruned_model")
+    assert r["pruned_from"] == "teacher" and len(encoder_layers(model)) == 3  # the teacher's layers, not the student's
+    assert r["student_encoder_gflops"] == pytest.approx(student_gflops)
+    assert r["encoder_gflops_before"] == pytest.approx(teacher_gflops)
+    assert measure_encoder_gflops(model) == pytest.approx(r["encoder_gflops_after"])
+    assert r["encoder_gflops_after"] <= 0.7 * student_gflops + 1e-9
+    assert r["measured_sparsity"] == pytest.approx(1 - r["encoder_gflops_after"] / student_gflops, abs=1e-5)
+    assert r["trajectory"][0]["sparsity"] == pytest.approx(1 - teacher_gflops / student_gflops, abs=1e-5)  # -0.5
+    assert r["trajectory"][-1]["sparsity"] == r["measured_sparsity"] >= 0.3
+    with pytest.raises(ConfigError, match="HIDDEN_DISTILL"):
+        run_script(STAGE, "PRUNE_FROM=teacher", "HIDDEN_DISTILL=1", *FAST)
+    with pytest.raises(ConfigError, match="PRUNE_FROM"):
+        run_script(STAGE, "PRUNE_FROM=pretrained", *FAST)
 
 
 def json_config(folder):
