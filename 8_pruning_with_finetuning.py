@@ -57,11 +57,11 @@ default.
 PRUNE_FROM="teacher": our gradual run starts from teacher_model (6 layers) instead of student_model (3 of them) and
 prunes it straight to each target, distilling from the teacher's own soft targets (as CoFi prunes the fine-tuned
 model); the sparsity is still counted against the student (the teacher starts at -1: twice its encoder GFLOPs; the
-schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seed 42,
-ours only, 2026-12-02 night, AMD EPYC, README "Frontier results"): ahead of the student start at 20-50% (89.79,
-89.11, 88.65% against 88.76, 87.73, 88.07%), level at 65%, behind from 80% on (86.58 / 85.44 / 81.31% against
-87.61 / 86.81 / 81.65%): six layers each keep a 32-neuron FFN floor, 13% of the 80% model's GFLOPs and 65% of the
-95% one's. Off by default; the magnitude baseline always starts from the student.
+schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seeds 42
+and 43, ours only, 2026-12-02 night, AMD EPYC, README "Frontier results"): teacher start minus student start, mean of
+the two seeds, +0.23 / +0.98 / +0.86 / +0.46 / +0.06 / -0.87 / -2.29 points at 20 ... 95%, none significant on one
+seed; behind at 90 and 95% on both, where six layers each keep a 32-neuron FFN floor (27% of the 90% model's GFLOPs,
+65% of the 95% one's). Off by default; the magnitude baseline always starts from the student.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
