@@ -293,12 +293,12 @@ def check_runs(cfg, targets) -> tuple:
     return "frontier", targets, seeds
 
 
-def check_reachable(targets, start_dir, head_dim_step: int = 0, student_dir=None) -> None:
+def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0) -> None:
     """Refuse, before any work, a target that removing every head and all but one FFN block per layer of the model
-    pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`, default the same),
-    and a HEAD_DIM_STEP that cannot narrow its heads (not below its head size)."""
+    pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`), and a HEAD_DIM_STEP
+    that cannot narrow its heads (not below its head size)."""
     start = load_model(start_dir)
-    from_student = student_dir in (None, start_dir)
+    from_student = start_dir == student_dir
     size = max(head_sizes(start))
     if head_dim_step >= size:
         whose = "student" if from_student else "teacher"
@@ -322,7 +322,7 @@ def measure_start(model, source: str = "student") -> dict:
 
 def load_start(ctx):
     """The model our gradual pruning starts from (PRUNE_FROM), with this stage's dropout, and its measurements."""
-    model = load_model(ctx.teacher_dir if ctx.cfg.PRUNE_FROM == "teacher" else ctx.student_dir)
+    model = load_model(ctx.start_dir)
     set_dropout(model, ctx.cfg.PRUNE_DROPOUT)
     return model, measure_start(model, ctx.cfg.PRUNE_FROM)
 
@@ -423,7 +423,8 @@ def pruned_output(ctx, folder, target, seed):
 
 
 def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
-    """Prune a fresh copy of the student to `target` (gradual, then RECOVERY_EPOCHS) and write `folder`."""
+    """Prune a fresh copy of the start model (PRUNE_FROM) to `target` (gradual, then RECOVERY_EPOCHS) and write
+    `folder`."""
     cfg = ctx.cfg
     set_seed(seed)
     model, start = load_start(ctx)
@@ -684,8 +685,8 @@ def main(argv=None):
     mode, targets, seeds = check_runs(cfg, targets)
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
-    check_reachable(targets, teacher_dir if cfg.PRUNE_FROM == "teacher" else student_dir, cfg.HEAD_DIM_STEP,
-                    student_dir)
+    start_dir = teacher_dir if cfg.PRUNE_FROM == "teacher" else student_dir  # where our gradual runs start
+    check_reachable(targets, start_dir, student_dir, cfg.HEAD_DIM_STEP)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
@@ -694,7 +695,7 @@ def main(argv=None):
     n_pairs = augment_pairs(cfg)
     if n_pairs:
         data["train"], logits = with_augmented_pairs(cfg, data, logits, teacher_dir, n_pairs)
-    student = load_model(student_dir).eval()  # the unpruned student every run here starts from
+    student = load_model(student_dir).eval()  # the unpruned student: every sparsity and drop here is against it
     # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,
                          reference=student if cfg.HIDDEN_DISTILL else None, length_power=cfg.LENGTH_WEIGHT,
@@ -706,7 +707,7 @@ def main(argv=None):
     logger.info(f"student validation accuracy {reference['validation_accuracy']:.4f}; "
                 f"{len(data['train'])} training / {len(data['heldout'])} held-out sentences")
     ctx = SimpleNamespace(cfg=cfg, data=data, loss_fn=loss_fn, student_dir=student_dir, teacher_dir=teacher_dir,
-                          tokenizer=tokenizer, reference=reference)
+                          start_dir=start_dir, tokenizer=tokenizer, reference=reference)
 
     started = time.time()
     results, summaries = {}, []
