@@ -62,6 +62,13 @@ and 43, ours only, 2026-12-02 night, AMD EPYC, README "Frontier results"): teach
 the two seeds, +0.23 / +0.98 / +0.86 / +0.46 / +0.06 / -0.87 / -2.29 points at 20 ... 95%, none significant on one
 seed; behind at 90 and 95% on both, where six layers each keep a 32-neuron FFN floor (27% of the 90% model's GFLOPs,
 65% of the 95% one's). Off by default; the magnitude baseline always starts from the student.
+FFN_FLOOR: FFN blocks of 32 neurons every layer keeps (1 by default, in our run and the baseline); 0 lets a layer lose
+its whole FFN, so a layer without heads costs only its LayerNorms (0.0005 encoder GFLOPs of the student's 0.72).
+Measured on the frontier (FFN_FLOOR=0, seed 42, ours only, 2026-12-03, AMD EPYC, paired): from the student, the same
+models to the digit up to 65%, then -0.34 / -0.46 points at 80 / 90% (p 0.65, 0.64; the last layer's FFN went) and
++2.64 at 95% against that seed's outlying default; from the teacher, against the floor-1 teacher start, -0.80 to
+-1.03 at 20-65%, +0.46 / +0.00 / +1.03 at 80 / 90 / 95% (none significant; 90% scored 85.44% both times, with FFNs
+[96, 64, 32, 0, 0, 0] against six floors). The floors were not what held the 90% point back. Off by default.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -114,8 +121,9 @@ from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload, set_dropout
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
-from common.pruning import (CRITERIA, SCHEDULES, get_layout, gradual_prune, head_sizes, kept_units,
-                            magnitude_importance, partial_epoch_loader, prune_to_target, reachable_sparsity)
+from common.pruning import (CRITERIA, SCHEDULES, ffn_granularity, get_layout, gradual_prune, head_sizes, kept_units,
+                            magnitude_importance, original_sizes, partial_epoch_loader, prune_to_target,
+                            reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
 from common.stats import paired_comparison
@@ -148,6 +156,9 @@ HEAD_DIM_STEP = 0          # > 0: heads can also be NARROWED, this many query/ke
                            # time (every head of a layer, each its own least important; common.pruning), ranked per
                            # FLOP with whole heads and FFN blocks; 0 = whole heads only. The gradual run only (the
                            # magnitude baseline removes whole units); not with ABLATION_FROM
+FFN_FLOOR = 1              # FFN blocks of 32 neurons (common.pruning.ffn_granularity) every layer keeps, in our run
+                           # and the baseline; 0 = a layer may lose its whole FFN (with every head gone too, it
+                           # costs only its LayerNorms: 0.07% of the MiniLM student's GFLOPs). Measured: no gain
 IMPORTANCE = "fisher"      # per-example Taylor gate gradient, squared ("fisher") or absolute ("abs")
 PRUNE_LR = 5e-5            # peak lr while pruning (the student was distilled at 1e-4)
 RECOVERY_EPOCHS = 1        # distillation epochs after the last event (RECOVERY_KEEP: which state is kept)
@@ -216,6 +227,7 @@ def check_config(cfg) -> list:
         "ABLATION_BATCHES": int_range(1, 1000, what="training batches each removal is measured on"),
         "PRUNE_DROPOUT": in_range(0, 1, high_open=True, what="dropout probability while pruning and recovering"),
         "HEAD_DIM_STEP": int_range(0, 1024, what="head dimensions removed per narrowing step, 0 = whole heads only"),
+        "FFN_FLOOR": int_range(0, 64, what="FFN blocks of 32 neurons every layer keeps, 0 = none"),
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
@@ -293,10 +305,10 @@ def check_runs(cfg, targets) -> tuple:
     return "frontier", targets, seeds
 
 
-def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0) -> None:
-    """Refuse, before any work, a target that removing every head and all but one FFN block per layer of the model
-    pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`), and a HEAD_DIM_STEP
-    that cannot narrow its heads (not below its head size)."""
+def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0, ffn_floor: int = 1) -> None:
+    """Refuse, before any work, a target that removing every head and all but `ffn_floor` FFN blocks per layer of the
+    model pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`), and a
+    HEAD_DIM_STEP that cannot narrow its heads (not below its head size)."""
     start = load_model(start_dir)
     from_student = start_dir == student_dir
     size = max(head_sizes(start))
@@ -304,14 +316,16 @@ def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0) -> 
         whose = "student" if from_student else "teacher"
         raise ConfigError(f"HEAD_DIM_STEP={head_dim_step} narrows nothing: the {whose}'s heads have {size} dimensions; "
                           f"use a step below that (e.g. {max(size // 4, 1)}), or 0 for whole heads only")
-    limit = reachable_sparsity(start, SEQ_LEN)
+    limit = reachable_sparsity(start, SEQ_LEN, ffn_floor)
     if not from_student:  # from the start model's own GFLOPs to the student's
         limit = 1 - (1 - limit) * measure_encoder_gflops(start, SEQ_LEN) / measure_encoder_gflops(
             load_model(student_dir), SEQ_LEN)
     beyond = [t for t in targets if t >= limit]
     if beyond:
+        kept = ffn_granularity(original_sizes(start.config)[2]) * ffn_floor
         raise ConfigError(f"sparsity target {', '.join(map(str, beyond))} is out of reach: removing every head and "
-                          f"all but 32 FFN neurons per layer saves {limit:.3f} of the encoder GFLOPs")
+                          f"all but {kept} FFN neurons per layer (FFN_FLOOR={ffn_floor}) saves {limit:.3f} of the "
+                          f"encoder GFLOPs" + ("; FFN_FLOOR=0 lets a layer lose its whole FFN" if ffn_floor else ""))
 
 
 def measure_start(model, source: str = "student") -> dict:
@@ -438,7 +452,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=ctx.reference["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
-                            head_dim_step=cfg.HEAD_DIM_STEP,
+                            head_dim_step=cfg.HEAD_DIM_STEP, min_ffn_blocks=cfg.FFN_FLOOR,
                             desc=f"prune s{round(100 * target):02d}")
         recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR,
                             cfg.RECOVERY_KEEP)
@@ -484,7 +498,8 @@ def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
     set_dropout(model, cfg.PRUNE_DROPOUT)
     with pruned_output(ctx, folder, target, seed) as out:
         start = measure_start(model)
-        removed = prune_to_target(model, magnitude_importance(model), (1 - target) * start["encoder_gflops"], SEQ_LEN)
+        removed = prune_to_target(model, magnitude_importance(model), (1 - target) * start["encoder_gflops"], SEQ_LEN,
+                                  cfg.FFN_FLOOR)
         event = {"step": 0, "sparsity_target": target, "encoder_gflops": round(removed["encoder_gflops"], 6),
                  "sparsity": round(1 - removed["encoder_gflops"] / start["encoder_gflops"], 5),
                  "layout": get_layout(model),
@@ -539,7 +554,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             end_fraction=cfg.PRUNE_END_FRACTION, base_encoder_gflops=ctx.reference["encoder_gflops"],
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
-                            head_dim_step=cfg.HEAD_DIM_STEP,
+                            head_dim_step=cfg.HEAD_DIM_STEP, min_ffn_blocks=cfg.FFN_FLOOR,
                             on_milestone=branch,
                             continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
@@ -596,7 +611,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "continue_recovered": cfg.FRONTIER_CONTINUE_RECOVERED,
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "ablation_from": cfg.ABLATION_FROM, "ablation_batches": cfg.ABLATION_BATCHES, "dropout": cfg.PRUNE_DROPOUT,
-        "head_dim_step": cfg.HEAD_DIM_STEP, "pruned_from": cfg.PRUNE_FROM,
+        "head_dim_step": cfg.HEAD_DIM_STEP, "pruned_from": cfg.PRUNE_FROM, "ffn_floor": cfg.FFN_FLOOR,
         "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
@@ -623,11 +638,11 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
                   "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "head_dim_step",
-                  "pruned_from", "preset", "quick")
+                  "pruned_from", "ffn_floor", "preset", "quick")
 _ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
 # for keys a frontier.json written before them lacks: what those runs did
 _FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
-                      "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student"}
+                      "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student", "ffn_floor": 1}
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -686,7 +701,7 @@ def main(argv=None):
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
     start_dir = teacher_dir if cfg.PRUNE_FROM == "teacher" else student_dir  # where our gradual runs start
-    check_reachable(targets, start_dir, student_dir, cfg.HEAD_DIM_STEP)
+    check_reachable(targets, start_dir, student_dir, cfg.HEAD_DIM_STEP, cfg.FFN_FLOOR)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)

@@ -810,7 +810,7 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
                   milestones=(), on_milestone=None, continue_from_branch: bool = False,
                   schedule: str = "cubic", ablation_from: float = 0.0, ablation_batches: int = 32,
-                  head_dim_step: int = 0, desc: str = "prune") -> PruneRun:
+                  head_dim_step: int = 0, min_ffn_blocks: int = 1, desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -843,6 +843,10 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
 
     `head_dim_step` > 0: heads may also be narrowed, `head_dim_step` query/key and value dimensions per head at a time
     (`removal_order`), ranked per FLOP with the heads and FFN blocks. Not combined with `ablation_from`.
+
+    `min_ffn_blocks`: FFN blocks of `ffn_granularity(original width)` neurons every layer keeps (1: 32 neurons of
+    MiniLM's 1536); 0 lets a layer lose its whole FFN, so a layer that also lost every head costs only its two
+    LayerNorms and biases.
     """
     started = time.time()
     hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
@@ -850,7 +854,8 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                           criterion=criterion, milestones=milestones, on_milestone=on_milestone,
                           continue_from_branch=continue_from_branch, schedule=schedule, desc=desc,
                           data_epoch=getattr(train_loader.batch_sampler, "epoch", 0), ablation_from=ablation_from,
-                          ablation_batches=ablation_batches, loss_fn=loss_fn, head_dim_step=head_dim_step)
+                          ablation_batches=ablation_batches, loss_fn=loss_fn, head_dim_step=head_dim_step,
+                          min_ffn_blocks=min_ffn_blocks)
     train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
           warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
     # every event ran: the measured sparsity reached the schedule's final target
@@ -872,12 +877,14 @@ class GradualPruning(TrainHook):
                  seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
                  milestones=(), on_milestone=None, continue_from_branch: bool = False, schedule: str = "cubic",
                  desc: str = "prune", data_epoch: int = 0, ablation_from: float = 0.0, ablation_batches: int = 32,
-                 loss_fn=None, head_dim_step: int = 0):
+                 loss_fn=None, head_dim_step: int = 0, min_ffn_blocks: int = 1):
         if ablation_from and (loss_fn is None or ablation_batches < 1):
             raise ValueError("ablation_from > 0 needs loss_fn and ablation_batches >= 1")
         if head_dim_step < 0 or (head_dim_step and ablation_from):
             raise ValueError("head_dim_step must be >= 0 (0: whole heads only), and is not combined with ablation_from")
-        self.head_dim_step = head_dim_step
+        if min_ffn_blocks < 0:
+            raise ValueError("min_ffn_blocks must be >= 0 (0: a layer may lose its whole FFN)")
+        self.head_dim_step, self.min_ffn_blocks = head_dim_step, min_ffn_blocks
         self.ablation_from, self.loss_fn = ablation_from, loss_fn
         self.recent = collections.deque(maxlen=ablation_batches if ablation_from else 0)  # for ablation_order
         self.heldout_loader = heldout_loader
@@ -934,9 +941,9 @@ class GradualPruning(TrainHook):
         self.importance.all_reduce(loop.accelerator)  # every process ranks the same (summed) scores
         ablate = bool(self.ablation_from) and target >= self.ablation_from - 1e-9
         order = (ablation_order(model, self.recent, self.loss_fn, self.importance, self.seq_len,
-                                accelerator=loop.accelerator) if ablate else None)
-        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len, order=order,
-                                  head_dim_step=self.head_dim_step)
+                                self.min_ffn_blocks, accelerator=loop.accelerator) if ablate else None)
+        removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len,
+                                  self.min_ffn_blocks, order=order, head_dim_step=self.head_dim_step)
         removed["ranked_by"] = "ablation" if ablate else "taylor"
         self.importance.reset()
         self.last_entry = self.record(model, loop.step, target, removed)

@@ -1,7 +1,7 @@
 """CPU serving artifacts (common/export.py) and predict.py on tiny BERT and DistilBERT classifiers, pruned (uneven
-heads, a layer with no head left) and unpruned: the ONNX fp32 graph gives PyTorch's logits at any batch size and
-length, the int8 export agrees on most predictions, bad or missing exports give one line naming the file, and
-predict prints one line per sentence."""
+heads, a layer with no head and no FFN neuron left) and unpruned: the ONNX fp32 graph gives PyTorch's logits at any
+batch size and length, the int8 export agrees on most predictions, bad or missing exports give one line naming the
+file, and predict prints one line per sentence."""
 
 import copy
 import io
@@ -23,7 +23,7 @@ from test_quantization import KINDS, PRUNE, build, train_briefly
 
 @pytest.fixture(scope="module")
 def models(tokenizer_dir):
-    """{(kind, pruned): fp32 model trained a few steps}; pruned = layer 0 keeps 1 head, layer 1 none."""
+    """{(kind, pruned): fp32 model trained a few steps}; pruned = layer 0 keeps 1 head, layer 1 no head and no FFN."""
     tokenizer = load_tokenizer(tokenizer_dir)
     out = {}
     for kind in KINDS:
@@ -45,7 +45,7 @@ def loader_for(tokenizer_dir, n=64, batch_size=16):
 def test_onnx_fp32_gives_pytorch_logits_at_any_batch_and_length(models, kind, pruned, tmp_path):
     model = models[kind, pruned]
     if pruned:
-        assert get_layout(model)["heads"] == [1, 0]
+        assert get_layout(model)["heads"] == [1, 0] and get_layout(model)["ffn"][1] == 0
     path = tmp_path / "model.onnx"
     export.export_fp32(model, path)
     runner = export.OnnxClassifier(path, threads=1)

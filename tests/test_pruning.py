@@ -318,6 +318,21 @@ def test_stage_prunes_the_teacher_to_the_students_gflops(pipeline, workspace):
         run_script(STAGE, "PRUNE_FROM=pretrained", *FAST)
 
 
+def test_stage_with_ffn_floor_zero_prunes_past_the_floor(pipeline, workspace):
+    """FFN_FLOOR=0: a target beyond every head and all but 32 FFN neurons per layer is reached, a layer loses its
+    whole FFN, and the folder records the floor it was made with."""
+    from common.stage import read_metadata
+    from conftest import run_script
+
+    pipeline("bert")
+    r = run_script(STAGE, "FFN_FLOOR=0", "TARGET_SPARSITY=0.95", "RECOVERY_EPOCHS=0", *FAST)
+    folder = workspace / "models" / "pruned_model"
+    model = load_model(folder)
+    assert 0 in pruning.get_layout(model)["ffn"] and r["layout"] == pruning.get_layout(model)
+    assert r["measured_sparsity"] >= 0.95
+    assert read_metadata(folder)["config"]["FFN_FLOOR"] == 0
+
+
 def json_config(folder):
     import json
 
@@ -348,7 +363,7 @@ def test_stage_refuses_missing_or_mismatched_inputs(pipeline, workspace):
     pipeline("bert")
     with pytest.raises(ConfigError, match="between 0 and 1"):
         run_script(STAGE, "TARGET_SPARSITY=1.5")
-    with pytest.raises(ConfigError, match="out of reach"):
+    with pytest.raises(ConfigError, match="out of reach.*FFN_FLOOR=0 lets"):
         run_script(STAGE, "TARGET_SPARSITY=0.95", *FAST)
     from transformers import BertForSequenceClassification
     from conftest import tiny_bert_config
@@ -367,6 +382,26 @@ def test_reachable_sparsity_is_measured_on_a_copy(tiny_bert):
     base = measure_encoder_gflops(tiny_bert, SEQ)
     pruning.prune_to_target(tiny_bert, imp, (1 - limit) * base, seq_len=SEQ)
     assert pruning.get_layout(tiny_bert) == {"heads": [0, 0], "ffn": [32, 32]}
+
+
+def test_ffn_floor_zero_lets_a_layer_lose_its_whole_ffn(tiny_bert):
+    """min_ffn_blocks=0: a layer may lose its last FFN block too (by default it keeps 32 neurons), and a layer left with
+    no head and no neuron costs only its LayerNorms."""
+    base = measure_encoder_gflops(tiny_bert, SEQ)
+    floor1, floor0 = pruning.reachable_sparsity(tiny_bert, SEQ), pruning.reachable_sparsity(tiny_bert, SEQ, 0)
+    assert floor1 < 0.9 < 0.95 < floor0 < 1
+    imp = {"heads": [[5.0] * 4] * 2, "ffn": [[5.0] * 64, [0.0] * 64]}  # layer 1's FFN is worth nothing
+    target = base - pruning.unit_flops(tiny_bert, SEQ)["ffn_neuron"][1] * 64 / 1e9
+    default = copy.deepcopy(tiny_bert)
+    pruning.prune_to_target(default, imp, target, seq_len=SEQ)
+    assert pruning.get_layout(default)["ffn"][1] == 32  # the floor holds: something else had to go
+    result = pruning.prune_to_target(tiny_bert, imp, target, seq_len=SEQ, min_ffn_blocks=0)
+    assert pruning.get_layout(tiny_bert) == {"heads": [4, 4], "ffn": [64, 0]}
+    assert result["encoder_gflops"] == pytest.approx(target)
+    pruning.prune_to_target(tiny_bert, {"heads": [[1.0] * 4] * 2, "ffn": [[1.0] * 64, []]}, (1 - floor0) * base,
+                            seq_len=SEQ, min_ffn_blocks=0)
+    assert pruning.get_layout(tiny_bert) == {"heads": [0, 0], "ffn": [0, 0]}
+    assert torch.isfinite(tiny_bert(**inputs()).logits).all()
 
 
 def _mean_loss(model, batches):

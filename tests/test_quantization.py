@@ -28,9 +28,9 @@ from conftest import (run_script, save_tiny, tiny_bert_config, tiny_distilbert_c
 
 STAGE = "9_quantize_pruned_model.py"
 KINDS = ("bert", "distilbert")
-# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps no head at all and 64 neurons
+# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
 # layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
-PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(64))},
+PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
          "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
                                   [0, 1, 2, 3, 4, 5]],
                            "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
@@ -103,9 +103,9 @@ def assert_quantized_structure(model, pruned: bool, embedding=8, head_4bit=True)
     assert len(names) == 6 * model.config.num_hidden_layers  # q, k, v, attention out, FFN in, FFN out
     four_bit = [n for n in names if isinstance(model.get_submodule(n), linear4)]
     empty = [n for n in names if n not in four_bit]
-    # every encoder Linear is 4-bit, except the q/k/v/out of a layer whose heads were all pruned (0 weights)
+    # every encoder Linear is 4-bit, except those of a layer whose heads and FFN neurons were all pruned (0 weights)
     assert all(model.get_submodule(n).weight.numel() == 0 for n in empty)
-    assert len(empty) == (4 if pruned else 0)
+    assert len(empty) == (6 if pruned else 0)
     head = model.get_submodule(head_dense_name(model))
     assert isinstance(head, linear4) == head_4bit
     for n in four_bit:

@@ -29,9 +29,9 @@ KINDS = ("bert", "distilbert")
 CASES = ("pruned_fp32", "pruned_4bit", "unpruned_4bit")
 TOLERANCE = {"pruned_fp32": 1e-5, "pruned_4bit": 1e-4, "unpruned_4bit": 1e-4}
 REMOTE_CLASS = {"bert": "DPQBertForSequenceClassification", "distilbert": "DPQDistilBertForSequenceClassification"}
-# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps no head at all and 64 neurons
+# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
 # layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
-PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(64))},
+PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
          "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
                                   [0, 1, 2, 3, 4, 5]],
                            "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
@@ -175,7 +175,7 @@ def test_folder_loads_without_the_project_with_the_same_logits(folders, remote, 
         assert got["bitsandbytes_imported"] is False  # fp32 folders load without bitsandbytes
         assert got["linear4bit"] == 0
     else:
-        assert got["linear4bit"] == (9 if case == "pruned_4bit" else 13)  # encoder (empty ones skipped) + head
+        assert got["linear4bit"] == (7 if case == "pruned_4bit" else 13)  # encoder (6 empty ones skipped) + head
 
 
 def test_dpq_class_from_pretrained_options(folders):
@@ -185,7 +185,7 @@ def test_dpq_class_from_pretrained_options(folders):
     folder = folders["bert", "pruned_fp32"]
     model = bert.from_pretrained(str(folder), trust_remote_code=True, device_map="cpu", dtype="auto")
     assert type(model) is bert and not model.training
-    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 64], "head_size": [10, 16]}
+    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 0], "head_size": [10, 16]}
     assert torch.equal(logits_of(model), logits_of(load_model(folder)))
     assert bert.from_pretrained(str(folder), torch_dtype=torch.bfloat16).classifier.weight.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="unsupported arguments"):
