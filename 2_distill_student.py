@@ -13,6 +13,9 @@ pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`,
 Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy, optionally plus a cosine loss
 between student and teacher last hidden states (HIDDEN_COSINE_WEIGHT > 0; needs equal hidden sizes and
 runs the teacher live, so an epoch costs about twice as much). The best state by held-out accuracy is kept.
+AUGMENT_PAIRS > 0 adds that many training inputs made of AUGMENT_ROWS training rows joined end to end, labelled by the
+teacher: the joined pairs of stage 8's frontier runs (common.distillation.with_joined_inputs, the same inputs and
+cache). Off by default.
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
@@ -29,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from common.config import (ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants, constants,
-                           each, env_flag, env_preset, in_range, parse_overrides)
+                           each, env_flag, env_preset, in_range, int_range, parse_overrides)
 from common.data import encoded_splits, model_inputs, split_loaders
-from common.distillation import kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for
+from common.distillation import (kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for,
+                                 with_joined_inputs)
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.modeling_dpq import config_sizes
 from common.paths import models_root, seeded_stage_dir, stage_dir
@@ -56,6 +60,11 @@ EVALS_PER_EPOCH = 4
 MAX_LENGTH = 128
 TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
+AUGMENT_PAIRS = 0              # > 0: this many extra training inputs, each AUGMENT_ROWS training rows (5+ tokens)
+                               # joined end to end and labelled by the teacher (soft targets, argmax as the hard
+                               # label; common.distillation.with_joined_inputs, the same pairs as stage 8's);
+                               # 0 = the training set alone. Needs DISTILL
+AUGMENT_ROWS = 2               # training rows joined into each of those inputs: 2 = pairs (median 29 tokens)
 SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
                                # others -> student_model_seed43, ...; () = only SEED
 # -----------------------------------------------------------------------------
@@ -64,6 +73,8 @@ QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e
 _RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, ...)
     "STUDENT_LAYERS": each(at_least(0, "teacher layer indices"), distinct=True),
     "HIDDEN_COSINE_WEIGHT": in_range(0, 100, what="weight of the hidden-state cosine loss; 0 = off"),
+    "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of joined training rows, 0 = none"),
+    "AUGMENT_ROWS": int_range(2, 4, what="training rows joined into each extra input: 2 = pairs, 3 = triples"),
 }
 
 
@@ -119,6 +130,9 @@ def main(argv=None):
     apply_preset(cfg, PRESET_VALUES)
     apply_quick(cfg, **QUICK_VALUES)
     check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
+    if cfg.AUGMENT_PAIRS and not cfg.DISTILL:
+        raise ConfigError(f"AUGMENT_PAIRS={cfg.AUGMENT_PAIRS} with DISTILL=False: the joined inputs are labelled by "
+                          f"the teacher, which a hard-label student does not use; set AUGMENT_PAIRS=0")
     teacher_dir = stage_dir("teacher")
     teacher_meta = check_inputs(cfg, teacher_dir)
     seeds = check_seeds(cfg)
@@ -128,6 +142,9 @@ def main(argv=None):
     teacher = load_model(teacher_dir)
     logits = (teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
               if cfg.DISTILL else None)
+    if cfg.AUGMENT_PAIRS:
+        data["train"], logits = with_joined_inputs(data, logits, teacher_dir, models_root() / "cache",
+                                                   cfg.AUGMENT_PAIRS, cfg.SEED, cfg.MAX_LENGTH, cfg.AUGMENT_ROWS)
     results = {}
     for seed in seeds:  # seed SEED -> student_model (today's name), others -> student_model_seed43, ...
         folder = seeded_stage_dir("student" if cfg.DISTILL else "student_nodistill", seed, cfg.SEED)
@@ -185,7 +202,7 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
                        "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
                        "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
                        "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None,
-                       "seed": seed}
+                       "seed": seed, "train_sentences": len(data["train"]), "augment_pairs": cfg.AUGMENT_PAIRS}
     return out.results
 
 

@@ -27,9 +27,9 @@ error, common.distillation.hidden_states_loss) to every loss here; off by defaul
 0.1 epoch of recovery reached 80.4 / 80.4 / 80.5% validation at weights 0 / 0.3 / 1.0, and a step cost ~1.45x as much.
 LENGTH_WEIGHT > 0 weighs each sentence's loss by (its tokens) ** LENGTH_WEIGHT (common.distillation.length_weights),
 and PRUNE_SCHEDULE="geometric" spends more of the run between 65% and 90%; both off by default.
-Measured on the frontier (seed 42, ours only, paired against the default run of the same seed, 2026-12-02, README
-"Frontier results"): HIDDEN_DISTILL=1, LENGTH_WEIGHT=1, ALPHA=1 and the geometric schedule moved no target from 20%
-to 90% significantly; at 95% three of them were 2.2 to 2.9 points above the default model (p 0.011 to 0.034), which
+Measured on the frontier (seed 42, ours only, paired against the default run of the same seed, 2026-12-02,
+docs/frontier-screens.md): HIDDEN_DISTILL=1, LENGTH_WEIGHT=1, ALPHA=1 and the geometric schedule moved no target from
+20% to 90% significantly; at 95% three of them were 2.2 to 2.9 points above the default model (p 0.011 to 0.034), which
 is the lowest of three seeds' 95% models. HIDDEN_DISTILL=1 on seeds 43 and 44 as well: at 95% +0.69 / -0.34 points
 (not significant), at 80% below the default on all three seeds (mean -1.11 points).
 Joined pairs (FRONTIER_AUGMENT_PAIRS = 16000 in frontier runs, AUGMENT_PAIRS = 0 in the others): that many extra
@@ -41,7 +41,7 @@ short phrases, and the pruned models lose accuracy mostly on long validation sen
 each of 65/80/90/95% (means +0.42, +0.65, +1.07, +2.14 points), mixed at 20-50% (+0.19, -0.27, -0.31); ~1.3x the
 stage's time (ours ~1.5x, the baseline ~1.2x). AUGMENT_ROWS=3 joins three rows instead (median 43 tokens): on 3
 seeds (ours only, against pairs) +0.08 / -0.15 / -0.46 / -1.76 points at 65 / 80 / 90 / 95%, and no better on the
-longest validation sentences (README "Frontier results").
+longest validation sentences (docs/frontier-screens.md).
 ABLATION_FROM > 0: events at or past that sparsity rank heads and FFN blocks by their measured loss increase when
 removed (ABLATION_BATCHES recent training batches, common.pruning.ablation_order) instead of the Taylor estimate.
 PRUNE_DROPOUT: dropout while this stage trains (0.1, the students' own). Measured on the frontier (seed 42, ours only,
@@ -58,7 +58,7 @@ PRUNE_FROM="teacher": our gradual run starts from teacher_model (6 layers) inste
 prunes it straight to each target, distilling from the teacher's own soft targets (as CoFi prunes the fine-tuned
 model); the sparsity is still counted against the student (the teacher starts at -1: twice its encoder GFLOPs; the
 schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seeds 42
-and 43, ours only, 2026-12-02 night, AMD EPYC, README "Frontier results"): teacher start minus student start, mean of
+and 43, ours only, 2026-12-02 night, AMD EPYC, docs/frontier-screens.md): teacher start minus student start, mean of
 the two seeds, +0.23 / +0.98 / +0.86 / +0.46 / +0.06 / -0.87 / -2.29 points at 20 ... 95%, none significant on one
 seed; behind at 90 and 95% on both, where six layers each keep a 32-neuron FFN floor (27% of the 90% model's GFLOPs,
 65% of the 95% one's). Off by default; the magnitude baseline always starts from the student.
@@ -83,7 +83,7 @@ epoch of distillation at FRONTIER_RECOVERY_LR, and is written to pruned_model_sN
 run goes on from the recovered branch (FRONTIER_CONTINUE_RECOVERED=True: iterative prune-recover, so every later
 target starts from a model recovered at each earlier one) or from the un-recovered model (False); the last target is
 the end of the run (after settling) with the same recovery. Each recovery there (and in the baseline) keeps its
-last step (FRONTIER_RECOVERY_KEEP="last", see recover()): measured on 3 seeds (2026-12-02, README "Frontier results"),
+last step (FRONTIER_RECOVERY_KEEP="last", see recover()): measured on 3 seeds (2026-12-02, docs/frontier-screens.md),
 against the best held-out check from the same recovery, +0.24 points on average over the 21 branches (10 higher,
 5 lower), and the whole frontier +0.15 / +0.19 / +0.53 / +0.76 / -0.04 / -0.23 / +0.12 points at 20 ... 95%, none
 significant on its own. Cost:
@@ -116,8 +116,9 @@ import torch
 
 from common.config import (LEARNING_RATE, ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants,
                            constants, each, env_flag, env_preset, in_range, int_range, one_of, parse_overrides)
-from common.data import concatenated_pairs, encoded_splits, joined, split_loaders
-from common.distillation import kd_loss_fn, length_norm, teacher_logits_for
+from common.data import encoded_splits, split_loaders
+from common.distillation import (ROWS_BEFORE_AUGMENT_ROWS, kd_loss_fn, length_norm, teacher_logits_for,
+                                 with_joined_inputs)
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload, set_dropout
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
@@ -195,12 +196,12 @@ FRONTIER_RECOVERY_FRACTION = 0.25  # epochs of KD recovery per branch (and per b
 FRONTIER_RECOVERY_LR = 1e-4  # their peak lr (the student was distilled at 1e-4). Measured, the magnitude one-shot
                              # 80% model after 0.1 epoch: 80.4 / 82.8 / 83.7% at 3e-5 / 1e-4 / 3e-4
 FRONTIER_RECOVERY_KEEP = "last"  # RECOVERY_KEEP of the branches and the baseline: measured on 3 seeds, +0.24 points
-                                 # a branch on average against "best" from the same recovery (README)
+                                 # a branch on average against "best" from the same recovery (docs/frontier-screens.md)
 FRONTIER_CONTINUE_RECOVERED = True  # True: the gradual run goes on from each branch's RECOVERED model (iterative
                                    # prune-recover, same cost); False: from the un-recovered one
 FRONTIER_METHODS = ("taylor", "magnitude")  # ours (gradual Taylor, branched) and/or the one-shot magnitude baseline
 FRONTIER_AUGMENT_PAIRS = 16000  # AUGMENT_PAIRS of frontier runs (both methods): measured on 3 seeds, +0.4 to +2.1
-                                # points at 65-95% against 0 (README "Frontier results"), ~1.3x the stage's time
+                                # points at 65-95% against 0 (docs/frontier-screens.md), ~1.3x the stage's time
 # -----------------------------------------------------------------------------
 PRESET_VALUES = {"bert": {"PRUNE_LR": 3e-5, "RECOVERY_LR": 2e-5, "FRONTIER_RECOVERY_LR": 5e-5}}
 QUICK_VALUES = {"TRAIN_LIMIT": 2000, "PRUNE_EPOCHS": 1, "RECOVERY_EPOCHS": 1, "PRUNE_STEPS": 4,
@@ -639,9 +640,8 @@ _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
                   "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "head_dim_step",
                   "pruned_from", "ffn_floor", "preset", "quick")
-_ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches and frontier.json files written before AUGMENT_ROWS were made with
 # for keys a frontier.json written before them lacks: what those runs did
-_FRONTIER_DEFAULTS = {"augment_rows": _ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
+_FRONTIER_DEFAULTS = {"augment_rows": ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
                       "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student", "ffn_floor": 1}
 
 
@@ -675,22 +675,6 @@ def augment_pairs(cfg) -> int:
     return cfg.FRONTIER_AUGMENT_PAIRS if cfg.FRONTIER else cfg.AUGMENT_PAIRS
 
 
-def with_augmented_pairs(cfg, data, logits, teacher_dir, n: int) -> tuple:
-    """(training set + `n` joined pairs, their teacher logits): the pairs are labelled by the teacher (argmax as
-    the hard label), their logits cached like the training set's; the same pairs for every seed (made with SEED)."""
-    pairs = concatenated_pairs(data["train"], n, cfg.SEED, cfg.MAX_LENGTH, rows=cfg.AUGMENT_ROWS)
-    key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=cfg.SEED)
-    if cfg.AUGMENT_ROWS != _ROWS_BEFORE_AUGMENT_ROWS:  # pairs keep the cache key they had before the setting
-        key["augment_rows"] = cfg.AUGMENT_ROWS
-    pair_logits = teacher_logits_for(teacher_dir, pairs, models_root() / "cache", tokenization=key)
-    pairs.labels = pair_logits.argmax(-1)
-    logger.info(f"training set: {len(data['train'])} rows + {len(pairs)} joined inputs of {cfg.AUGMENT_ROWS} rows "
-                f"each, labelled by the teacher "
-                f"(median {sorted(pairs.lengths)[len(pairs) // 2]} tokens; {100 * pairs.labels.float().mean():.1f}% "
-                f"positive)")
-    return joined(data["train"], pairs), torch.cat([logits, pair_logits])
-
-
 def main(argv=None):
     setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
@@ -709,7 +693,8 @@ def main(argv=None):
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
     n_pairs = augment_pairs(cfg)
     if n_pairs:
-        data["train"], logits = with_augmented_pairs(cfg, data, logits, teacher_dir, n_pairs)
+        data["train"], logits = with_joined_inputs(data, logits, teacher_dir, models_root() / "cache", n_pairs,
+                                                   cfg.SEED, cfg.MAX_LENGTH, cfg.AUGMENT_ROWS)
     student = load_model(student_dir).eval()  # the unpruned student: every sparsity and drop here is against it
     # layer-wise distillation (HIDDEN_DISTILL > 0) from it; the student is never trained here, only read
     loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, hidden_weight=cfg.HIDDEN_DISTILL,

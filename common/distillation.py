@@ -5,6 +5,8 @@
   the copy.
 - `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy, optionally
   weighted per example (`length_weights`: longer sentences count more).
+- `with_joined_inputs`: the training set plus longer inputs made of training rows joined end to end, labelled by
+  the teacher (stages 2 and 8: AUGMENT_PAIRS).
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
   tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.data import make_loader, model_inputs
+from common.data import concatenated_pairs, joined, make_loader, model_inputs
 from common.modeling import load_model
 from common.modeling_dpq import config_sizes, family_of
 from common.stage import is_main_process, logger
@@ -194,3 +196,24 @@ def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokeniz
         torch.save({"key": key, "key_parts": key_parts, "logits": logits}, tmp)
         os.replace(tmp, path)
     return logits
+
+
+ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches written before AUGMENT_ROWS existed were made with (their key)
+
+
+def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int,
+                       rows: int = 2) -> tuple:
+    """(training set + `n` inputs of `rows` joined training rows, the teacher logits of both): the joined inputs
+    (`common.data.concatenated_pairs`, drawn with `seed`, the same for every training seed) are labelled by the
+    teacher, its argmax as the hard label, their logits cached like the training set's. `data` is
+    `encoded_splits(...)`, `logits` the teacher's on `data["train"]`."""
+    extra = concatenated_pairs(data["train"], n, seed, max_length, rows=rows)
+    key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=seed)
+    if rows != ROWS_BEFORE_AUGMENT_ROWS:  # pairs keep the cache key they had before the setting
+        key["augment_rows"] = rows
+    extra_logits = teacher_logits_for(teacher_folder, extra, cache_dir, tokenization=key)
+    extra.labels = extra_logits.argmax(-1)
+    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} joined inputs of {rows} rows each, labelled "
+                f"by the teacher (median {sorted(extra.lengths)[len(extra) // 2]} tokens; "
+                f"{100 * extra.labels.float().mean():.1f}% positive)")
+    return joined(data["train"], extra), torch.cat([logits, extra_logits])

@@ -344,9 +344,16 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
                 run_script(STAGE, *args, *FAST)
         assert not (models / "pruned_model_s20").exists()  # refused before any work
 
-        results = run_script("2_distill_student.py", "SEEDS=(42, 43)", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1",
-                             "TRAIN_LIMIT=64", "BATCH_SIZE=8", "EVALS_PER_EPOCH=1")
+        student_args = ("STUDENT_LAYERS=(0, 2)", "EPOCHS=1", "TRAIN_LIMIT=64", "BATCH_SIZE=8", "EVALS_PER_EPOCH=1")
+        with pytest.raises(ConfigError, match="DISTILL=False"):
+            run_script("2_distill_student.py", "AUGMENT_PAIRS=16", "DISTILL=False", *student_args)
+        results = run_script("2_distill_student.py", "SEEDS=(42, 43)", "AUGMENT_PAIRS=16", *student_args)
         assert set(results) == {"student_model", "student_model_seed43"}
+        # 64 rows + 16 joined pairs, the same for both seeds: one cache entry beside stage 8's triples
+        assert [r["train_sentences"] for r in results.values()] == [80, 80]
+        tokenizations = [torch.load(p, weights_only=True)["key_parts"]["tokenization"]
+                         for p in (models / "cache").glob("teacher_logits_*.pt")]
+        assert sorted(t.get("augment_rows", 2) for t in tokenizations if t.get("augment")) == [2, 3]
         assert [_meta(models / n)["seed"] for n in ("student_model", "student_model_seed43")] == [42, 43]
         assert [_meta(models / n)["results"]["seed"] for n in results] == [42, 43]
 
