@@ -15,7 +15,8 @@ between student and teacher last hidden states (HIDDEN_COSINE_WEIGHT > 0; needs 
 runs the teacher live, so an epoch costs about twice as much). The best state by held-out accuracy is kept.
 AUGMENT_PAIRS > 0 adds that many training inputs made of AUGMENT_ROWS training rows joined end to end, labelled by the
 teacher: the joined pairs of stage 8's frontier runs (common.distillation.with_joined_inputs, the same inputs and
-cache). Off by default.
+cache). Off by default: measured on seed 42 (2026-12-03), the student scored 88.99% against 88.30% (p 0.46), and the
+frontier pruned from it scored the same as from today's student at 20 to 90% (docs/frontier-screens.md).
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
