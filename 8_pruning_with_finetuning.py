@@ -60,8 +60,9 @@ model); the sparsity is still counted against the student (the teacher starts at
 schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seeds 42
 and 43, ours only, 2026-12-02 night, AMD EPYC, docs/frontier-screens.md): teacher start minus student start, mean of
 the two seeds, +0.23 / +0.98 / +0.86 / +0.46 / +0.06 / -0.87 / -2.29 points at 20 ... 95%, none significant on one
-seed; behind at 90 and 95% on both, where six layers each keep a 32-neuron FFN floor (27% of the 90% model's GFLOPs,
-65% of the 95% one's). Off by default; the magnitude baseline always starts from the student.
+seed; behind at 90 and 95% on both (where six layers each keep a 32-neuron FFN floor, 27% of the 90% model's GFLOPs;
+removing the floors, FFN_FLOOR=0 below, did not change that). Off by default; the magnitude baseline always starts
+from the student.
 FFN_FLOOR: FFN blocks of 32 neurons every layer keeps (1 by default, in our run and the baseline); 0 lets a layer lose
 its whole FFN, so a layer without heads costs only its LayerNorms (0.0005 encoder GFLOPs of the student's 0.72).
 Measured on the frontier (FFN_FLOOR=0, seed 42, ours only, 2026-12-03, AMD EPYC, paired): from the student, the same
@@ -500,7 +501,7 @@ def prune_magnitude(ctx, seed, loaders, target, folder, sweep) -> dict:
     with pruned_output(ctx, folder, target, seed) as out:
         start = measure_start(model)
         removed = prune_to_target(model, magnitude_importance(model), (1 - target) * start["encoder_gflops"], SEQ_LEN,
-                                  cfg.FFN_FLOOR)
+                                  min_ffn_blocks=cfg.FFN_FLOOR)
         event = {"step": 0, "sparsity_target": target, "encoder_gflops": round(removed["encoder_gflops"], 6),
                  "sparsity": round(1 - removed["encoder_gflops"] / start["encoder_gflops"], 5),
                  "layout": get_layout(model),

@@ -27,6 +27,8 @@ from common.modeling_dpq import config_sizes, family_of
 from common.stage import is_main_process, logger
 from common.training import make_accelerator, predict_logits
 
+ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches written before AUGMENT_ROWS existed were made with (their key)
+
 
 def student_from_teacher_layers(teacher, layers):
     """A classifier of the teacher's family with `layers` (teacher layer indices) of `teacher`, weights copied and
@@ -196,9 +198,6 @@ def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokeniz
         torch.save({"key": key, "key_parts": key_parts, "logits": logits}, tmp)
         os.replace(tmp, path)
     return logits
-
-
-ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches written before AUGMENT_ROWS existed were made with (their key)
 
 
 def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int,

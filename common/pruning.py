@@ -941,9 +941,9 @@ class GradualPruning(TrainHook):
         self.importance.all_reduce(loop.accelerator)  # every process ranks the same (summed) scores
         ablate = bool(self.ablation_from) and target >= self.ablation_from - 1e-9
         order = (ablation_order(model, self.recent, self.loss_fn, self.importance, self.seq_len,
-                                self.min_ffn_blocks, accelerator=loop.accelerator) if ablate else None)
+                                min_ffn_blocks=self.min_ffn_blocks, accelerator=loop.accelerator) if ablate else None)
         removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len,
-                                  self.min_ffn_blocks, order=order, head_dim_step=self.head_dim_step)
+                                  min_ffn_blocks=self.min_ffn_blocks, order=order, head_dim_step=self.head_dim_step)
         removed["ranked_by"] = "ablation" if ablate else "taylor"
         self.importance.reset()
         self.last_entry = self.record(model, loop.step, target, removed)
