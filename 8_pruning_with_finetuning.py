@@ -22,54 +22,6 @@ are removed, globally across layers and unit types, until the
 encoder GFLOPs MEASURED with fvcore (batch 1, sequence length 128) reach the target. Then RECOVERY_EPOCHS of
 distillation at a lower lr; the best state by held-out accuracy (2% of train, never validation) is kept
 (RECOVERY_KEEP="best"; "last" keeps the end of the recovery unless another state is significantly better there).
-HIDDEN_DISTILL > 0 adds layer-wise distillation from the unpruned student (every layer's output, relative squared
-error, common.distillation.hidden_states_loss) to every loss here; off by default: on the one-shot magnitude 80% model,
-0.1 epoch of recovery reached 80.4 / 80.4 / 80.5% validation at weights 0 / 0.3 / 1.0, and a step cost ~1.45x as much.
-LENGTH_WEIGHT > 0 weighs each sentence's loss by (its tokens) ** LENGTH_WEIGHT (common.distillation.length_weights),
-and PRUNE_SCHEDULE="geometric" spends more of the run between 65% and 90%; both off by default.
-Measured on the frontier (seed 42, ours only, paired against the default run of the same seed, 2026-12-02,
-docs/frontier-screens.md): HIDDEN_DISTILL=1, LENGTH_WEIGHT=1, ALPHA=1 and the geometric schedule moved no target from
-20% to 90% significantly; at 95% three of them were 2.2 to 2.9 points above the default model (p 0.011 to 0.034), which
-is the lowest of three seeds' 95% models. HIDDEN_DISTILL=1 on seeds 43 and 44 as well: at 95% +0.69 / -0.34 points
-(not significant), at 80% below the default on all three seeds (mean -1.11 points).
-Joined pairs (FRONTIER_AUGMENT_PAIRS = 16000 in frontier runs, AUGMENT_PAIRS = 0 in the others): that many extra
-training inputs, each two training rows of 5+ tokens joined end to end (median 29 tokens against the training set's
-~10), labelled by the teacher (its logits as soft targets, its argmax as the hard label), cached like the training
-set's logits; every loss here (pruning, importance, recovery, the baseline's recovery) sees them. SST-2 train is mostly
-short phrases, and the pruned models lose accuracy mostly on long validation sentences. Measured on the frontier
-(ours only, 3 seeds, each paired against the run without pairs of the same seed, 2026-12-02): better on every seed at
-each of 65/80/90/95% (means +0.42, +0.65, +1.07, +2.14 points), mixed at 20-50% (+0.19, -0.27, -0.31); ~1.3x the
-stage's time (ours ~1.5x, the baseline ~1.2x). AUGMENT_ROWS=3 joins three rows instead (median 43 tokens): on 3
-seeds (ours only, against pairs) +0.08 / -0.15 / -0.46 / -1.76 points at 65 / 80 / 90 / 95%, and no better on the
-longest validation sentences (docs/frontier-screens.md).
-ABLATION_FROM > 0: events at or past that sparsity rank heads and FFN blocks by their measured loss increase when
-removed (ABLATION_BATCHES recent training batches, common.pruning.ablation_order) instead of the Taylor estimate.
-PRUNE_DROPOUT: dropout while this stage trains (0.1, the students' own). Measured on the frontier (seed 42, ours only,
-paired against a default run made on the same machine, 2026-12-02): ABLATION_FROM=0.5 built other layouts (fewer
-heads, wider FFNs) that scored the same at 80% and 90% (+0.00, +0.00 points) for 1.4x the time; PRUNE_DROPOUT=0
-+0.00 / -0.92 there; both were above an outlying default at 95% only. Both off by default.
-HEAD_DIM_STEP > 0: heads can also be narrowed, HEAD_DIM_STEP query/key and value dimensions per head at a time (every
-head of a layer, each its own least important, per-dimension Taylor/Fisher gates; common.pruning). Measured on the
-frontier (HEAD_DIM_STEP=8, seed 42, ours only, paired against the same machine's default run, 2026-12-02): the
-80% model kept 27 heads of 8 to 24 dimensions against 14 whole heads and scored the same (+0.11 points, p 1), 90%
--0.57 (p 0.60), 65% -0.80 (p 0.36); at the same GFLOPs very different layouts again gave the same accuracy. Off by
-default.
-PRUNE_FROM="teacher": our gradual run starts from teacher_model (6 layers) instead of student_model (3 of them) and
-prunes it straight to each target, distilling from the teacher's own soft targets (as CoFi prunes the fine-tuned
-model); the sparsity is still counted against the student (the teacher starts at -1: twice its encoder GFLOPs; the
-schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). Measured on the frontier (seeds 42
-and 43, ours only, 2026-12-02 night, AMD EPYC, docs/frontier-screens.md): teacher start minus student start, mean of
-the two seeds, +0.23 / +0.98 / +0.86 / +0.46 / +0.06 / -0.87 / -2.29 points at 20 ... 95%, none significant on one
-seed; behind at 90 and 95% on both (where six layers each keep a 32-neuron FFN floor, 27% of the 90% model's GFLOPs;
-removing the floors, FFN_FLOOR=0 below, did not change that). Off by default; the magnitude baseline always starts
-from the student.
-FFN_FLOOR: FFN blocks of 32 neurons every layer keeps (1 by default, in our run and the baseline); 0 lets a layer lose
-its whole FFN, so a layer without heads costs only its LayerNorms (0.0005 encoder GFLOPs of the student's 0.72).
-Measured on the frontier (FFN_FLOOR=0, seed 42, ours only, 2026-12-03, AMD EPYC, paired): from the student, the same
-models to the digit up to 65%, then -0.34 / -0.46 points at 80 / 90% (p 0.65, 0.64; the last layer's FFN went) and
-+2.64 at 95% against that seed's outlying default; from the teacher, against the floor-1 teacher start, -0.80 to
--1.03 at 20-65%, +0.46 / +0.00 / +1.03 at 80 / 90 / 95% (none significant; 90% scored 85.44% both times, with FFNs
-[96, 64, 32, 0, 0, 0] against six floors). The floors were not what held the 90% point back. Off by default.
 "Sparsity" here always means the fraction of encoder GFLOPs removed relative to the input student.
 
 Defaults (minilm preset, 2-core CPU): one pruning epoch (~4 min for 67k sentences at batch 32, 10 events,
@@ -84,14 +36,45 @@ epoch of distillation at FRONTIER_RECOVERY_LR, and is written to pruned_model_sN
 run goes on from the recovered branch (FRONTIER_CONTINUE_RECOVERED=True: iterative prune-recover, so every later
 target starts from a model recovered at each earlier one) or from the un-recovered model (False); the last target is
 the end of the run (after settling) with the same recovery. Each recovery there (and in the baseline) keeps its
-last step (FRONTIER_RECOVERY_KEEP="last", see recover()): measured on 3 seeds (2026-12-02, docs/frontier-screens.md),
-against the best held-out check from the same recovery, +0.24 points on average over the 21 branches (10 higher,
-5 lower), and the whole frontier +0.15 / +0.19 / +0.53 / +0.76 / -0.04 / -0.23 / +0.12 points at 20 ... 95%, none
-significant on its own. Cost:
+last step (FRONTIER_RECOVERY_KEEP="last", see recover()): on 3 seeds a little better than the best held-out check
+of the same recovery, inside the noise of any single comparison (numbers in docs/frontier-screens.md). Cost:
 PRUNE_EPOCHS + len(targets) x FRONTIER_RECOVERY_FRACTION passes over the training set, against
 len(targets) x (PRUNE_EPOCHS + RECOVERY_EPOCHS) for separate runs. The baseline (FRONTIER_METHODS "magnitude"):
 for each target, the student pruned at once by weight magnitude per FLOP (common.pruning.magnitude_importance,
 no gradual schedule, no data), then the SAME recovery (same fraction, lr, batches) -> pruned_magnitude_sNN.
+
+Options (one setting each; the measured numbers, seeds, dates and machines are in docs/frontier-screens.md):
+- HIDDEN_DISTILL > 0 adds layer-wise distillation from the unpruned student (every layer's output, relative squared
+  error, common.distillation.hidden_states_loss) to every loss here, at a higher cost per step. Off by default: did
+  not move 80% / 90% beyond noise (3 seeds).
+- LENGTH_WEIGHT > 0 weighs each sentence's loss by (its tokens) ** LENGTH_WEIGHT (common.distillation.length_weights).
+  Off by default: did not move 80% / 90% beyond noise.
+- PRUNE_SCHEDULE="geometric" spends more of the run between 65% and 90% ("cubic" by default). Did not move 80% / 90%
+  beyond noise.
+- Joined pairs (FRONTIER_AUGMENT_PAIRS = 16000 in frontier runs, AUGMENT_PAIRS = 0 in the others): that many extra
+  training inputs, each two training rows of 5+ tokens joined end to end (median 29 tokens), labelled by the teacher
+  (its logits as soft targets, its argmax as the hard label), cached like the training set's logits; every loss here
+  (pruning, importance, recovery, the baseline's recovery) sees them. SST-2 train is mostly short phrases, and the
+  pruned models lose accuracy mostly on long validation sentences. Helped at 65-95% on every seed (3 seeds), for
+  more time: default in frontier runs. AUGMENT_ROWS=3 joins three rows instead (2 by default): did not help (3 seeds).
+- ABLATION_FROM > 0: events at or past that sparsity rank heads and FFN blocks by their measured loss increase when
+  removed (ABLATION_BATCHES recent training batches, common.pruning.ablation_order) instead of the Taylor estimate.
+  Off by default: other layouts, the same accuracy at 80% / 90%, for more time.
+- PRUNE_DROPOUT: dropout while this stage trains (0.1 by default, the students' own). 0 did not move 80% / 90%.
+- HEAD_DIM_STEP > 0: heads can also be narrowed, HEAD_DIM_STEP query/key and value dimensions per head at a time
+  (every head of a layer, each its own least important, per-dimension Taylor/Fisher gates; common.pruning). Off by
+  default: 8 gave other layouts and the same accuracy at 65 / 80 / 90% (one seed).
+- HIDDEN_STEP > 0: the residual stream (hidden size) can be narrowed too, HIDDEN_STEP hidden dimensions at a time
+  (one Taylor/Fisher gate per dimension shared by every LayerNorm output, as CoFi's hidden mask; common.pruning),
+  ranked per FLOP with heads and FFN blocks. Off by default; results in docs/frontier-screens.md.
+- PRUNE_FROM="teacher": our gradual run starts from teacher_model (6 layers) instead of student_model (3 of them) and
+  prunes it straight to each target, distilling from the teacher's own soft targets (as CoFi prunes the fine-tuned
+  model); the sparsity is still counted against the student (the teacher starts at -1: twice its encoder GFLOPs; the
+  schedule runs from there, common.pruning.pruning_schedule(initial_sparsity=...)). The magnitude baseline always
+  starts from the student. Off by default: no significant change on 2 seeds, behind at 90% and 95% on both.
+- FFN_FLOOR: FFN blocks of 32 neurons every layer keeps (1 by default, in our run and the baseline); 0 lets a layer
+  lose its whole FFN, so a layer without heads costs only its LayerNorms. 0 did not move 80% / 90% beyond noise,
+  from the student or the teacher.
 
 Run:    python 8_pruning_with_finetuning.py
 Quick:  QUICK=1 python 8_pruning_with_finetuning.py       (2,000 training sentences, 4 pruning events)
@@ -123,8 +106,8 @@ from common.distillation import (ROWS_BEFORE_AUGMENT_ROWS, kd_loss_fn, length_no
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload, set_dropout
 from common.paths import FRONTIER_SUMMARY, PRUNING_BASES, models_root, pruned_folder, stage_dir, target_tag
-from common.pruning import (CRITERIA, SCHEDULES, ffn_granularity, get_layout, gradual_prune, head_sizes, kept_units,
-                            magnitude_importance, original_sizes, partial_epoch_loader, prune_to_target,
+from common.pruning import (CRITERIA, SCHEDULES, ffn_granularity, get_layout, gradual_prune, head_sizes, hidden_size,
+                            kept_units, magnitude_importance, original_sizes, partial_epoch_loader, prune_to_target,
                             reachable_sparsity)
 from common.stage import (METADATA, StageError, check_preset, is_main_process, json_dump, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output)
@@ -158,6 +141,11 @@ HEAD_DIM_STEP = 0          # > 0: heads can also be NARROWED, this many query/ke
                            # time (every head of a layer, each its own least important; common.pruning), ranked per
                            # FLOP with whole heads and FFN blocks; 0 = whole heads only. The gradual run only (the
                            # magnitude baseline removes whole units); not with ABLATION_FROM
+HIDDEN_STEP = 0            # > 0: the residual stream (hidden size) can be NARROWED too, this many hidden dimensions at
+                           # a time (a multiple of 32 that divides the hidden size; one Taylor/Fisher gate per dimension
+                           # on every LayerNorm output, as CoFi's hidden mask), ranked per FLOP with heads and FFN
+                           # blocks; 0 = the hidden size stays. The gradual run only; not with ABLATION_FROM or
+                           # HIDDEN_DISTILL (which compares hidden states with the student's)
 FFN_FLOOR = 1              # FFN blocks of 32 neurons (common.pruning.ffn_granularity) every layer keeps, in our run
                            # and the baseline; 0 = a layer may lose its whole FFN (with every head gone too, it
                            # costs only its LayerNorms: 0.07% of the MiniLM student's GFLOPs). Measured: no gain
@@ -230,6 +218,7 @@ def check_config(cfg) -> list:
         "PRUNE_DROPOUT": in_range(0, 1, high_open=True, what="dropout probability while pruning and recovering"),
         "HEAD_DIM_STEP": int_range(0, 1024, what="head dimensions removed per narrowing step, 0 = whole heads only"),
         "FFN_FLOOR": int_range(0, 64, what="FFN blocks of 32 neurons every layer keeps, 0 = none"),
+        "HIDDEN_STEP": int_range(0, 8192, what="hidden dimensions removed per step, 0 = the hidden size stays"),
         "PRUNE_LR": LEARNING_RATE,
         "RECOVERY_EPOCHS": at_least(0, "0 = no recovery"),
         "RECOVERY_LR": LEARNING_RATE,
@@ -245,6 +234,11 @@ def check_config(cfg) -> list:
     if cfg.HEAD_DIM_STEP and cfg.ABLATION_FROM:
         raise ConfigError(f"HEAD_DIM_STEP={cfg.HEAD_DIM_STEP} and ABLATION_FROM={cfg.ABLATION_FROM}: the measured "
                           f"ranking does not score narrowing steps; set one of them to 0")
+    if cfg.HIDDEN_STEP and (cfg.ABLATION_FROM or cfg.HIDDEN_DISTILL):
+        other = f"ABLATION_FROM={cfg.ABLATION_FROM}" if cfg.ABLATION_FROM else f"HIDDEN_DISTILL={cfg.HIDDEN_DISTILL}"
+        why = ("the measured ranking does not score hidden dimensions" if cfg.ABLATION_FROM else
+               "the layer-wise loss compares hidden states with the student's full-width ones")
+        raise ConfigError(f"HIDDEN_STEP={cfg.HIDDEN_STEP} and {other}: {why}; set one of them to 0")
     if cfg.PRUNE_FROM == "teacher" and cfg.HIDDEN_DISTILL:
         raise ConfigError(f"PRUNE_FROM='teacher' and HIDDEN_DISTILL={cfg.HIDDEN_DISTILL}: the layer-wise loss compares "
                           f"with the student's layers, which a pruned teacher does not have; set HIDDEN_DISTILL=0")
@@ -307,18 +301,27 @@ def check_runs(cfg, targets) -> tuple:
     return "frontier", targets, seeds
 
 
-def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0, ffn_floor: int = 1) -> None:
-    """Refuse, before any work, a target that removing every head and all but `ffn_floor` FFN blocks per layer of the
-    model pruning starts from (`start_dir`) cannot reach, counted against the student (`student_dir`), and a
-    HEAD_DIM_STEP that cannot narrow its heads (not below its head size)."""
+def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0, ffn_floor: int = 1,
+                    hidden_step: int = 0) -> None:
+    """Refuse, before any work, a target that removing every head and all but `ffn_floor` FFN blocks per layer (and
+    with `hidden_step` all but one step of the hidden size) of the model pruning starts from (`start_dir`) cannot
+    reach, counted against the student (`student_dir`), a HEAD_DIM_STEP that cannot narrow its heads (not below its
+    head size), and a HIDDEN_STEP that is not a multiple of 32 dividing the hidden size into two steps or more."""
     start = load_model(start_dir)
     from_student = start_dir == student_dir
+    whose = "student" if from_student else "teacher"
     size = max(head_sizes(start))
     if head_dim_step >= size:
-        whose = "student" if from_student else "teacher"
         raise ConfigError(f"HEAD_DIM_STEP={head_dim_step} narrows nothing: the {whose}'s heads have {size} dimensions; "
                           f"use a step below that (e.g. {max(size // 4, 1)}), or 0 for whole heads only")
-    limit = reachable_sparsity(start, SEQ_LEN, ffn_floor)
+    hidden = hidden_size(start)
+    granularity = ffn_granularity(hidden)  # bitsandbytes' CPU kernels: out_features (the hidden size here) % 32 == 0
+    if hidden_step and (hidden_step % granularity or hidden % hidden_step or hidden_step >= hidden):
+        steps = [k for k in range(granularity, hidden // 2 + 1, granularity) if hidden % k == 0]
+        raise ConfigError(f"HIDDEN_STEP={hidden_step} does not fit the {whose}'s hidden size {hidden}: use a multiple "
+                          f"of {granularity} that divides it at least twice" + (
+                              f" ({', '.join(map(str, steps))})" if steps else " (none does: use 0)"))
+    limit = reachable_sparsity(start, SEQ_LEN, ffn_floor, hidden_step)
     if not from_student:  # from the start model's own GFLOPs to the student's
         limit = 1 - (1 - limit) * measure_encoder_gflops(start, SEQ_LEN) / measure_encoder_gflops(
             load_model(student_dir), SEQ_LEN)
@@ -326,8 +329,10 @@ def check_reachable(targets, start_dir, student_dir, head_dim_step: int = 0, ffn
     if beyond:
         kept = ffn_granularity(original_sizes(start.config)[2]) * ffn_floor
         raise ConfigError(f"sparsity target {', '.join(map(str, beyond))} is out of reach: removing every head and "
-                          f"all but {kept} FFN neurons per layer (FFN_FLOOR={ffn_floor}) saves {limit:.3f} of the "
-                          f"encoder GFLOPs" + ("; FFN_FLOOR=0 lets a layer lose its whole FFN" if ffn_floor else ""))
+                          f"all but {kept} FFN neurons per layer (FFN_FLOOR={ffn_floor})"
+                          + (f" and all but {hidden_step} hidden dimensions" if hidden_step else "")
+                          + f" saves {limit:.3f} of the encoder GFLOPs"
+                          + ("; FFN_FLOOR=0 lets a layer lose its whole FFN" if ffn_floor else ""))
 
 
 def measure_start(model, source: str = "student") -> dict:
@@ -455,7 +460,7 @@ def prune_one(ctx, seed, loaders, target, folder, mode) -> dict:
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE,
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             head_dim_step=cfg.HEAD_DIM_STEP, min_ffn_blocks=cfg.FFN_FLOOR,
-                            desc=f"prune s{round(100 * target):02d}")
+                            hidden_step=cfg.HIDDEN_STEP, desc=f"prune s{round(100 * target):02d}")
         recovered = recover(ctx, model, loaders, loaders["train"], cfg.RECOVERY_EPOCHS, "recovery", cfg.RECOVERY_LR,
                             cfg.RECOVERY_KEEP)
         out.results = finish(ctx, loaders, model, out, folder, target, start, dict(
@@ -557,7 +562,7 @@ def prune_frontier(ctx, seed, loaders, targets) -> tuple:
                             criterion=cfg.IMPORTANCE, schedule=cfg.PRUNE_SCHEDULE, milestones=targets[:-1],
                             ablation_from=cfg.ABLATION_FROM, ablation_batches=cfg.ABLATION_BATCHES,
                             head_dim_step=cfg.HEAD_DIM_STEP, min_ffn_blocks=cfg.FFN_FLOOR,
-                            on_milestone=branch,
+                            hidden_step=cfg.HIDDEN_STEP, on_milestone=branch,
                             continue_from_branch=cfg.FRONTIER_CONTINUE_RECOVERED, desc=f"frontier seed {seed}")
         summary["gradual_runs"] = 1
         # the last target is the end of the run (after the settling steps), recovered like every branch
@@ -614,6 +619,7 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
         "hidden_distill": cfg.HIDDEN_DISTILL, "length_weight": cfg.LENGTH_WEIGHT, "schedule": cfg.PRUNE_SCHEDULE,
         "ablation_from": cfg.ABLATION_FROM, "ablation_batches": cfg.ABLATION_BATCHES, "dropout": cfg.PRUNE_DROPOUT,
         "head_dim_step": cfg.HEAD_DIM_STEP, "pruned_from": cfg.PRUNE_FROM, "ffn_floor": cfg.FFN_FLOOR,
+        "hidden_step": cfg.HIDDEN_STEP,
         "augment_pairs": augment_pairs(cfg), "augment_rows": cfg.AUGMENT_ROWS,
         "training_passes_per_seed": passes,
         "separate_runs_would_take_passes": n * (cfg.PRUNE_EPOCHS + cfg.RECOVERY_EPOCHS),
@@ -640,10 +646,11 @@ def write_frontier_summary(cfg, targets, seeds, summaries, wall: float) -> dict:
 _SAME_FRONTIER = ("targets", "methods", "prune_epochs", "prune_steps_per_epoch", "recovery_fraction", "recovery_lr",
                   "recovery_keep", "continue_recovered", "hidden_distill", "length_weight", "schedule",
                   "augment_pairs", "augment_rows", "ablation_from", "ablation_batches", "dropout", "head_dim_step",
-                  "pruned_from", "ffn_floor", "preset", "quick")
+                  "pruned_from", "ffn_floor", "hidden_step", "preset", "quick")
 # for keys a frontier.json written before them lacks: what those runs did
 _FRONTIER_DEFAULTS = {"augment_rows": ROWS_BEFORE_AUGMENT_ROWS, "ablation_from": 0.0, "ablation_batches": 32,
-                      "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student", "ffn_floor": 1}
+                      "dropout": 0.1, "head_dim_step": 0, "pruned_from": "student", "ffn_floor": 1,
+                      "hidden_step": 0}
 
 
 def earlier_frontier_runs(path, summary) -> dict:
@@ -686,7 +693,7 @@ def main(argv=None):
     student_dir, teacher_dir = stage_dir("student"), stage_dir("teacher")
     _, teacher_meta = check_inputs(cfg, student_dir, teacher_dir)
     start_dir = teacher_dir if cfg.PRUNE_FROM == "teacher" else student_dir  # where our gradual runs start
-    check_reachable(targets, start_dir, student_dir, cfg.HEAD_DIM_STEP, cfg.FFN_FLOOR)
+    check_reachable(targets, start_dir, student_dir, cfg.HEAD_DIM_STEP, cfg.FFN_FLOOR, cfg.HIDDEN_STEP)
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)

@@ -23,8 +23,9 @@ Two roles
 What a folder holds
 - config.json of the UNPRUNED architecture (original head count and FFN width), plus
   - `dpq_layout` (LAYOUT_KEY) for a pruned model: {"heads": [heads kept per layer], "ffn": [FFN width per layer]},
-    and "head_size": [dimensions kept per head, per layer] when any layer's heads were narrowed (absent: the
-    original head size everywhere);
+    "head_size": [dimensions kept per head, per layer] when any layer's heads were narrowed (absent: the
+    original head size everywhere), and "hidden": the hidden size kept when the residual stream was narrowed
+    (absent: the original);
   - `dpq_quantization` (QUANT_KEY) for a 4-bit model: the bitsandbytes settings (quant_type, blocksize,
     double_quant, compute_dtype, embedding_bits, quantize_head, ...).
 - model.safetensors (or shards model-*.safetensors): the state dict; for 4-bit, bnb's codes plus their
@@ -50,6 +51,8 @@ chosen separately for the query/key side (rows of query and key: the terms of q.
 columns of the attention output), since the two are independent sums; the module's `attention_head_size` becomes d'
 and its `scaling` stays 1/sqrt(d) of the ORIGINAL head size, so a narrowed head computes exactly what the full head
 computes with the removed dimensions zeroed.
+The residual stream can be narrowed too (`keep_hidden_dims`): the same hidden dimensions go from the embeddings, every
+block's Linears and LayerNorms, and the input of the layer before the classifier.
 
 4-bit: every Linear of the transformer blocks (and, with `quantize_head`, BERT's pooler dense / DistilBERT's
 pre_classifier) is a bnb `Linear4bit` with `support_avx512bf16_for_cpu = False` (bnb's AVX512-BF16 CPU repack path
@@ -83,7 +86,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-LAYOUT_KEY = "dpq_layout"  # config attribute: {"heads": [...], "ffn": [...] (, "head_size": [...])} per layer
+LAYOUT_KEY = "dpq_layout"  # config attribute: {"heads": [...], "ffn": [...] (, "head_size": [...], "hidden": n)}
 QUANT_KEY = "dpq_quantization"  # config attribute: bitsandbytes settings of a 4-bit model
 CODE_FILE = "modeling_dpq.py"  # the name this file has inside a model folder
 AUTO_CLASS = "AutoModelForSequenceClassification"
@@ -160,6 +163,8 @@ class BlockParts:
     attn_out: nn.Linear  # input = concatenated heads
     ffn_in: nn.Linear  # rows = neurons
     ffn_out: nn.Linear  # columns = neurons
+    attn_norm: nn.LayerNorm  # after the attention block's residual sum (the hidden size)
+    out_norm: nn.LayerNorm  # after the FFN's residual sum
 
 
 def encoder_module_name(model) -> str:
@@ -176,10 +181,12 @@ def block_parts(layer) -> BlockParts:
     if hasattr(layer, "intermediate"):  # BertLayer (and the BERT-shaped families: RobertaLayer, ...)
         sa = layer.attention.self
         return BlockParts(sa, sa.query, sa.key, sa.value, layer.attention.output.dense,
-                          layer.intermediate.dense, layer.output.dense)
+                          layer.intermediate.dense, layer.output.dense, layer.attention.output.LayerNorm,
+                          layer.output.LayerNorm)
     if hasattr(layer, "ffn"):  # DistilBERT TransformerBlock
         sa = layer.attention
-        return BlockParts(sa, sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin, layer.ffn.lin1, layer.ffn.lin2)
+        return BlockParts(sa, sa.q_lin, sa.k_lin, sa.v_lin, sa.out_lin, layer.ffn.lin1, layer.ffn.lin2,
+                          layer.sa_layer_norm, layer.output_layer_norm)
     raise TypeError(f"unsupported transformer block {type(layer).__name__}: expected a BERT-shaped or DistilBERT block")
 
 
@@ -197,9 +204,21 @@ def original_sizes(config) -> tuple:
     return sizes["heads"], sizes["hidden"] // sizes["heads"], sizes["ffn"], sizes["hidden"]
 
 
+def embeddings_module(model) -> nn.Module:
+    """The module holding the word / position (/ token type) embeddings and their LayerNorm."""
+    return model.get_submodule(family_of(model).word_embeddings.rsplit(".", 1)[0])
+
+
+def hidden_size(model) -> int:
+    """The width of the model's residual stream now: the original hidden size unless `keep_hidden_dims` narrowed it
+    (read from the embeddings' LayerNorm, which stays fp32 in 4-bit models)."""
+    return embeddings_module(model).LayerNorm.normalized_shape[0]
+
+
 def get_layout(model) -> dict:
     """{"heads": [heads kept per layer], "ffn": [FFN width per layer]} (JSON-able), plus "head_size": [dimensions
-    per head, per layer] when any layer's heads are narrower than the original head size."""
+    per head, per layer] when any layer's heads are narrower than the original head size, and "hidden": the hidden
+    size kept when the residual stream was narrowed."""
     heads, ffn, sizes = [], [], []
     for layer in encoder_layers(model):
         p = block_parts(layer)
@@ -207,9 +226,11 @@ def get_layout(model) -> dict:
         ffn.append(p.ffn_in.out_features)
         sizes.append(head_size(p))
     layout = {"heads": heads, "ffn": ffn}
-    _, d, _, _ = original_sizes(model.config)
+    _, d, _, hidden = original_sizes(model.config)
     if any(size != d for size in sizes):
         layout["head_size"] = sizes
+    if hidden_size(model) != hidden:
+        layout["hidden"] = hidden_size(model)
     return layout
 
 
@@ -222,14 +243,14 @@ def head_sizes(model_or_layout, config=None) -> list:
 
 
 def config_is_pruned(config) -> bool:
-    """Whether a config's layout removes any head, head dimension or FFN neuron (plain `from_pretrained` cannot load
-    it)."""
+    """Whether a config's layout removes any head, head dimension, FFN neuron or hidden dimension (plain
+    `from_pretrained` cannot load it)."""
     layout = getattr(config, LAYOUT_KEY, None)
     if not layout:
         return False
-    heads, d, ffn, _ = original_sizes(config)
+    heads, d, ffn, hidden = original_sizes(config)
     return (any(h != heads for h in layout.get("heads", [])) or any(w != ffn for w in layout.get("ffn", []))
-            or any(size != d for size in layout.get("head_size") or []))
+            or any(size != d for size in layout.get("head_size") or []) or layout.get("hidden", hidden) != hidden)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,6 +354,48 @@ def keep_ffn_neurons(model, layer_idx: int, keep: torch.Tensor) -> None:
     kept["ffn"] = [kept["ffn"][i] for i in keep.tolist()]
 
 
+def _slice_norm(norm: nn.LayerNorm, index: torch.Tensor) -> None:
+    """Keep the features `index` of a LayerNorm (it then normalises over those alone)."""
+    index = index.to(norm.weight.device)
+    for name in ("weight", "bias"):
+        old = getattr(norm, name)
+        if old is not None:
+            kept = old.detach().index_select(0, index).clone()
+            setattr(norm, name, nn.Parameter(kept, requires_grad=old.requires_grad))
+    norm.normalized_shape = (len(index),)
+
+
+def keep_hidden_dims(model, keep: torch.Tensor) -> None:
+    """Keep only the hidden dimensions `keep` (current numbering, ascending) of the residual stream, in every module
+    that reads or writes it: the embeddings (word, position, token type) and their LayerNorm; in every block the
+    input columns of query, key, value and the first FFN Linear, the output rows of the attention-output and second FFN
+    Linear, and both LayerNorms; the input columns of the layer before the classifier (`head_dense_name`, or the
+    classifier itself when there is none). The LayerNorms then normalise over the kept dimensions only, so this is
+    NOT the model with the other dimensions zeroed (CoFi's hidden pruning, Xia et al. 2022, does the same).
+    Bookkeeping of the original indices kept: `_dpq_kept_hidden` on the embeddings module (not saved)."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    embeddings = embeddings_module(model)
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        table = getattr(embeddings, name, None)
+        if isinstance(table, nn.Embedding):
+            old = table.weight
+            table.weight = nn.Parameter(old.detach().index_select(1, keep.to(old.device)).clone(),
+                                        requires_grad=old.requires_grad)
+            table.embedding_dim = len(keep)
+    _slice_norm(embeddings.LayerNorm, keep)
+    for layer in encoder_layers(model):
+        p = block_parts(layer)
+        for linear in (p.query, p.key, p.value, p.ffn_in):
+            slice_linear(linear, keep, dim=1)
+        for linear in (p.attn_out, p.ffn_out):
+            slice_linear(linear, keep, dim=0)
+        _slice_norm(p.attn_norm, keep)
+        _slice_norm(p.out_norm, keep)
+    slice_linear(model.get_submodule(head_dense_name(model) or classifier_name(model)), keep, dim=1)
+    before = getattr(embeddings, "_dpq_kept_hidden", None) or list(range(original_sizes(model.config)[3]))
+    embeddings._dpq_kept_hidden = [before[i] for i in keep.tolist()]
+
+
 def validate_layout(model, layout) -> None:
     """Raise ValueError unless `layout` has one head count and one FFN width per layer (and, optionally, one head size
     per layer, at least 1), each within the model's."""
@@ -351,11 +414,16 @@ def validate_layout(model, layout) -> None:
         for i, (want, have) in enumerate(zip(values, current[key])):
             if not isinstance(want, int) or isinstance(want, bool) or not low <= want <= have:
                 raise ValueError(f"bad pruning layout: layer {i} {key}={want!r}, the model has {have}")
+    if isinstance(layout, dict) and "hidden" in layout:
+        want, have = layout["hidden"], hidden_size(model)
+        if not isinstance(want, int) or isinstance(want, bool) or not 1 <= want <= have:
+            raise ValueError(f"bad pruning layout: hidden={want!r}, the model has {have} hidden dimensions")
 
 
 def shrink_to_layout(model, layout: dict) -> None:
-    """Shrink a model in place to `layout`, keeping the FIRST heads / neurons / head dimensions of each layer (a
-    skeleton whose weights the saved state dict then overwrites), and record the layout in `model.config`."""
+    """Shrink a model in place to `layout`, keeping the FIRST heads / neurons / head dimensions of each layer and the
+    first hidden dimensions (a skeleton whose weights the saved state dict then overwrites), and record the layout in
+    `model.config`."""
     validate_layout(model, layout)
     current = get_layout(model)
     sizes = head_sizes(model)
@@ -367,6 +435,8 @@ def shrink_to_layout(model, layout: dict) -> None:
             keep_head_dims(model, i, keep, keep)
         if layout["ffn"][i] < current["ffn"][i]:
             keep_ffn_neurons(model, i, torch.arange(layout["ffn"][i]))
+    if layout.get("hidden", hidden_size(model)) < hidden_size(model):
+        keep_hidden_dims(model, torch.arange(layout["hidden"]))
     setattr(model.config, LAYOUT_KEY, get_layout(model))
 
 

@@ -84,8 +84,9 @@ from common.modeling import LAYOUT_KEY, encoder_layers
 # pruned folder): one copy, used here to prune and there to shrink a skeleton to a saved layout
 from common.modeling_dpq import BlockParts as _Parts
 from common.modeling_dpq import block_parts as _parts
-from common.modeling_dpq import (get_layout, head_sizes, keep_ffn_neurons, keep_head_dims, keep_heads, kept_record,
-                                 original_sizes, validate_layout)
+from common.modeling_dpq import (embeddings_module, get_layout, head_sizes, hidden_size, keep_ffn_neurons,
+                                 keep_head_dims, keep_heads, keep_hidden_dims, kept_record, original_sizes,
+                                 validate_layout)
 from common.modeling_dpq import head_size as _head_size
 from common.modeling_dpq import num_heads as _num_heads
 from common.stage import logger
@@ -164,9 +165,26 @@ def remove_head_dims(model, layer_idx: int, qk, v) -> None:
     _write_layout(model)
 
 
-def prune_units(model, heads: dict | None = None, ffn: dict | None = None, head_dims: dict | None = None) -> None:
-    """Remove {layer: [head indices]}, {layer: [neuron indices]} and {layer: {"qk": [[dims] per head], "v": [[dims]
-    per head]}} (current numbering) at once; head dimensions are removed before the heads (both numbered as now)."""
+def remove_hidden_dims(model, dims) -> None:
+    """Physically remove hidden dimensions (indices in the CURRENT numbering) from the residual stream
+    (`common.modeling_dpq.keep_hidden_dims`); at least one must stay."""
+    width = hidden_size(model)
+    keep = _keep_index(width, dims)
+    if len(keep) == width:
+        return
+    if len(keep) == 0:
+        raise ValueError("the residual stream must keep at least one hidden dimension")
+    keep_hidden_dims(model, keep)
+    _write_layout(model)
+
+
+def prune_units(model, heads: dict | None = None, ffn: dict | None = None, head_dims: dict | None = None,
+                hidden=None) -> None:
+    """Remove {layer: [head indices]}, {layer: [neuron indices]}, {layer: {"qk": [[dims] per head], "v": [[dims]
+    per head]}} and [hidden dimensions] (current numbering) at once; head dimensions are removed before the heads
+    (both numbered as now)."""
+    if hidden:
+        remove_hidden_dims(model, hidden)
     for layer_idx, dims in (head_dims or {}).items():
         remove_head_dims(model, int(layer_idx), dims["qk"], dims["v"])
     for layer_idx, units in (heads or {}).items():
@@ -186,11 +204,12 @@ def _write_layout(model) -> None:
 def is_pruned(model) -> bool:
     oh, _, of, _ = original_sizes(model.config)
     layout = get_layout(model)
-    return any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"]) or "head_size" in layout
+    return (any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"]) or "head_size" in layout
+            or "hidden" in layout)
 
 
 def apply_layout(model, layout: dict) -> None:
-    """Shrink a model to `layout` (heads and FFN width per layer), keeping the first units of each layer.
+    """Shrink a model to `layout` (heads and FFN width per layer, head size, hidden size), keeping the first units.
 
     The same shrink as `common.modeling_dpq.shrink_to_layout` (which loaders use on an unpruned skeleton whose
     weights the saved state dict then overwrites), through `remove_heads` / `remove_ffn_neurons`, so the FFN
@@ -205,12 +224,15 @@ def apply_layout(model, layout: dict) -> None:
             cut = [range(layout["head_size"][i], sizes[i])] * layout["heads"][i]
             remove_head_dims(model, i, cut, cut)
         remove_ffn_neurons(model, i, range(layout["ffn"][i], current["ffn"][i]))
+    if "hidden" in layout:
+        remove_hidden_dims(model, range(layout["hidden"], hidden_size(model)))
     _write_layout(model)
 
 
 def kept_units(model) -> dict:
     """Original indices kept: {"heads": [[...] per layer], "ffn": [[...] per layer]} (for metadata), plus, once any
-    head was narrowed, "qk_dims" / "v_dims": per layer, per kept head, its original dimensions."""
+    head was narrowed, "qk_dims" / "v_dims": per layer, per kept head, its original dimensions, and once the residual
+    stream was narrowed, "hidden": its original dimensions kept."""
     oh, od, of, _ = original_sizes(model.config)
     out = {"heads": [], "ffn": []}
     records = [kept_record(layer, oh, of) for layer in encoder_layers(model)]
@@ -220,6 +242,9 @@ def kept_units(model) -> dict:
     if any("qk_dims" in kept for kept in records):
         for key in ("qk_dims", "v_dims"):
             out[key] = [kept.get(key) or [list(range(od)) for _ in kept["heads"]] for kept in records]
+    hidden = getattr(embeddings_module(model), "_dpq_kept_hidden", None)
+    if hidden is not None:
+        out["hidden"] = list(hidden)
     return out
 
 
@@ -227,19 +252,32 @@ def kept_units(model) -> dict:
 # FLOP cost of one unit (fvcore convention, same as common.flops); used only to rank units
 
 
+LAYER_NORM_FLOPS = 5  # fvcore's count per element of an affine LayerNorm (two per block)
+
+
+def _hidden_dim_flops(seq_len: int, heads, sizes, ffn) -> list:
+    """What one hidden dimension costs in each block: its column of query, key, value and the first FFN Linear, its
+    row of the attention-output and second FFN Linear (L (4 n d + 2 f)) and its two LayerNorm entries."""
+    return [seq_len * (4 * n * d + 2 * f + 2 * LAYER_NORM_FLOPS) for n, d, f in zip(heads, sizes, ffn)]
+
+
 def unit_flops(model, seq_len: int = SEQ_LEN) -> dict:
-    """FLOPs one head / one head dimension / one FFN neuron costs per layer at batch 1 (fvcore: 1 multiply-add = 1 FLOP).
+    """FLOPs one head / one head dimension / one FFN neuron costs per layer, and one hidden dimension costs in all of
+    them, at batch 1 (fvcore: 1 multiply-add = 1 FLOP).
 
     head (of the layer's current head size d): q, k, v projections (3 L H d) + attention output (L d H) + Q K^T and
     P V (2 L^2 d); head_dim: one query/key dimension and one value dimension of ONE head (4 L H + 2 L^2), so a head
-    costs d of them; neuron: one row of the first FFN Linear and one column of the second (2 L H).
+    costs d of them; neuron: one row of the first FFN Linear and one column of the second (2 L H); H is the CURRENT
+    hidden size. hidden: one hidden dimension's share of each layer (`_hidden_dim_flops`); it costs their sum.
     """
-    _, _, _, hidden = original_sizes(model.config)
+    hidden = hidden_size(model)
     head_dim = 4 * seq_len * hidden + 2 * seq_len * seq_len
     neuron = 2 * seq_len * hidden
     sizes = head_sizes(model)
+    layout = get_layout(model)
     return {"head": [head_dim * d for d in sizes], "head_dim": [head_dim] * len(sizes),
-            "ffn_neuron": [neuron] * len(sizes)}
+            "ffn_neuron": [neuron] * len(sizes),
+            "hidden": _hidden_dim_flops(seq_len, layout["heads"], sizes, layout["ffn"])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,27 +291,37 @@ class TaylorImportance:
         loss_fn(model, batch).backward()      # any number of batches, e.g. inside the training loop
     imp.heads[layer][h], imp.ffn[layer][n]    # sum over examples of (dL/d gate)^2 (current numbering)
     imp.qk[layer][h * d + j], imp.v[layer][h * d + j]   # the same for dimension j of head h (query/key, value side)
+    imp.hidden[j]                                       # hidden dimension j (with hidden=True; else None)
 
     dL/d gate is per example: the loss must be a mean over the batch (it is rescaled by the batch size).
     criterion "fisher" sums its square, "abs" its absolute value (see the module docstring). Hooks sit on the
     attention-output and second FFN Linear of every layer, and on the query Linear's output for the query/key
-    dimensions (the gate of dimension j multiplies q_j k_j, so dL/dg = sum over tokens of q_j dL/dq_j); module objects
-    survive physical pruning; call `reset()`
+    dimensions (the gate of dimension j multiplies q_j k_j, so dL/dg = sum over tokens of q_j dL/dq_j); with
+    `hidden=True` also on the output of every LayerNorm that writes the residual stream (the embeddings' and two per
+    block): one gate per hidden dimension multiplies all of them (CoFi's hidden mask), so its dL/dg is the sum over
+    those outputs and tokens of x_j dL/dx_j, squared (or absolute) per example once the backward pass has reached the
+    embeddings. Module objects survive physical pruning; call `reset()`
     after a structural change (indices shift) to start a new estimate. Forward passes without grad (evaluation)
     contribute nothing. Under several processes `all_reduce(accelerator)` sums the scores of all of them.
     """
 
-    def __init__(self, model, criterion: str = "fisher"):
+    def __init__(self, model, criterion: str = "fisher", hidden: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown importance criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
         self.model = model
         self.criterion = criterion
+        self.with_hidden = hidden
         self._handles = []
         for i, layer in enumerate(encoder_layers(model)):
             p = _parts(layer)
             self._handles.append(p.attn_out.register_forward_pre_hook(self._hook("heads", i, p)))
             self._handles.append(p.ffn_out.register_forward_pre_hook(self._hook("ffn", i, p)))
             self._handles.append(p.query.register_forward_hook(self._query_hook(i)))
+            if hidden:
+                for norm in (p.attn_norm, p.out_norm):
+                    self._handles.append(norm.register_forward_hook(self._hidden_hook(last=False)))
+        if hidden:  # the embeddings' LayerNorm comes first in the forward pass, so its gradient arrives last
+            self._handles.append(embeddings_module(model).LayerNorm.register_forward_hook(self._hidden_hook(last=True)))
         self.reset()
 
     def reset(self) -> None:
@@ -284,6 +332,9 @@ class TaylorImportance:
         widths = [h * d for h, d in zip(layout["heads"], head_sizes(self.model))]
         self.qk = [torch.zeros(w, dtype=torch.float64, device=device) for w in widths]
         self.v = [torch.zeros(w, dtype=torch.float64, device=device) for w in widths]
+        self.hidden = (torch.zeros(hidden_size(self.model), dtype=torch.float64, device=device) if self.with_hidden
+                       else None)
+        self._hidden_gate = None  # this batch's dL/dg per example, summed over the LayerNorm outputs seen so far
         self.examples = 0
 
     def _score(self, gate: torch.Tensor) -> torch.Tensor:
@@ -299,6 +350,24 @@ class TaylorImportance:
             def grad_hook(grad):
                 gate = (saved * grad.detach()).flatten(1, -2).sum(1) * saved.shape[0]
                 self.qk[layer_idx] += self._score(gate)
+
+            output.register_hook(grad_hook)
+            return None
+
+        return hook
+
+    def _hidden_hook(self, last: bool):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return None
+            saved = output.detach()
+
+            def grad_hook(grad):
+                gate = (saved * grad.detach()).flatten(1, -2).sum(1).to(torch.float64) * saved.shape[0]
+                self._hidden_gate = gate if self._hidden_gate is None else self._hidden_gate + gate
+                if last:
+                    self.hidden += self._score(self._hidden_gate)
+                    self._hidden_gate = None
 
             output.register_hook(grad_hook)
             return None
@@ -334,12 +403,15 @@ class TaylorImportance:
         if accelerator.num_processes == 1:
             return
         groups = (self.heads, self.ffn, self.qk, self.v)
-        flat = torch.cat([t for group in groups for t in group]
+        extra = [self.hidden] if self.with_hidden else []
+        flat = torch.cat([t for group in groups for t in group] + extra
                          + [torch.tensor([self.examples], dtype=torch.float64, device=self.heads[0].device)])
         flat = accelerator.reduce(flat, reduction="sum")
-        parts = list(flat[:-1].split([len(t) for group in groups for t in group]))
+        parts = list(flat[:-1].split([len(t) for group in groups for t in group] + [len(t) for t in extra]))
         n = len(self.heads)
         self.heads, self.ffn, self.qk, self.v = (parts[k * n:(k + 1) * n] for k in range(4))
+        if self.with_hidden:
+            self.hidden = parts[-1]
         self.examples = int(flat[-1].item())
 
     def close(self) -> None:
@@ -412,20 +484,25 @@ def estimate_importance(model, batches, loss_fn, max_batches: int | None = None,
 class _Candidate:
     score: float  # importance per FLOP saved
     order: int  # tie-break: keeps the FFN blocks of a layer in ascending importance
-    kind: str = field(compare=False)  # "head", "ffn" or "dims" (one step of head narrowing)
-    layer: int = field(compare=False)
+    kind: str = field(compare=False)  # "head", "ffn", "dims" (one step of head narrowing) or "hidden" (hidden dims)
+    layer: int = field(compare=False)  # -1 for "hidden" (every layer)
     units: list | dict = field(compare=False)  # current indices; "dims": {"qk": [[...] per head], "v": [[...] per head]}
     flops: int = field(compare=False)
     importance: float = field(compare=False)
 
 
 def _importance_by_layer(model, importance) -> dict:
-    """{"heads": [...], "ffn": [...]} (and "qk", "v" where given): float64 CPU tensors per layer, after checking they
-    match the model's layout."""
+    """{"heads": [...], "ffn": [...]} (and "qk", "v" where given): float64 CPU tensors per layer, and "hidden" (one
+    tensor) where given, after checking they match the model's layout."""
     if isinstance(importance, TaylorImportance):
-        importance = {"heads": importance.heads, "ffn": importance.ffn, "qk": importance.qk, "v": importance.v}
+        importance = {"heads": importance.heads, "ffn": importance.ffn, "qk": importance.qk, "v": importance.v,
+                      **({"hidden": importance.hidden} if importance.hidden is not None else {})}
     kinds = [kind for kind in ("heads", "ffn", "qk", "v") if kind in importance]
     out = {kind: [torch.as_tensor(v, dtype=torch.float64).cpu() for v in importance[kind]] for kind in kinds}
+    if importance.get("hidden") is not None:
+        out["hidden"] = torch.as_tensor(importance["hidden"], dtype=torch.float64).cpu()
+        if len(out["hidden"]) != hidden_size(model):
+            raise ValueError("importance does not match the model's current layout (reset it after pruning)")
     layout = get_layout(model)
     widths = [h * d for h, d in zip(layout["heads"], head_sizes(model))]
     if ([len(h) for h in out["heads"]] != layout["heads"] or [len(f) for f in out["ffn"]] != layout["ffn"]
@@ -434,13 +511,16 @@ def _importance_by_layer(model, importance) -> dict:
     return out
 
 
-def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int, head_dim_step: int = 0) -> list:
+def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int, head_dim_step: int = 0,
+                     hidden_step: int = 0) -> list:
     """[(kind, layer, units, flops)]: every layer's heads one at a time, then every layer's FFN blocks of
     `ffn_granularity(original width)` neurons, the least important by `importance["ffn"]` first, leaving
     `min_ffn_blocks` blocks per layer; with `head_dim_step` > 0 then every layer's narrowing steps: each removes from
     every head its `head_dim_step` least important query/key dimensions (`importance["qk"]`) and value dimensions
-    (`importance["v"]`) not removed by the steps before, down to `head_dim_step` dimensions per head. The candidates
-    every order ranks, in this fixed order (their tie-break)."""
+    (`importance["v"]`) not removed by the steps before, down to `head_dim_step` dimensions per head; with
+    `hidden_step` > 0 then blocks of `hidden_step` hidden dimensions, the least important by `importance["hidden"]`
+    first, leaving at least one block (and the hidden size modulo the step). The candidates every order ranks, in
+    this fixed order (their tie-break)."""
     _, _, of, _ = original_sizes(model.config)
     g = ffn_granularity(of)
     cost = unit_flops(model, seq_len)
@@ -463,11 +543,20 @@ def _removable_units(model, importance: dict, seq_len: int, min_ffn_blocks: int,
                                        "v": v[:, b * step:(b + 1) * step].tolist()},
                        cost["head_dim"][layer] * step * n)
                       for b in range(max((d - step) // step, 0))]
+    if hidden_step:
+        if "hidden" not in importance:
+            raise ValueError("hidden_step needs hidden-dimension importance ('hidden': TaylorImportance(hidden=True))")
+        ranked = torch.argsort(importance["hidden"], stable=True).tolist()
+        units += [("hidden", -1, ranked[b * hidden_step:(b + 1) * hidden_step], sum(cost["hidden"]) * hidden_step)
+                  for b in range(max(len(ranked) // hidden_step - 1, 0))]
     return units
 
 
 def _unit_importance(importance: dict, kind: str, layer: int, units) -> float:
-    """The summed importance of one candidate (a head, an FFN block, or a narrowing step over every head)."""
+    """The summed importance of one candidate (a head, an FFN block, a narrowing step over every head, or a block of
+    hidden dimensions)."""
+    if kind == "hidden":
+        return float(importance["hidden"][units].sum())
     if kind == "dims":
         d = len(importance["qk"][layer]) // len(units["qk"])
         return float(sum(importance["qk"][layer][h * d + j] for h, dims in enumerate(units["qk"]) for j in dims)
@@ -475,19 +564,20 @@ def _unit_importance(importance: dict, kind: str, layer: int, units) -> float:
     return float(importance["heads" if kind == "head" else "ffn"][layer][units].sum())
 
 
-def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1, head_dim_step: int = 0) -> list:
+def removal_order(model, importance, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1, head_dim_step: int = 0,
+                  hidden_step: int = 0) -> list:
     """Every removable unit, least important per FLOP first.
 
     `importance` is a TaylorImportance or {"heads": [...], "ffn": [...]} per layer (current numbering; with "qk" and
     "v" for `head_dim_step`), e.g. `magnitude_importance(model)`.
     Heads are single units (a layer may lose them all). FFN neurons go in blocks of
     `ffn_granularity(original width)`, the least important neurons of a layer first; each layer keeps at
-    least `min_ffn_blocks` blocks. `head_dim_step` > 0 adds the narrowing steps of every layer's heads
-    (`_removable_units`).
+    least `min_ffn_blocks` blocks. `head_dim_step` > 0 adds the narrowing steps of every layer's heads, `hidden_step`
+    > 0 blocks of hidden dimensions (`_removable_units`; "hidden" importance needed).
     """
     importance = _importance_by_layer(model, importance)
     candidates = []
-    units = _removable_units(model, importance, seq_len, min_ffn_blocks, head_dim_step)
+    units = _removable_units(model, importance, seq_len, min_ffn_blocks, head_dim_step, hidden_step)
     for order, (kind, layer, kept, flops) in enumerate(units):
         total = _unit_importance(importance, kind, layer, kept)
         candidates.append(_Candidate(total / flops, order, kind, layer, kept, flops, total))
@@ -575,55 +665,77 @@ def ablation_order(model, batches, loss_fn, importance, seq_len: int = SEQ_LEN, 
 
 
 def _by_layer(chosen) -> tuple:
-    """({layer: heads}, {layer: FFN neurons}, {layer: {"qk": [[dims] per head], "v": [[dims] per head]}})."""
-    heads, ffn, dims = {}, {}, {}
+    """({layer: heads}, {layer: FFN neurons}, {layer: {"qk": [[dims] per head], "v": [[dims] per head]}}, [hidden
+    dimensions])."""
+    heads, ffn, dims, hidden = {}, {}, {}, []
     for c in chosen:
-        if c.kind == "dims":
+        if c.kind == "hidden":
+            hidden.extend(c.units)
+        elif c.kind == "dims":
             merged = dims.setdefault(c.layer, {"qk": [[] for _ in c.units["qk"]], "v": [[] for _ in c.units["v"]]})
             for side in ("qk", "v"):
                 for h, extra in enumerate(c.units[side]):
                     merged[side][h].extend(extra)
         else:
             (heads if c.kind == "head" else ffn).setdefault(c.layer, []).extend(c.units)
-    return heads, ffn, dims
+    return heads, ffn, dims, hidden
 
 
 def _saving(c, geometry: dict) -> float:
     """FLOPs candidate `c` saves given the candidates chosen before it in the same call: a head costs in proportion
     to its layer's head size and a narrowing step in proportion to its layer's head count, both of which earlier
-    choices may have cut (`geometry[layer]` = [heads, head size] at the call's start and now; updated here)."""
+    choices may have cut (`geometry[layer]` = [heads, head size, FFN width] at the call's start and now); the part of
+    a head, narrowing step or FFN block that reads or writes the residual stream in proportion to the hidden size,
+    and a block of hidden dimensions by the layout now (`geometry["hidden"]` = hidden size at the start and now,
+    `geometry["seq_len"]`). Updated here."""
+    if c.kind == "hidden":
+        now = [geometry[layer][1] for layer in range(len(geometry) - 2)]
+        flops = len(c.units) * sum(_hidden_dim_flops(geometry["seq_len"], *zip(*now)))
+        geometry["hidden"][1] -= len(c.units)
+        return flops
     start, now = geometry[c.layer]
+    h_start, h_now = geometry["hidden"]
+    lost = 4 * geometry["seq_len"] * (h_start - h_now)  # per head dimension, in q, k, v and the attention output
     if c.kind == "head":
         flops = c.flops * now[1] / start[1]
+        if lost:
+            flops -= lost * now[1]
         now[0] -= 1
     elif c.kind == "dims":
         flops = c.flops * now[0] / start[0]
+        if lost:
+            flops -= lost * now[0] * len(c.units["qk"][0])
         now[1] -= len(c.units["qk"][0])
     else:
-        flops = c.flops
+        flops = c.flops * h_now / h_start if lost else c.flops
+        now[2] -= len(c.units)
     return flops
 
 
 def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: int = SEQ_LEN,
-                    min_ffn_blocks: int = 1, order: list | None = None, head_dim_step: int = 0) -> dict:
+                    min_ffn_blocks: int = 1, order: list | None = None, head_dim_step: int = 0,
+                    hidden_step: int = 0) -> dict:
     """Remove the least important units per FLOP until the MEASURED encoder GFLOPs <= the target.
 
     Units are chosen from the predicted cost of each unit, then the model is measured with common.flops;
     if the measurement is still above the target (it should not be: the prediction matches fvcore), the
     next units are removed one at a time and measured again. `order` (e.g. `ablation_order`): the candidates,
-    least important per FLOP first, instead of `removal_order(model, importance, ..., head_dim_step)`. Returns what
-    was removed per layer (ORIGINAL head indices, number of FFN neurons, dimensions removed from each head) and the
-    measured encoder GFLOPs.
+    least important per FLOP first, instead of `removal_order(model, importance, ..., head_dim_step, hidden_step)`.
+    Returns what was removed per layer (ORIGINAL head indices, number of FFN neurons, dimensions removed from each
+    head), the number of hidden dimensions removed and the measured encoder GFLOPs.
     Raises ValueError when the target cannot be reached (every removable unit gone).
     """
     before = measure_encoder_gflops(model, seq_len)
     original_heads = kept_units(model)["heads"]
     if order is None:
-        order = removal_order(model, importance, seq_len, min_ffn_blocks, head_dim_step)
+        order = removal_order(model, importance, seq_len, min_ffn_blocks, head_dim_step, hidden_step)
     order = list(order)
     need = (before - target_encoder_gflops) * 1e9
     layout, sizes = get_layout(model), head_sizes(model)
-    geometry = {layer: ((n, d), [n, d]) for layer, (n, d) in enumerate(zip(layout["heads"], sizes))}
+    geometry = {layer: ((n, d, f), [n, d, f]) for layer, (n, d, f) in enumerate(zip(layout["heads"], sizes,
+                                                                                   layout["ffn"]))}
+    geometry["hidden"] = [hidden_size(model)] * 2
+    geometry["seq_len"] = seq_len
     chosen, saved = [], 0
     for c in order:
         if saved >= need - 1:  # 1 FLOP of slack for float rounding of GFLOPs
@@ -644,21 +756,22 @@ def prune_to_target(model, importance, target_encoder_gflops: float, seq_len: in
         chosen.append(c)
         saved += _saving(c, geometry)
         measured = measure_encoder_gflops(model, seq_len)
-    heads, ffn, dims = _by_layer(chosen)
+    heads, ffn, dims, hidden = _by_layer(chosen)
     return {
         "removed_heads": {layer: sorted(original_heads[layer][u] for u in units)
                           for layer, units in sorted(heads.items())},
         "removed_ffn": {layer: len(units) for layer, units in sorted(ffn.items())},
         "removed_head_dims": {layer: len(d["qk"][0]) for layer, d in sorted(dims.items())},
+        "removed_hidden": len(hidden),
         "encoder_gflops_before": before,
         "encoder_gflops": measured,
         "predicted_flops_saved": int(round(saved)),
     }
 
 
-def reachable_sparsity(model, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -> float:
+def reachable_sparsity(model, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1, hidden_step: int = 0) -> float:
     """The largest encoder-GFLOPs sparsity pruning can reach (every head and all but `min_ffn_blocks` FFN
-    blocks per layer removed), measured on a copy."""
+    blocks per layer removed; with `hidden_step` the residual stream down to its last block), measured on a copy."""
     shell = copy.deepcopy(model)
     before = measure_encoder_gflops(shell, seq_len)
     layout = get_layout(shell)
@@ -667,6 +780,9 @@ def reachable_sparsity(model, seq_len: int = SEQ_LEN, min_ffn_blocks: int = 1) -
     for i, (h, w) in enumerate(zip(layout["heads"], layout["ffn"])):
         remove_heads(shell, i, range(h))
         remove_ffn_neurons(shell, i, range(min(keep, w), w))
+    width = hidden_size(shell)
+    if hidden_step and width > hidden_step:
+        remove_hidden_dims(shell, range(hidden_step + width % hidden_step, width))
     return 1 - measure_encoder_gflops(shell, seq_len) / before
 
 
@@ -677,8 +793,11 @@ def _shift(units, gone) -> list:
 
 def _remove_one_more(model, chosen, c) -> None:
     """Remove candidate `c` (indices in the numbering before `chosen` were removed) from the model."""
+    if c.kind == "hidden":
+        remove_hidden_dims(model, _shift(c.units, _by_layer(chosen)[3]))
+        return
     if c.kind == "dims":
-        _, _, dims = _by_layer([e for e in chosen if e.layer == c.layer])
+        _, _, dims, _ = _by_layer([e for e in chosen if e.layer == c.layer])
         gone_heads = {u for e in chosen if e.kind == "head" and e.layer == c.layer for u in e.units}
         done = dims.get(c.layer, {"qk": [[] for _ in c.units["qk"]], "v": [[] for _ in c.units["v"]]})
         left = [h for h in range(len(c.units["qk"])) if h not in gone_heads]
@@ -810,7 +929,8 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                   base_encoder_gflops: float | None = None, criterion: str = "fisher",
                   milestones=(), on_milestone=None, continue_from_branch: bool = False,
                   schedule: str = "cubic", ablation_from: float = 0.0, ablation_batches: int = 32,
-                  head_dim_step: int = 0, min_ffn_blocks: int = 1, desc: str = "prune") -> PruneRun:
+                  head_dim_step: int = 0, min_ffn_blocks: int = 1, hidden_step: int = 0,
+                  desc: str = "prune") -> PruneRun:
     """Train with `loss_fn` while pruning to `target_sparsity` (fraction fewer MEASURED encoder GFLOPs).
 
     `prune_steps` pruning events per epoch are spread over the first `end_fraction` of training; the
@@ -847,6 +967,10 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
     `min_ffn_blocks`: FFN blocks of `ffn_granularity(original width)` neurons every layer keeps (1: 32 neurons of
     MiniLM's 1536); 0 lets a layer lose its whole FFN, so a layer that also lost every head costs only its two
     LayerNorms and biases.
+
+    `hidden_step` > 0: the residual stream may also be narrowed, `hidden_step` hidden dimensions at a time (one gate
+    per dimension on every LayerNorm output, TaylorImportance(hidden=True)), ranked per FLOP with the other units.
+    Not combined with `ablation_from`.
     """
     started = time.time()
     hook = GradualPruning(heldout_loader, target_sparsity=target_sparsity, prune_steps=prune_steps * epochs,
@@ -855,7 +979,7 @@ def gradual_prune(model, train_loader, heldout_loader, loss_fn, *, target_sparsi
                           continue_from_branch=continue_from_branch, schedule=schedule, desc=desc,
                           data_epoch=getattr(train_loader.batch_sampler, "epoch", 0), ablation_from=ablation_from,
                           ablation_batches=ablation_batches, loss_fn=loss_fn, head_dim_step=head_dim_step,
-                          min_ffn_blocks=min_ffn_blocks)
+                          min_ffn_blocks=min_ffn_blocks, hidden_step=hidden_step)
     train(model, train_loader, heldout_loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay,
           warmup_ratio=warmup_ratio, evals_per_epoch=0, max_grad_norm=max_grad_norm, desc=desc, hook=hook)
     # every event ran: the measured sparsity reached the schedule's final target
@@ -877,14 +1001,17 @@ class GradualPruning(TrainHook):
                  seq_len: int = SEQ_LEN, base_encoder_gflops: float | None = None, criterion: str = "fisher",
                  milestones=(), on_milestone=None, continue_from_branch: bool = False, schedule: str = "cubic",
                  desc: str = "prune", data_epoch: int = 0, ablation_from: float = 0.0, ablation_batches: int = 32,
-                 loss_fn=None, head_dim_step: int = 0, min_ffn_blocks: int = 1):
+                 loss_fn=None, head_dim_step: int = 0, min_ffn_blocks: int = 1, hidden_step: int = 0):
         if ablation_from and (loss_fn is None or ablation_batches < 1):
             raise ValueError("ablation_from > 0 needs loss_fn and ablation_batches >= 1")
         if head_dim_step < 0 or (head_dim_step and ablation_from):
             raise ValueError("head_dim_step must be >= 0 (0: whole heads only), and is not combined with ablation_from")
         if min_ffn_blocks < 0:
             raise ValueError("min_ffn_blocks must be >= 0 (0: a layer may lose its whole FFN)")
-        self.head_dim_step, self.min_ffn_blocks = head_dim_step, min_ffn_blocks
+        if hidden_step < 0 or (hidden_step and ablation_from):
+            raise ValueError("hidden_step must be >= 0 (0: the hidden size stays), and is not combined with "
+                             "ablation_from")
+        self.head_dim_step, self.min_ffn_blocks, self.hidden_step = head_dim_step, min_ffn_blocks, hidden_step
         self.ablation_from, self.loss_fn = ablation_from, loss_fn
         self.recent = collections.deque(maxlen=ablation_batches if ablation_from else 0)  # for ablation_order
         self.heldout_loader = heldout_loader
@@ -913,7 +1040,7 @@ class GradualPruning(TrainHook):
         self.pending = pruning_schedule(loop.total_steps, self.prune_steps, self.target_sparsity, self.end_fraction,
                                         self.milestones, self.schedule, initial_sparsity=initial)
         self.record(model, 0, initial)
-        self.importance = TaylorImportance(model, self.criterion)
+        self.importance = TaylorImportance(model, self.criterion, hidden=bool(self.hidden_step))
 
     def on_epoch_start(self, loop) -> None:
         # One number drawn from torch's global RNG per epoch, as the loop this hook replaced did (creating its progress
@@ -943,14 +1070,15 @@ class GradualPruning(TrainHook):
         order = (ablation_order(model, self.recent, self.loss_fn, self.importance, self.seq_len,
                                 min_ffn_blocks=self.min_ffn_blocks, accelerator=loop.accelerator) if ablate else None)
         removed = prune_to_target(model, self.importance, (1 - target) * self.base, self.seq_len,
-                                  min_ffn_blocks=self.min_ffn_blocks, order=order, head_dim_step=self.head_dim_step)
+                                  min_ffn_blocks=self.min_ffn_blocks, order=order, head_dim_step=self.head_dim_step,
+                                  hidden_step=self.hidden_step)
         removed["ranked_by"] = "ablation" if ablate else "taylor"
         self.importance.reset()
         self.last_entry = self.record(model, loop.step, target, removed)
         if target in self.branch_at:
             self.importance.close()  # the copy must not carry hooks that feed this run's importance
             branch = copy.deepcopy(model)
-            self.importance = TaylorImportance(model, self.criterion)
+            self.importance = TaylorImportance(model, self.criterion, hidden=bool(self.hidden_step))
             state = _rng_state()
             branch_started = time.time()
             self.on_milestone(loop.step, target, branch, self.run)
@@ -982,6 +1110,8 @@ class GradualPruning(TrainHook):
             entry["removed_ffn"] = {str(k): v for k, v in removed["removed_ffn"].items()}
             if removed["removed_head_dims"]:
                 entry["removed_head_dims"] = {str(k): v for k, v in removed["removed_head_dims"].items()}
+            if removed["removed_hidden"]:
+                entry["removed_hidden"] = removed["removed_hidden"]
             entry["ranked_by"] = removed["ranked_by"]
         if target in self.branch_at:
             entry["milestone"] = True
@@ -990,6 +1120,7 @@ class GradualPruning(TrainHook):
                     f"({gflops:.4f} encoder GFLOPs), heads {entry['layout']['heads']}, "
                     f"FFN {entry['layout']['ffn']}"
                     + (f", head size {entry['layout']['head_size']}" if "head_size" in entry["layout"] else "")
+                    + (f", hidden {entry['layout']['hidden']}" if "hidden" in entry["layout"] else "")
                     + f", held-out accuracy {accuracy:.4f}")
         return entry
 

@@ -365,6 +365,10 @@ def test_stage_refuses_missing_or_mismatched_inputs(pipeline, workspace):
         run_script(STAGE, "TARGET_SPARSITY=1.5")
     with pytest.raises(ConfigError, match="out of reach.*FFN_FLOOR=0 lets"):
         run_script(STAGE, "TARGET_SPARSITY=0.95", *FAST)
+    with pytest.raises(ConfigError, match="HIDDEN_STEP=32 does not fit the student's hidden size 32.*none does"):
+        run_script(STAGE, "HIDDEN_STEP=32", *FAST)
+    with pytest.raises(ConfigError, match="HIDDEN_STEP=32 and ABLATION_FROM=0.5"):
+        run_script(STAGE, "HIDDEN_STEP=32", "ABLATION_FROM=0.5", *FAST)
     from transformers import BertForSequenceClassification
     from conftest import tiny_bert_config
 
@@ -593,3 +597,135 @@ def test_narrowing_when_the_prediction_falls_short(tiny_bert, monkeypatch):
     narrowed = zeroed_copy(narrowed, heads={1: removed}, ffn={})
     with torch.no_grad():
         torch.testing.assert_close(tiny_bert(**inputs()).logits, narrowed(**inputs()).logits, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Narrowing the residual stream (hidden_step / HIDDEN_STEP)
+
+HIDDEN = [3, 4, 10, 17, 20, 21, 28, 31]  # hidden dimensions of a tiny model (32) to remove
+
+
+def test_hidden_narrowing_costs_what_unit_flops_says_and_reloads(tiny, tmp_path):
+    """Removing hidden dimensions slices the embeddings, every block's Linears and LayerNorms and the input of the
+    layer before the classifier: the model runs, fvcore measures exactly the predicted saving, the layout and kept
+    units record it, the saved folder reloads to the same logits, and apply_layout rebuilds the shapes."""
+    gflops = measure_encoder_gflops(tiny, SEQ)
+    cost = pruning.unit_flops(tiny, SEQ)["hidden"]
+    fresh = copy.deepcopy(tiny)
+    pruning.prune_units(tiny, heads={0: [1]}, hidden=HIDDEN)
+    layout = {"heads": [3, 4], "ffn": [64, 64], "hidden": 24}
+    assert pruning.get_layout(tiny) == layout == getattr(tiny.config, LAYOUT_KEY)
+    assert pruning.is_pruned(tiny)
+    assert pruning.kept_units(tiny)["hidden"] == [i for i in range(32) if i not in HIDDEN]
+    saved = (gflops - measure_encoder_gflops(tiny, SEQ)) * 1e9
+    head = pruning.unit_flops(fresh, SEQ)["head"][0]
+    assert saved == pytest.approx(len(HIDDEN) * sum(cost) + head - 4 * SEQ * len(HIDDEN) * 8, abs=1)
+    assert pruning.unit_flops(tiny, SEQ)["hidden"] == [SEQ * (4 * 3 * 8 + 2 * 64 + 10), SEQ * (4 * 4 * 8 + 2 * 64 + 10)]
+    with torch.no_grad():
+        logits = tiny(**inputs()).logits
+        assert torch.isfinite(logits).all()
+        loaded = load_model(save_tiny(tiny, tmp_path / "narrow"))
+        assert pruning.get_layout(loaded) == layout
+        assert torch.equal(loaded(**inputs()).logits, logits)
+    pruning.apply_layout(fresh, layout)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in tiny.state_dict().items()}
+    with pytest.raises(ValueError, match="hidden=40"):
+        pruning.apply_layout(fresh, {**layout, "hidden": 40})
+    with pytest.raises(ValueError, match="at least one hidden"):
+        pruning.remove_hidden_dims(fresh, range(24))
+
+
+def test_hidden_importance_is_the_per_example_gradient_of_one_shared_gate(tiny):
+    """hidden=True: dimension j's score is (dL/dg_j)^2 summed over examples, where ONE gate g_j multiplies dimension j
+    of every LayerNorm output that writes the residual stream (the embeddings' and two per block), as in CoFi; the
+    reference puts that gate in explicitly and runs each example alone."""
+    model = tiny.eval()
+    batch = dict(inputs(batch=2), labels=torch.tensor([1, 0]))
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(
+            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    imp = pruning.TaylorImportance(model, hidden=True)
+    loss(model, batch).backward()
+    imp.close()
+    imp_plain = pruning.TaylorImportance(model)
+    assert imp_plain.hidden is None
+    imp_plain.close()
+    gate = torch.ones(32, requires_grad=True)
+    norms = [pruning.embeddings_module(model).LayerNorm]
+    norms += [n for layer in encoder_layers(model) for n in (pruning._parts(layer).attn_norm,
+                                                              pruning._parts(layer).out_norm)]
+    handles = [n.register_forward_hook(lambda mod, args, out: out * gate) for n in norms]
+    expected = torch.zeros(32)
+    try:
+        for row in range(2):
+            gate.grad = None
+            loss(model, {k: v[row:row + 1] for k, v in batch.items()}).backward()
+            expected += gate.grad.pow(2)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(imp.hidden.float(), expected, atol=1e-9, rtol=1e-4)
+    assert expected.sum() > 0
+
+
+def test_prune_to_target_narrows_the_hidden_size_with_exact_accounting(tiny):
+    """With hidden_step, blocks of the least important hidden dimensions go per FLOP with heads and FFN blocks (here
+    first, and a head of the same call: both costed exactly, the prediction equals the measured saving); one block
+    always stays; without hidden importance hidden_step is an error, without hidden_step nothing is narrowed."""
+    g = torch.Generator().manual_seed(4)
+    importance = {"heads": [[0.0, 50.0, 50.0, 50.0], [50.0] * 4], "ffn": [[50.0] * 64, [50.0] * 64],
+                  "hidden": torch.rand(32, generator=g) * 1e-3}
+    plain = copy.deepcopy(tiny)
+    base = measure_encoder_gflops(tiny, SEQ)
+    result = pruning.prune_to_target(tiny, importance, 0.45 * base, seq_len=SEQ, hidden_step=8)
+    assert pruning.get_layout(tiny) == {"heads": [3, 4], "ffn": [64, 64], "hidden": 8}  # one block of 8 stays
+    assert result["removed_hidden"] == 24 and result["removed_heads"] == {0: [0]}
+    assert (base - result["encoder_gflops"]) * 1e9 == pytest.approx(result["predicted_flops_saved"], abs=1)
+    best = torch.argsort(importance["hidden"], stable=True)[24:].sort().values.tolist()
+    assert pruning.kept_units(tiny)["hidden"] == best
+    with pytest.raises(ValueError, match="hidden-dimension importance"):
+        pruning.removal_order(plain, {k: importance[k] for k in ("heads", "ffn")}, SEQ, hidden_step=8)
+    pruning.prune_to_target(plain, importance, 0.45 * base, seq_len=SEQ)
+    assert "hidden" not in pruning.get_layout(plain)
+
+
+def test_hidden_narrowing_when_the_prediction_falls_short(tiny_bert, monkeypatch):
+    """If a hidden dimension's cost were overestimated, hidden blocks are added one at a time (in the numbering the
+    blocks removed before them left) until the MEASURED target holds, the least important dimensions first."""
+    real = pruning._hidden_dim_flops
+    monkeypatch.setattr(pruning, "_hidden_dim_flops", lambda *args: [c * 3 for c in real(*args)])
+    more = []
+    monkeypatch.setattr(pruning, "_remove_one_more", lambda model, chosen, c, real=pruning._remove_one_more: (
+        more.append(c.kind), real(model, chosen, c)))
+    importance = {"heads": [[50.0] * 4] * 2, "ffn": [[50.0] * 64] * 2, "hidden": torch.arange(32.0).flip(0) * 1e-4}
+    base = measure_encoder_gflops(tiny_bert, SEQ)
+    pruning.prune_to_target(tiny_bert, importance, 0.5 * base, seq_len=SEQ, hidden_step=4)
+    assert measure_encoder_gflops(tiny_bert, SEQ) <= 0.5 * base + 1e-9
+    kept = pruning.kept_units(tiny_bert)["hidden"]
+    assert more.count("hidden") >= 1 and kept == list(range(len(kept)))  # the highest dimensions went first
+
+
+def test_gradual_run_narrows_the_hidden_size_past_every_head_and_neuron(tiny_bert):
+    """A target beyond every head and FFN neuron (min_ffn_blocks=0) is reached with hidden_step, by narrowing the
+    residual stream during the run; without it, it is out of reach."""
+    from common.data import Encoded, make_loader
+    from common.training import cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    ids = [[2] + torch.randint(5, tiny_bert.config.vocab_size, (int(n),), generator=gen).tolist() + [3]
+           for n in torch.randint(3, 10, (64,), generator=gen)]
+    data = Encoded(input_ids=ids, labels=torch.arange(64) % 2)
+    loader, heldout = make_loader(data, 8, shuffle=True, seed=1), make_loader(data, 32)
+    whole, narrow = (pruning.reachable_sparsity(tiny_bert, SEQ, 0, step) for step in (0, 8))
+    assert whole < narrow < 1 and pruning.get_layout(tiny_bert) == {"heads": [4, 4], "ffn": [64, 64]}
+    target = (whole + narrow) / 2
+    torch.manual_seed(0)
+    run = pruning.gradual_prune(tiny_bert.train(), loader, heldout, cross_entropy_loss, target_sparsity=target,
+                                epochs=1, prune_steps=3, lr=1e-3, seq_len=SEQ, min_ffn_blocks=0, hidden_step=8)
+    assert measure_encoder_gflops(tiny_bert, SEQ) <= (1 - target) * run.base_encoder_gflops + 1e-9
+    assert pruning.get_layout(tiny_bert)["hidden"] < 32 and run.trajectory[-1]["removed_hidden"] > 0
+    assert torch.isfinite(tiny_bert(**inputs()).logits).all()
+    with pytest.raises(ValueError, match="hidden_step must be"):
+        pruning.GradualPruning(heldout, target_sparsity=0.5, prune_steps=2, hidden_step=-1)

@@ -30,11 +30,13 @@ STAGE = "9_quantize_pruned_model.py"
 KINDS = ("bert", "distilbert")
 # layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
 # layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
+# and the residual stream keeps 32 of its 64 hidden dimensions (the even ones)
 PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
          "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
                                   [0, 1, 2, 3, 4, 5]],
                            "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
-                                 [3, 6, 9, 12, 13, 15]]}}}
+                                 [3, 6, 9, 12, 13, 15]]}},
+         "hidden": list(range(1, 64, 2))}
 
 
 def build(kind: str):

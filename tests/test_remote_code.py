@@ -31,11 +31,13 @@ TOLERANCE = {"pruned_fp32": 1e-5, "pruned_4bit": 1e-4, "unpruned_4bit": 1e-4}
 REMOTE_CLASS = {"bert": "DPQBertForSequenceClassification", "distilbert": "DPQDistilBertForSequenceClassification"}
 # layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
 # layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
+# and the residual stream keeps 32 of its 64 hidden dimensions (the even ones)
 PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
          "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
                                   [0, 1, 2, 3, 4, 5]],
                            "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
-                                 [3, 6, 9, 12, 13, 15]]}}}
+                                 [3, 6, 9, 12, 13, 15]]}},
+         "hidden": list(range(1, 64, 2))}
 INPUTS = {"input_ids": [[2, 5, 16, 27, 30, 3, 0, 0], [2, 14, 25, 31, 33, 8, 37, 3]],
           "attention_mask": [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]}
 
@@ -185,7 +187,7 @@ def test_dpq_class_from_pretrained_options(folders):
     folder = folders["bert", "pruned_fp32"]
     model = bert.from_pretrained(str(folder), trust_remote_code=True, device_map="cpu", dtype="auto")
     assert type(model) is bert and not model.training
-    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 0], "head_size": [10, 16]}
+    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 0], "head_size": [10, 16], "hidden": 32}
     assert torch.equal(logits_of(model), logits_of(load_model(folder)))
     assert bert.from_pretrained(str(folder), torch_dtype=torch.bfloat16).classifier.weight.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="unsupported arguments"):

@@ -37,11 +37,12 @@ class SkipModel(Exception):
 
 
 def architecture(model) -> dict:
-    """Layers, attention heads kept, their size (dimensions per head, per layer: narrowed heads have fewer) and FFN
-    neurons kept, counted from the modules by common.modeling_dpq.get_layout (any family, pruned or not, fp32 or
-    4-bit: Linear4bit keeps out_features)."""
+    """Layers, attention heads kept, their size (dimensions per head, per layer: narrowed heads have fewer), FFN
+    neurons kept and the hidden size (stage 8's HIDDEN_STEP narrows it), counted from the modules by
+    common.modeling_dpq.get_layout (any family, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
     layout = get_layout(model)
     _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model
+    hidden = layout.get("hidden", hidden)  # the residual stream's width now
     return {
         "layers": len(layout["heads"]),
         "heads": sum(layout["heads"]),
