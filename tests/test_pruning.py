@@ -729,3 +729,25 @@ def test_gradual_run_narrows_the_hidden_size_past_every_head_and_neuron(tiny_ber
     assert torch.isfinite(tiny_bert(**inputs()).logits).all()
     with pytest.raises(ValueError, match="hidden_step must be"):
         pruning.GradualPruning(heldout, target_sparsity=0.5, prune_steps=2, hidden_step=-1)
+
+
+def test_importance_all_reduce_sums_every_score_including_the_hidden_ones(tiny):
+    """Under several processes every score (heads, FFN, query/key, value, hidden) and the example count are summed and
+    split back in place; here two identical processes, so each doubles."""
+    class TwoAlike:
+        num_processes = 2
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            assert reduction == "sum"
+            return tensor * 2
+
+    imp = pruning.TaylorImportance(tiny.eval(), hidden=True)
+    ce_loss(tiny, inputs()).backward()
+    imp.close()
+    before = {kind: [t.clone() for t in getattr(imp, kind)] for kind in ("heads", "ffn", "qk", "v")}
+    hidden, examples = imp.hidden.clone(), imp.examples
+    imp.all_reduce(TwoAlike())
+    for kind, tensors in before.items():
+        assert all(torch.equal(after, 2 * t) for after, t in zip(getattr(imp, kind), tensors))
+    assert torch.equal(imp.hidden, 2 * hidden) and hidden.abs().sum() > 0 and imp.examples == 2 * examples == 6
