@@ -63,7 +63,7 @@ Options (one setting each; the measured numbers, seeds, dates and machines are i
 - PRUNE_DROPOUT: dropout while this stage trains (0.1 by default, the students' own). 0 did not move 80% / 90%.
 - HEAD_DIM_STEP > 0: heads can also be narrowed, HEAD_DIM_STEP query/key and value dimensions per head at a time
   (every head of a layer, each its own least important, per-dimension Taylor/Fisher gates; common.pruning). Off by
-  default: 8 gave other layouts and the same accuracy at 65 / 80 / 90% (one seed).
+  default: 8 gave other layouts and the same accuracy at 65 / 80 / 90% (one seed, two CPUs), and slower models.
 - HIDDEN_STEP > 0: the residual stream (hidden size) can be narrowed too, HIDDEN_STEP hidden dimensions at a time
   (one Taylor/Fisher gate per dimension shared by every LayerNorm output, as CoFi's hidden mask; common.pruning),
   ranked per FLOP with heads and FFN blocks. Off by default: the ranking never chose a hidden block up to 95%, and
