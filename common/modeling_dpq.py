@@ -396,6 +396,11 @@ def keep_hidden_dims(model, keep: torch.Tensor) -> None:
     embeddings._dpq_kept_hidden = [before[i] for i in keep.tolist()]
 
 
+def _count_within(value, low: int, high: int) -> bool:
+    """A layout entry is an int (not a bool) in low..high."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def validate_layout(model, layout) -> None:
     """Raise ValueError unless `layout` has one head count and one FFN width per layer (and, optionally, one head size
     per layer, at least 1), each within the model's."""
@@ -412,11 +417,11 @@ def validate_layout(model, layout) -> None:
             )
         low = 1 if key == "head_size" else 0
         for i, (want, have) in enumerate(zip(values, current[key])):
-            if not isinstance(want, int) or isinstance(want, bool) or not low <= want <= have:
+            if not _count_within(want, low, have):
                 raise ValueError(f"bad pruning layout: layer {i} {key}={want!r}, the model has {have}")
     if isinstance(layout, dict) and "hidden" in layout:
         want, have = layout["hidden"], hidden_size(model)
-        if not isinstance(want, int) or isinstance(want, bool) or not 1 <= want <= have:
+        if not _count_within(want, 1, have):
             raise ValueError(f"bad pruning layout: hidden={want!r}, the model has {have} hidden dimensions")
 
 

@@ -284,6 +284,13 @@ def unit_flops(model, seq_len: int = SEQ_LEN) -> dict:
 # First-order Taylor importance
 
 
+def _example_gates(saved: torch.Tensor, grad: torch.Tensor, dtype=None) -> torch.Tensor:
+    """[batch, features] d(example loss)/d gate from a hooked tensor and its gradient: activation x gradient summed over
+    the tokens, x batch size because the loss is a batch mean (`dtype`: cast before that product)."""
+    gate = (saved * grad.detach()).flatten(1, -2).sum(1)
+    return (gate if dtype is None else gate.to(dtype)) * saved.shape[0]
+
+
 class TaylorImportance:
     """Accumulates per-head and per-neuron first-order Taylor importance during backward passes.
 
@@ -348,7 +355,7 @@ class TaylorImportance:
             saved = output.detach()
 
             def grad_hook(grad):
-                gate = (saved * grad.detach()).flatten(1, -2).sum(1) * saved.shape[0]
+                gate = _example_gates(saved, grad)
                 self.qk[layer_idx] += self._score(gate)
 
             output.register_hook(grad_hook)
@@ -363,7 +370,7 @@ class TaylorImportance:
             saved = output.detach()
 
             def grad_hook(grad):
-                gate = (saved * grad.detach()).flatten(1, -2).sum(1).to(torch.float64) * saved.shape[0]
+                gate = _example_gates(saved, grad, torch.float64)
                 self._hidden_gate = gate if self._hidden_gate is None else self._hidden_gate + gate
                 if last:
                     self.hidden += self._score(self._hidden_gate)
@@ -384,8 +391,7 @@ class TaylorImportance:
                 self.examples += saved.shape[0]
 
             def grad_hook(grad):
-                # [batch, features]: d(example loss)/d gate; x batch size because the loss is a batch mean
-                gate = (saved * grad.detach()).flatten(1, -2).sum(1) * saved.shape[0]
+                gate = _example_gates(saved, grad)
                 if kind == "heads":
                     self.v[layer_idx] += self._score(gate)  # one gate per value dimension
                     gate = gate.view(gate.shape[0], -1, _head_size(parts)).sum(-1)
@@ -689,7 +695,7 @@ def _saving(c, geometry: dict) -> float:
     and a block of hidden dimensions by the layout now (`geometry["hidden"]` = hidden size at the start and now,
     `geometry["seq_len"]`). Updated here."""
     if c.kind == "hidden":
-        now = [geometry[layer][1] for layer in range(len(geometry) - 2)]
+        now = [sizes[1] for layer, sizes in geometry.items() if isinstance(layer, int)]  # every layer, in order
         flops = len(c.units) * sum(_hidden_dim_flops(geometry["seq_len"], *zip(*now)))
         geometry["hidden"][1] -= len(c.units)
         return flops
