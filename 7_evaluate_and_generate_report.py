@@ -11,6 +11,8 @@ Every number is measured here, on the saved folder loaded through common.modelin
 SST-2 validation (and on each --eval-file), GFLOPs (fvcore, batch 1, seq 128; a 4-bit model through its
 fp32 twin) and mean GFLOPs per validation sentence at its real length, parameters, bytes on disk, CPU latency
 at batch 1 and 32 (median of LATENCY_RUNS timed runs after WARMUP_RUNS), layers / heads / FFN neurons kept.
+Speed-ups over the student of the same precision are timed paired: each of a model's timed runs next to one of
+the student's, order alternating; the median ratio with a 95% interval over the runs (none below 6 runs).
 
 Run:    python 7_evaluate_and_generate_report.py
         python 7_evaluate_and_generate_report.py --eval-file my_reviews.tsv   (GLUE TSV: sentence<TAB>label;
@@ -38,7 +40,8 @@ EVAL_BATCH_SIZE = 128            # accuracy evaluation batch (does not change ac
 MAX_LENGTH = 128                 # tokenization limit for accuracy, GFLOPs per sentence and latency inputs
 FLOPS_SEQ_LEN = 128              # sequence length of the headline GFLOPs figure (batch 1)
 LATENCY_BATCH_SIZES = (1, 32)    # batch sizes timed (the headline uses the largest)
-LATENCY_RUNS = 10                # timed forward passes per batch size; the median is reported (>= 10)
+LATENCY_RUNS = 10                # timed forward passes per batch size; the median is reported (>= 10); each
+                                 # paired with one of the student's (so a model costs twice this many runs)
 WARMUP_RUNS = 3                  # untimed forward passes first
 THREADS = 0                      # torch CPU threads while measuring; 0 = torch's default (all cores).
                                  # On a machine shared with other jobs, THREADS=1 avoids oversubscription

@@ -11,6 +11,8 @@ is in percentage points (100 * (accuracy_a - accuracy_b)).
 - `describe_difference`: the sentence a report prints for a `paired_comparison`.
 - `seed_spread`: mean and spread of one number across training seeds (a different uncertainty: seed to seed,
   not sentence sampling).
+- `median_interval`: the median of repeated measurements (e.g. the per-round speed-ups of paired timed runs)
+  with its distribution-free confidence interval from order statistics.
 
 The bootstraps are exact in distribution but drawn by counts instead of index lists: resampling n sentences
 with replacement and counting the correct ones is a Binomial(n, k/n) draw; resampling n sentence indices and
@@ -22,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["accuracy_interval", "mcnemar_exact", "paired_comparison", "describe_difference", "seed_spread"]
+__all__ = ["accuracy_interval", "mcnemar_exact", "paired_comparison", "describe_difference", "seed_spread",
+           "median_interval"]
 
 
 def _method(resamples: int, seed: int) -> str:
@@ -242,3 +245,37 @@ def seed_spread(values: Sequence[float]) -> dict:
     n = int(arr.size)
     return {"n_seeds": n, "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if n > 1 else 0.0,
             "min": float(arr.min()), "max": float(arr.max())}
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> dict:
+    """The median of independent repeated measurements and its distribution-free confidence interval.
+
+    For n independent draws from any continuous distribution, the number of draws below the true median is
+    Binomial(n, 1/2), so the k-th smallest and k-th largest values bracket it with probability
+    1 - 2 * P(X <= k - 1), X ~ Binomial(n, 1/2) (computed exactly, in integers). The interval is the narrowest
+    such pair whose coverage is at least `level`; `coverage` is that exact probability (e.g. n = 10 gives the
+    2nd smallest and 2nd largest, coverage 0.9785). Too few values for any pair to reach `level` (n <= 5 at
+    95%) give ci_low = ci_high = None.
+
+    Returns {"median", "ci_low", "ci_high", "coverage" (None with no interval), "n", "level"}.
+    Raises ValueError for no values, non-finite values or a level outside (0, 1).
+    """
+    arr = np.sort(np.asarray(values, dtype=float))
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError("median_interval needs a flat, non-empty sequence of numbers")
+    if not np.isfinite(arr).all():
+        raise ValueError("median_interval got a non-finite value (NaN or inf)")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1 (e.g. 0.95), got {level!r}")
+    n = int(arr.size)
+    result = {"median": float(np.median(arr)), "ci_low": None, "ci_high": None, "coverage": None, "n": n,
+              "level": level}
+    below, term = 0, 1  # P(X <= k - 1) * 2**n, grown one k at a time; term = C(n, k - 1)
+    for k in range(1, n // 2 + 1):
+        below += term
+        coverage = 1.0 - (2 * below) / (1 << n)
+        if coverage < level:
+            break
+        result.update(ci_low=float(arr[k - 1]), ci_high=float(arr[n - k]), coverage=coverage)
+        term = term * (n - k + 1) // k
+    return result

@@ -212,11 +212,16 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
             assert several["beats_by_more_than_seed_spread"] == (margin > max(row["accuracy_seed_spread"]["std"],
                                                                               rival["accuracy_seed_spread"]["std"]))
     assert all(r["gflops_reduction_vs_student"] > 0 for r in rows)
-    for row in rows:  # measured: the student of the same precision's latency over the row's mean latency
+    for row in rows:  # measured: each member timed run by run next to the student of its precision, seeds averaged
         speed = row["speedup_vs_student"]
-        reference = models[speed["reference"]]["latency_ms"]
         assert speed["reference"] == ("student_model" if row["bits"] == 32 else "distilled_quantized_student")
-        assert all(speed[k] == pytest.approx(reference[k] / row["latency_ms"][k], rel=1e-3) for k in row["latency_ms"])
+        for k in row["latency_ms"]:
+            paired = [models[n]["speedup_vs_reference"][k] for n in row["members"]]
+            assert all(p["reference"] == speed["reference"] and p["runs"] == 2 and p["ci"] is None for p in paired)
+            assert speed[k] == pytest.approx(sum(p["speedup"] for p in paired) / len(paired), abs=1e-3)
+            assert row["speedup_detail"][k]["paired"]
+    assert models["student_model"]["speedup_vs_reference"] == {}  # the reference is timed alone
+    assert models["distilled_quantized_student"]["speedup_vs_reference"]["batch_32"]["reference"] == "student_model"
     assert len(report["frontier"]["frontier_runs"]) == 2
 
     md = (frontier["root"] / "report" / "final_report.md").read_text()

@@ -168,6 +168,12 @@ def test_report_json_has_the_issue_shape_and_plausible_values(pipeline):
     expected = 1 - models["pruned_quantized_final"]["gflops"] / models["distilled_quantized_student"]["gflops"]
     assert head["gflops_reduction"] == pytest.approx(expected, abs=1e-4) and head["gflops_reduction"] > 0
     assert pipeline["report"]["headline"] == head
+    # the final model was timed run by run next to the baseline: the headline's speed-up is that paired one
+    paired = models["pruned_quantized_final"]["speedup_vs_reference"]["batch_32"]
+    assert paired["reference"] == "distilled_quantized_student" and head["latency_speedup_batch_32"] == \
+        pytest.approx(paired["speedup"], abs=1e-3)
+    assert head["speedup_interval"] is None  # 2 timed runs (QUICK): too few for a 95% interval
+    assert models["teacher_model"]["speedup_vs_reference"]["batch_1"]["reference"] == "student_model"
 
 
 def test_chart_and_markdown_are_written(pipeline):
@@ -382,3 +388,63 @@ def test_report_gives_accuracy_by_sentence_length(pipeline):
     section = markdown.split("## Accuracy by sentence length (validation)")[1]
     assert "Q1 5-6 words (12 sentences)" in section and "Q4 11-12 words (12 sentences)" in section
     assert "| Q4: 11-12 words (%) | Q4 vs student (points) |" in section
+
+
+
+def test_paired_timing_alternates_runs_and_takes_the_median_ratio(monkeypatch):
+    """time_paired on a fake clock: each call advances it by its cost. The reference costs 2.0-4.0x the model per
+    round, and a slow stretch of the machine doubles both costs in rounds 4-5. Runs alternate (model first in even
+    rounds), the speed-up is the median of the per-round ratios (the slow stretch falls on both, so it cancels), and
+    10 rounds give the 2nd smallest and 2nd largest ratio as the 95% interval; 5 rounds give none."""
+    from common.report import measure
+
+    ratios = [3.0, 3.0, 2.5, 3.0, 3.0, 3.0, 3.5, 3.0, 2.0, 4.0]
+    slow = [1, 1, 1, 1, 2, 2, 1, 1, 1, 1]
+    clock, calls = [0.0], []
+
+    class Fake:
+        def __init__(self, name, costs):
+            self.name, self.costs = name, iter(costs)
+
+        def __call__(self, **inputs):
+            calls.append(self.name)
+            clock[0] += next(self.costs)
+
+    def fakes():
+        return (Fake("model", [1.0] + slow),  # one warm-up run, then the timed ones
+                Fake("reference", [1.0] + [r * s for r, s in zip(ratios, slow)]))
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    model, reference = fakes()
+    detail = measure.time_paired(model, inputs, reference, inputs, runs=10, warmup=1)
+    assert calls[:2] == ["model", "reference"]
+    assert [calls[2 + 2 * i: 4 + 2 * i] for i in range(10)] == [
+        ["model", "reference"] if i % 2 == 0 else ["reference", "model"] for i in range(10)]
+    assert detail["speedup"] == pytest.approx(3.0) and detail["speedup_ci"] == pytest.approx([2.5, 3.5])
+    assert detail["speedup_coverage"] == pytest.approx(1 - 22 / 1024)
+    assert detail["median_ms"] == pytest.approx(1000.0) and detail["reference_median_ms"] == pytest.approx(3000.0)
+    model, reference = fakes()
+    assert measure.time_paired(model, inputs, reference, inputs, runs=5, warmup=1)["speedup_ci"] is None
+
+
+def test_headline_speedup_is_the_paired_one_with_its_interval():
+    """The final model timed run by run next to the baseline: the headline takes that median ratio and its
+    interval, not the ratio of the two models' medians (timed apart); without pairing it falls back to that ratio."""
+    from common.report import headline
+
+    record = {"gflops": 1.0, "accuracy": 0.9, "size_mb": 1.0, "stale": False,
+              "latency_ms": {"batch_1": 1.0, "batch_32": 10.0}}
+    paired = {"batch_32": {"reference": "distilled_quantized_student", "speedup": 2.5, "ci": [2.25, 2.75],
+                           "coverage": 0.9785, "runs": 10}}
+    models = {"distilled_quantized_student": dict(record, gflops=2.0, latency_ms={"batch_1": 2.0, "batch_32": 30.0}),
+              "pruned_quantized_final": dict(record, speedup_vs_reference=paired)}
+    cpu = {"name": "cpu", "logical_cores": 2, "flags": [], "bf16_native": False}
+    head, _ = headline(models, cpu=cpu)
+    assert head["latency_speedup_batch_32"] == 2.5 and head["speedup_interval"] == [2.25, 2.75]
+    assert "runs 2.50x as fast at batch 32" in head["sentence"]
+    assert "95% interval [2.25, 2.75] over paired timed runs" in head["sentence"]
+    del models["pruned_quantized_final"]["speedup_vs_reference"]
+    head, _ = headline(models, cpu=cpu)
+    assert head["latency_speedup_batch_32"] == 3.0 and "speedup_interval" not in head
+    assert "paired timed runs" not in head["sentence"]

@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from common.stats import accuracy_interval, describe_difference, mcnemar_exact, paired_comparison, seed_spread
+from common.stats import (accuracy_interval, describe_difference, mcnemar_exact, median_interval, paired_comparison,
+                          seed_spread)
 
 
 def cells(both_right: int, only_a: int, only_b: int, both_wrong: int):
@@ -253,3 +254,29 @@ def test_seed_spread_rejects_empty_and_nan():
         seed_spread([])
     with pytest.raises(ValueError):
         seed_spread([0.9, float("nan")])
+
+
+# ---- median_interval --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, k, coverage", [
+    (6, 1, 1 - 2 / 64),                    # min and max: 0.96875
+    (10, 2, 1 - 2 * (1 + 10) / 1024),      # 2nd smallest and largest: 0.978515625 (k = 3 gives 0.890625)
+    (20, 6, 1 - 2 * sum(math.comb(20, i) for i in range(6)) / 2 ** 20),  # 0.9586 (k = 7 gives 0.8847)
+])
+def test_median_interval_takes_the_narrowest_order_statistics_that_cover(n, k, coverage):
+    values = list(np.random.default_rng(n).permutation(np.arange(1.0, n + 1)))  # order must not matter
+    result = median_interval(values)
+    assert result["median"] == (n + 1) / 2
+    assert (result["ci_low"], result["ci_high"]) == (k, n + 1 - k)
+    assert result["coverage"] == pytest.approx(coverage, abs=1e-12) and result["coverage"] >= 0.95
+
+
+def test_median_interval_too_few_values_and_bad_input():
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0])["ci_low"] is None  # n = 5: min..max covers only 0.9375
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0], level=0.9)["ci_low"] == 1.0
+    assert median_interval([2.0] * 8)["median"] == 2.0
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(ValueError):
+            median_interval(bad)
+    with pytest.raises(ValueError, match="level"):
+        median_interval([1.0] * 10, level=95)

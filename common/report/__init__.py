@@ -8,7 +8,10 @@ project's one loader (`common.modeling.load_model`: plain, pruned or 4-bit) and 
   model runs the same matmuls as its fp32 twin, so the twin is counted and `gflops_source` says which;
 - logical parameter count (a packed 4-bit weight counts as its unpacked shape), bytes on disk, bits;
 - CPU latency at each batch size: median of N timed forward passes after warm-up, on real validation
-  sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model);
+  sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model).
+  The student of each precision (student_model, distilled_quantized_student) is measured first and kept
+  loaded; every other PyTorch model's runs are interleaved one by one with its reference's (`time_paired`),
+  so its speed-up over the student is the median of paired ratios with a distribution-free 95% interval;
 - architecture counted from the modules themselves: layers, attention heads kept, FFN neurons kept.
 
 Then `build_report` assembles final_report.json (sorted keys, indented), `headline` compares the final model
@@ -32,11 +35,13 @@ from pathlib import Path
 
 from common.report.chart import plot_report
 from common.report.compare import build_report, headline, write_json
-from common.report.discover import (REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
+from common.paths import STAGE_FOLDERS
+from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
                                     recorded_preset, report_dir, seed_group)
 from common.report.markdown import markdown_report, write_text
 from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, busy_cores, fp32_twin,
-                                   latency_indices, load_average, load_eval_files, machine_busy, measure_model)
+                                   latency_indices, load_average, load_eval_files, machine_busy, measure_model,
+                                   timing_reference)
 from common.stage import StageError
 
 logger = logging.getLogger("dpq")
@@ -66,14 +71,23 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
         notes.append(busy)
         logger.warning(f"[report] {busy}")
     flops_cache = FlopsCache(settings["flops_seq_len"])
-    models, skipped = {}, {}
-    for name, folder in found:
+    measured, skipped, references = {}, {}, {}
+    # measured first, in this order (the 4-bit student is timed next to the fp32 one); the rest next to them
+    timing_refs = {STAGE_FOLDERS["student"]: 32, BASELINE: 4}
+    first = list(timing_refs)
+    for name, folder in sorted(found, key=lambda item: first.index(item[0]) if item[0] in first else len(first)):
         try:
-            models[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
-                                         settings=settings, flops_cache=flops_cache, models_root=models_root)
+            measured[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
+                                           settings=settings, flops_cache=flops_cache, models_root=models_root,
+                                           references=references)
         except SkipModel as err:
             logger.warning(f"[report] {name}: skipped, {err}")
             skipped[name] = str(err)
+            continue
+        if name in timing_refs and measured[name]["bits"] == timing_refs[name]:
+            references[timing_refs[name]] = timing_reference(name, folder, validation, settings)
+    references.clear()
+    models = {name: measured[name] for name, _ in found if name in measured}  # in discovery order
     if not models:
         raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
     for name, r in models.items():

@@ -108,6 +108,24 @@ def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
                                       "only_b_right", "mcnemar_p", "significant")}}
 
 
+def _group_speedup(models: dict, names: list, reference: str, latency_ms: dict) -> tuple:
+    """(speed-up over `reference` per batch, how each was measured). Where every member was timed paired with
+    the reference (`speedup_vs_reference`): the mean of the members' paired speed-ups, each with its 95% interval
+    over the timed rounds; otherwise the reference's median latency over the group's mean one (same run, same
+    inputs, but timed apart)."""
+    speed, detail = {"reference": reference}, {}
+    for k, v in latency_ms.items():
+        paired = [models[n].get("speedup_vs_reference", {}).get(k) for n in names]
+        if all(p and p["reference"] == reference for p in paired):
+            speed[k] = round(statistics.fmean(p["speedup"] for p in paired), 4)
+            detail[k] = {"paired": True, "per_seed": [{"model": n, "speedup": p["speedup"], "ci": p["ci"]}
+                                                      for n, p in zip(names, paired)]}
+        elif k in models[reference]["latency_ms"] and v > 0:
+            speed[k] = round(models[reference]["latency_ms"][k] / v, 4)
+            detail[k] = {"paired": False}
+    return speed, detail
+
+
 def seed_groups(models: dict, seed: int) -> dict:
     """{group: summary} for every student and pruned model, grouped with its other-seed twins (`seed_group`).
 
@@ -145,10 +163,9 @@ def seed_groups(models: dict, seed: int) -> dict:
         if student in models:
             entry["gflops_reduction_vs_student"] = round(1 - entry["gflops"] / models[student]["gflops"], 5)
         reference = BASELINE if bits == 4 and BASELINE in models else student
-        if reference in models:  # measured speed-up over the student of the same precision, same run and inputs
-            entry["speedup_vs_student"] = {"reference": reference, **{
-                k: round(models[reference]["latency_ms"][k] / v, 4) for k, v in entry["latency_ms"].items()
-                if k in models[reference]["latency_ms"] and v > 0}}
+        if reference in models:
+            entry["speedup_vs_student"], entry["speedup_detail"] = _group_speedup(models, names, reference,
+                                                                                  entry["latency_ms"])
         if first["family"] == "pruned" and reference in models:
             per_seed = [_paired_vs(models, n, reference, seed) for n in names]
             entry["vs_student"] = {"reference": reference, "per_seed": per_seed,
@@ -187,7 +204,7 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
                                                           "sparsity_target", "mode", "gflops", "latency_ms",
                                                           "accuracy_seed_spread", "accuracy_ci_per_seed")},
                      "gflops_reduction_vs_student": g.get("gflops_reduction_vs_student"),
-                     "speedup_vs_student": g.get("speedup_vs_student"),
+                     "speedup_vs_student": g.get("speedup_vs_student"), "speedup_detail": g.get("speedup_detail"),
                      "vs_student": g.get("vs_student")})
     if not rows:
         return None
@@ -237,7 +254,12 @@ def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = B
         result["paired"] = {k: paired[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
                                                    "only_b_right", "mcnemar_p", "significant")}
     if big:
-        result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
+        paired_speed = f.get("speedup_vs_reference", {}).get(big)
+        if paired_speed and paired_speed["reference"] == baseline:  # timed next to the baseline, run by run
+            result[f"latency_speedup_{big}"] = round(paired_speed["speedup"], 3)
+            result["speedup_interval"] = paired_speed["ci"]
+        else:
+            result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
     result["sentence"] = headline_sentence(result, b, f)
     stale = [n for n in (baseline, final) if models[n].get("stale")]
     if stale:  # numbers of a model built from inputs that changed since: say so in the headline itself
@@ -308,8 +330,11 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
         key = speed[0]
         batch = key.replace("latency_speedup_", "")
         speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
+        ci = h.get("speedup_interval")
+        how = (f"; speed-up {h[key]:.2f}x, 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] over paired timed runs" if ci
+               else "")
         parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) "
-                     f"({f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms)")
+                     f"(median {f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms{how})")
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
@@ -339,6 +364,10 @@ def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval
                 "warmup": settings["warmup_runs"],
                 "batch_sizes": list(settings["latency_batches"]),
                 "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
+                "speedup": "each PyTorch model's timed runs alternate one by one with those of the student of its "
+                           "precision (student_model; distilled_quantized_student for 4-bit), order swapped every "
+                           "round; speed-up = median over the rounds of student time / model time, with a "
+                           "distribution-free 95% interval from order statistics (none below 6 runs)",
                 "inputs": "real validation sentences (same seeded choice for every model), padded to the "
                           "longest in the batch; batch 1 = the median-length sentence of the sample",
                 "seed": settings["seed"],

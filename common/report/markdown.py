@@ -114,9 +114,14 @@ def _more_seeds(n_seeds: int) -> str:
 
 
 def _speedup(row: dict, batch_keys) -> str:
+    """The speed-up at the largest batch; when timed paired, the first seed's 95% interval in brackets."""
     speed = row.get("speedup_vs_student") or {}
     big = batch_keys[-1] if batch_keys else None
-    return f"{speed[big]:.2f}x" if big in speed else ""
+    if big not in speed:
+        return ""
+    detail = (row.get("speedup_detail") or {}).get(big) or {}
+    ci = detail["per_seed"][0]["ci"] if detail.get("paired") else None
+    return f"{speed[big]:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "" if detail.get("paired") else " (unpaired)")
 
 
 def frontier_table(report: dict, batch_keys) -> list:
@@ -135,8 +140,11 @@ def frontier_table(report: dict, batch_keys) -> list:
                   "exact McNemar p. ours - magnitude: the same paired test against the baseline at the same target "
                   "and precision (with several seeds: mean ± s.d. of the per-seed differences, each seed paired "
                   "with the baseline of the same seed, and whether the difference of the seed means exceeds the "
-                  "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above; speed-up: the student of the "
-                  "same precision's latency over this row's, at the largest batch.", "",
+                  "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above; speed-up at the largest batch "
+                  "over the student of the same precision: each model's timed runs alternate one by one with the "
+                  "student's, and the speed-up is the median of the per-run ratios (mean over seeds); the bracket is "
+                  "its distribution-free 95% interval over the timed runs, for the first seed's model (timing "
+                  "noise on this machine, not seed spread).", "",
                   "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
                   "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
                   + " | speed-up |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(batch_keys) + 1)]

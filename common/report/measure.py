@@ -11,6 +11,7 @@ import time
 from fractions import Fraction
 from math import prod
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,7 +23,7 @@ from common.modeling_dpq import FAMILIES, build_model, get_layout, head_sizes, o
 from common.report.discover import (_config_dict, _is_model_folder, display_label, family, folder_status,
                                     pruning_fields, sweep_target)
 from common.stage import StageError, read_metadata, resolve_upstream
-from common.stats import accuracy_interval
+from common.stats import accuracy_interval, median_interval
 from common.training import predict_logits
 
 logger = logging.getLogger("dpq")
@@ -236,6 +237,18 @@ def latency_inputs(tokenizer, sentences, max_length: int) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def _timing(times: list, runs: int, warmup: int, inputs: dict) -> dict:
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": runs,
+        "warmup": warmup,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "batch_size": int(inputs["input_ids"].shape[0]),
+    }
+
+
 @torch.no_grad()
 def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
     """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds (a PyTorch model or a
@@ -249,15 +262,55 @@ def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
         start = time.perf_counter()
         model(**inputs)
         times.append((time.perf_counter() - start) * 1000.0)
-    return {
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        "runs": runs,
-        "warmup": warmup,
-        "seq_len": int(inputs["input_ids"].shape[1]),
-        "batch_size": int(inputs["input_ids"].shape[0]),
-    }
+    return _timing(times, runs, warmup, inputs)
+
+
+@torch.no_grad()
+def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: int, warmup: int) -> dict:
+    """`time_forward` of `model`, each of its timed runs next to one of `reference` (the same sentences, tokenized
+    for the reference), in alternating order (model first in even rounds, reference first in odd ones), so that a
+    slow stretch of the machine falls on both. Adds the reference's median and the speed-up: the median over the
+    rounds of (reference time / model time), with its distribution-free 95% interval (common.stats.median_interval;
+    None below 6 rounds)."""
+    for m in (model, reference):
+        if hasattr(m, "eval"):
+            m.eval()
+    for _ in range(warmup):
+        model(**inputs)
+        reference(**reference_inputs)
+    times, reference_times = [], []
+    for i in range(runs):
+        pair = ((model, inputs, times), (reference, reference_inputs, reference_times))
+        for runner, x, out in (pair if i % 2 == 0 else pair[::-1]):
+            start = time.perf_counter()
+            runner(**x)
+            out.append((time.perf_counter() - start) * 1000.0)
+    speed = median_interval([r / t for r, t in zip(reference_times, times)])
+    return dict(_timing(times, runs, warmup, inputs), reference_median_ms=statistics.median(reference_times),
+                speedup=speed["median"], speedup_ci=[speed["ci_low"], speed["ci_high"]] if speed["coverage"] else None,
+                speedup_coverage=speed["coverage"])
+
+
+class TimingReference(NamedTuple):
+    """The model every other model of its precision is timed next to (`time_paired`): its folder name, the loaded
+    model, and its timed inputs by batch size."""
+    name: str
+    model: object
+    inputs: dict
+
+
+def timed_inputs(tokenizer, sentences, settings: dict) -> dict:
+    """{batch size: tokenized inputs} of the sentences timed at each batch size (`latency_indices`)."""
+    return {batch: latency_inputs(tokenizer, [sentences[i] for i in latency_indices(sentences, batch,
+                                                                                    settings["seed"])],
+                                  settings["max_length"])
+            for batch in settings["latency_batches"]}
+
+
+def timing_reference(name: str, folder, validation, settings: dict) -> TimingReference:
+    """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision."""
+    return TimingReference(name, load_model(Path(folder)).eval(),
+                           timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,9 +356,12 @@ def from_bits(bits: str) -> list:
 # One model
 
 
-def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, settings: dict) -> dict:
+def measure_runner(runner, loader, file_loaders: dict, timed: dict, settings: dict,
+                   reference: TimingReference = None) -> dict:
     """Accuracy (with its 95% bootstrap interval and per-sentence correctness), accuracy on each extra file,
-    and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others."""
+    and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others.
+    With a `reference`, every batch size it has is timed paired with it (`time_paired`), and
+    speedup_vs_reference holds the speed-up and its interval per batch size."""
     correct = correct_on(runner, loader)
     interval = accuracy_interval(correct, seed=settings["seed"])
     record = {
@@ -316,13 +372,23 @@ def measure_runner(runner, loader, file_loaders: dict, timed_inputs: dict, setti
         "eval_files_correct": {},
         "latency_ms": {},
         "latency_detail": {},
+        "speedup_vs_reference": {},
     }
     for path, file_loader in file_loaders.items():
         file_correct = correct_on(runner, file_loader)
         record["eval_files"][path] = round(sum(file_correct) / len(file_correct), 6)
         record["eval_files_correct"][path] = as_bits(file_correct)
-    for batch, inputs in timed_inputs.items():
-        detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
+    for batch, inputs in timed.items():
+        if reference is not None and batch in reference.inputs:
+            detail = time_paired(runner, inputs, reference.model, reference.inputs[batch], settings["latency_runs"],
+                                 settings["warmup_runs"])
+            record["speedup_vs_reference"][f"batch_{batch}"] = {
+                "reference": reference.name, "speedup": round(detail["speedup"], 4),
+                "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
+                "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4),
+                "runs": detail["runs"]}
+        else:
+            detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
         record["latency_ms"][f"batch_{batch}"] = round(detail["median_ms"], 3)
         record["latency_detail"][f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
                                                      for k, v in detail.items()}
@@ -338,9 +404,12 @@ def exported(folder, notes: list) -> dict:
         return {}
 
 
-def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root) -> dict:
+def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root,
+                  references: dict = None) -> dict:
     """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len,
-    latency_batches, latency_runs, warmup_runs, seed."""
+    latency_batches, latency_runs, warmup_runs, seed. `references`: {bits: TimingReference}; the PyTorch model is
+    timed paired with the one of its precision (a 4-bit model with the fp32 one when there is no 4-bit one),
+    unless it is that reference itself."""
     folder = Path(folder)
     meta, notes = folder_status(folder)
     config = _config_dict(folder)
@@ -367,16 +436,17 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
     file_loaders = {path: eval_loader(tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
                     for path, rows in eval_files.items()}
-    timed_inputs = {batch: latency_inputs(tokenizer, [sentences[i] for i in latency_indices(sentences, batch,
-                                                                                            settings["seed"])],
-                                          settings["max_length"])
-                    for batch in settings["latency_batches"]}
-    pytorch = measure_runner(model, loader, file_loaders, timed_inputs, settings)
+    timed = timed_inputs(tokenizer, sentences, settings)
+    references = references or {}
+    reference = references.get(bits) or references.get(32)
+    if reference is not None and reference.name == name:
+        reference = None
+    pytorch = measure_runner(model, loader, file_loaders, timed, settings, reference)
     artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
                                  size_bytes=weight_bytes(folder), file="model*.safetensors")}
     for artifact, path in exported(folder, notes).items():
         runner = OnnxClassifier(path, threads=torch.get_num_threads())
-        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed_inputs, settings),
+        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings),
                                    runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
                                    size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
     for record in artifacts.values():
@@ -408,6 +478,7 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         "bits": bits,
         "latency_ms": latency,
         "latency_detail": latency_detail,
+        "speedup_vs_reference": pytorch["speedup_vs_reference"],
         "accuracy_ci": artifacts["pytorch"]["accuracy_ci"],
         "artifacts": artifacts,
         "torch_threads": torch.get_num_threads(),
