@@ -43,9 +43,10 @@ import torch
 from common import export, paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
 from common.config import ConfigError, as_dict, check_constants, constants, env_flag, env_preset, parse_overrides
 from common.data import encode, load_sst2_splits, make_loader
-from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, weight_bytes
+from common.modeling import (check_loadable, config_is_pruned, count_parameters, load_model, load_tokenizer,
+                             weight_bytes)
 from common.paths import models_root, stage_dir
-from common.pruning import get_layout, is_pruned
+from common.pruning import get_layout
 from common.quantization import precision_map, quantize_model, save_quantized
 from common.stage import (METADATA, StageError, check_preset, code_sha256, is_stale, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output,
@@ -214,7 +215,7 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
             "prediction_agreement": (logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean().item(),
             "max_abs_logit_diff_vs_source": (logits - fp32_logits).abs().max().item(),
             "reload_max_abs_logit_diff": reload_diff,
-            "layout": get_layout(reloaded) if is_pruned(reloaded) else None,
+            "layout": get_layout(reloaded) if config_is_pruned(reloaded.config) else None,
             "model_class": type(reloaded).__name__,
             "device": str(device),
             "validation_sentences": len(rows),

@@ -20,8 +20,8 @@ Layout
 `get_layout(model)` = {"heads": [kept heads per layer], "ffn": [FFN width per layer]}. Every structural
 change writes it into `model.config.dpq_layout` (common.modeling.LAYOUT_KEY), so `save_pretrained` stores it
 and `common.modeling.load_model` rebuilds the model on an unpruned skeleton shrunk to the layout
-(`common.modeling_dpq.shrink_to_layout`, the same slicing as here; `apply_layout` does it through
-`remove_heads`/`remove_ffn_neurons`). The config keeps the ORIGINAL head count and FFN width, so a plain
+(`common.modeling_dpq.shrink_to_layout`, the same slicing as here; `common.modeling_dpq.config_is_pruned` says
+whether a config's layout removes anything). The config keeps the ORIGINAL head count and FFN width, so a plain
 `from_pretrained` on a pruned folder fails with a size mismatch instead of loading a wrong model;
 `common.modeling.save_model` ships common/modeling_dpq.py with a pruned folder, so that
 `from_pretrained(folder, trust_remote_code=True)` loads it outside this project. Which original heads/neurons a
@@ -85,8 +85,7 @@ from common.modeling import LAYOUT_KEY, encoder_layers
 from common.modeling_dpq import BlockParts as _Parts
 from common.modeling_dpq import block_parts as _parts
 from common.modeling_dpq import (embeddings_module, get_layout, head_sizes, hidden_size, keep_ffn_neurons,
-                                 keep_head_dims, keep_heads, keep_hidden_dims, kept_record, original_sizes,
-                                 validate_layout)
+                                 keep_head_dims, keep_heads, keep_hidden_dims, kept_record, original_sizes)
 from common.modeling_dpq import head_size as _head_size
 from common.modeling_dpq import num_heads as _num_heads
 from common.stage import logger
@@ -199,34 +198,6 @@ def prune_units(model, heads: dict | None = None, ffn: dict | None = None, head_
 
 def _write_layout(model) -> None:
     setattr(model.config, LAYOUT_KEY, get_layout(model))
-
-
-def is_pruned(model) -> bool:
-    oh, _, of, _ = original_sizes(model.config)
-    layout = get_layout(model)
-    return (any(h != oh for h in layout["heads"]) or any(w != of for w in layout["ffn"]) or "head_size" in layout
-            or "hidden" in layout)
-
-
-def apply_layout(model, layout: dict) -> None:
-    """Shrink a model to `layout` (heads and FFN width per layer, head size, hidden size), keeping the first units.
-
-    The same shrink as `common.modeling_dpq.shrink_to_layout` (which loaders use on an unpruned skeleton whose
-    weights the saved state dict then overwrites), through `remove_heads` / `remove_ffn_neurons`, so the FFN
-    granularity is enforced and the kept-unit bookkeeping composes on an already pruned model.
-    """
-    validate_layout(model, layout)
-    current = get_layout(model)
-    sizes = head_sizes(model)
-    for i in range(len(current["heads"])):
-        remove_heads(model, i, range(layout["heads"][i], current["heads"][i]))
-        if "head_size" in layout:
-            cut = [range(layout["head_size"][i], sizes[i])] * layout["heads"][i]
-            remove_head_dims(model, i, cut, cut)
-        remove_ffn_neurons(model, i, range(layout["ffn"][i], current["ffn"][i]))
-    if "hidden" in layout:
-        remove_hidden_dims(model, range(layout["hidden"], hidden_size(model)))
-    _write_layout(model)
 
 
 def kept_units(model) -> dict:

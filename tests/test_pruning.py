@@ -11,6 +11,7 @@ import torch
 from common import pruning
 from common.flops import measure_encoder_gflops
 from common.modeling import LAYOUT_KEY, count_parameters, encoder_layers, load_model
+from common.modeling_dpq import config_is_pruned, shrink_to_layout
 from conftest import save_tiny, write_stage
 
 SEQ = 32
@@ -106,12 +107,12 @@ def test_save_and_load_model_reproduce_logits(name, request, tmp_path):
         AutoModelForSequenceClassification.from_pretrained(str(folder))
 
 
-def test_apply_layout_validates(tiny):
+def test_shrink_to_layout_validates(tiny):
     with pytest.raises(ValueError, match="one entry per layer"):
-        pruning.apply_layout(tiny, {"heads": [1], "ffn": [32]})
+        shrink_to_layout(tiny, {"heads": [1], "ffn": [32]})
     with pytest.raises(ValueError, match="layer 1 heads=5"):
-        pruning.apply_layout(tiny, {"heads": [1, 5], "ffn": [32, 64]})
-    pruning.apply_layout(tiny, {"heads": [1, 0], "ffn": [32, 64]})
+        shrink_to_layout(tiny, {"heads": [1, 5], "ffn": [32, 64]})
+    shrink_to_layout(tiny, {"heads": [1, 0], "ffn": [32, 64]})
     assert pruning.get_layout(tiny) == {"heads": [1, 0], "ffn": [32, 64]}
 
 
@@ -510,12 +511,12 @@ def narrowed_copy(model, layer_idx: int, qk, v):
 def test_narrowing_equals_zeroing_and_reloads(tiny, tmp_path):
     """Removing query/key and value dimensions (each head its own) computes what the full heads compute with those
     dimensions zeroed (the 1/sqrt(8) scale is kept); the layout and kept units record it, and the saved folder loads
-    (load_model and apply_layout rebuild the same shapes)."""
+    (load_model and shrink_to_layout rebuild the same shapes)."""
     reference = zeroed_copy(narrowed_copy(tiny, 1, QK, V), heads={1: [2], 0: [0]}, ffn={})
     pruning.prune_units(tiny, heads={1: [2], 0: [0]}, head_dims={1: {"qk": QK, "v": V}})
     layout = {"heads": [3, 3], "ffn": [64, 64], "head_size": [8, 5]}
     assert pruning.get_layout(tiny) == layout == getattr(tiny.config, LAYOUT_KEY)
-    assert pruning.is_pruned(tiny)
+    assert config_is_pruned(tiny.config)
     kept = pruning.kept_units(tiny)
     assert kept["heads"] == [[1, 2, 3], [0, 1, 3]]
     assert kept["qk_dims"][1] == [[1, 2, 3, 4, 7], [0, 3, 4, 5, 6], [3, 4, 5, 6, 7]]  # heads 0, 1, 3
@@ -529,7 +530,7 @@ def test_narrowing_equals_zeroing_and_reloads(tiny, tmp_path):
     with pytest.raises(ValueError, match="same number"):
         pruning.remove_head_dims(tiny, 0, [[0], [0, 1], [0]], [[0], [0], [0]])
     with pytest.raises(ValueError, match="head_size=9"):
-        pruning.apply_layout(tiny, {**layout, "head_size": [9, 5]})
+        shrink_to_layout(tiny, {**layout, "head_size": [9, 5]})
 
 
 def test_unit_flops_follow_the_head_size(tiny):
@@ -608,14 +609,14 @@ HIDDEN = [3, 4, 10, 17, 20, 21, 28, 31]  # hidden dimensions of a tiny model (32
 def test_hidden_narrowing_costs_what_unit_flops_says_and_reloads(tiny, tmp_path):
     """Removing hidden dimensions slices the embeddings, every block's Linears and LayerNorms and the input of the
     layer before the classifier: the model runs, fvcore measures exactly the predicted saving, the layout and kept
-    units record it, the saved folder reloads to the same logits, and apply_layout rebuilds the shapes."""
+    units record it, the saved folder reloads to the same logits, and shrink_to_layout rebuilds the shapes."""
     gflops = measure_encoder_gflops(tiny, SEQ)
     cost = pruning.unit_flops(tiny, SEQ)["hidden"]
     fresh = copy.deepcopy(tiny)
     pruning.prune_units(tiny, heads={0: [1]}, hidden=HIDDEN)
     layout = {"heads": [3, 4], "ffn": [64, 64], "hidden": 24}
     assert pruning.get_layout(tiny) == layout == getattr(tiny.config, LAYOUT_KEY)
-    assert pruning.is_pruned(tiny)
+    assert config_is_pruned(tiny.config)
     assert pruning.kept_units(tiny)["hidden"] == [i for i in range(32) if i not in HIDDEN]
     saved = (gflops - measure_encoder_gflops(tiny, SEQ)) * 1e9
     head = pruning.unit_flops(fresh, SEQ)["head"][0]
@@ -627,10 +628,10 @@ def test_hidden_narrowing_costs_what_unit_flops_says_and_reloads(tiny, tmp_path)
         loaded = load_model(save_tiny(tiny, tmp_path / "narrow"))
         assert pruning.get_layout(loaded) == layout
         assert torch.equal(loaded(**inputs()).logits, logits)
-    pruning.apply_layout(fresh, layout)
+    shrink_to_layout(fresh, layout)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in tiny.state_dict().items()}
     with pytest.raises(ValueError, match="hidden=40"):
-        pruning.apply_layout(fresh, {**layout, "hidden": 40})
+        shrink_to_layout(fresh, {**layout, "hidden": 40})
     with pytest.raises(ValueError, match="at least one hidden"):
         pruning.remove_hidden_dims(fresh, range(24))
 

@@ -351,6 +351,8 @@ def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
     assert deploy["final"]["model"] in ("pruned_model", "pruned_quantized_final")
     assert deploy["student"]["model"] in ("student_model", "distilled_quantized_student")
     assert set(deploy["speedup"]) == {"batch_1", "batch_32"}
+    # chosen on medians timed apart, then timed again run by run next to each other (2 runs: no interval)
+    assert deploy["speedup_timing"] == "paired" and deploy["speedup_interval"] == {"batch_1": None, "batch_32": None}
     cpu = report["run"]["cpu"]
     assert cpu["name"] and isinstance(cpu["bf16_native"], bool)
     markdown = (pipeline["out"] / "final_report.md").read_text()
@@ -444,6 +446,22 @@ def test_headline_speedup_is_the_paired_one_with_its_interval():
     assert head["latency_speedup_batch_32"] == 2.5 and head["speedup_interval"] == [2.25, 2.75]
     assert "runs 2.50x as fast at batch 32" in head["sentence"]
     assert "95% interval [2.25, 2.75] over paired timed runs" in head["sentence"]
+    # the deployment line: the pair timed again, next to each other, replaces the ratio of medians timed apart
+    from common.report.compare import deployment
+
+    for name, ms in (("pruned_model", 4.0), ("student_model", 20.0)):
+        models[name] = dict(record, artifacts={"pytorch": {"latency_ms": {"batch_32": ms}, "accuracy": 0.9,
+                                                           "size_mb": 1.0}})
+    timing = {"final": {"model": "pruned_model", "artifact": "pytorch"},
+              "student": {"model": "student_model", "artifact": "pytorch"},
+              "speedup": {"batch_32": {"speedup": 4.5, "ci": [4.25, 4.75], "coverage": 0.98, "runs": 10}}}
+    models["pruned_quantized_final"]["artifacts"] = models["distilled_quantized_student"]["artifacts"] = {}
+    deploy = deployment(models, cpu, timing)
+    assert deploy["speedup"] == {"batch_32": 4.5} and deploy["speedup_timing"] == "paired"
+    assert "4.50x as fast at batch 32 (95% interval [4.25, 4.75] over paired timed runs; median 4 vs 20 ms)" \
+        in deploy["sentence"]
+    timing["student"]["artifact"] = "onnx_int8"  # timed for another pair: not used
+    assert deployment(models, cpu, timing)["speedup"] == {"batch_32": 5.0}
     del models["pruned_quantized_final"]["speedup_vs_reference"]
     head, _ = headline(models, cpu=cpu)
     assert head["latency_speedup_batch_32"] == 3.0 and "speedup_interval" not in head

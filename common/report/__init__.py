@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 
 from common.report.chart import plot_report
-from common.report.compare import build_report, headline, write_json
+from common.report.compare import build_report, deployment_pair, headline, write_json
 from common.paths import STAGE_FOLDERS
 from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
                                     recorded_preset, report_dir, seed_group)
 from common.report.markdown import markdown_report, write_text
 from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, busy_cores, fp32_twin,
                                    latency_indices, load_average, load_eval_files, machine_busy, measure_model,
-                                   timing_reference)
+                                   time_pair, timing_reference)
 from common.stage import StageError
 
 logger = logging.getLogger("dpq")
@@ -95,9 +95,14 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
         if needs:  # measured on its own; what it was compared with or counted through is gone
             r["warnings"].append(f"made from {', '.join(needs)}, which was skipped; GFLOPs: {r['gflops_source']}")
         notes += [f"{name}: {w}" for w in r["warnings"]]
+    deploy_timing, pair = None, deployment_pair(models)
+    if pair:  # the fastest artifacts were chosen on medians timed apart; their speed-up is timed again, paired
+        (fn, fa), (sn, sa) = pair
+        deploy_timing = {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
+                         **time_pair((models[fn]["folder"], fa), (models[sn]["folder"], sa), validation, settings)}
     report = build_report(models, sentences=[s for s, _ in validation], settings=settings, dataset=dataset,
                           eval_files=eval_files, preset=preset, quick=quick, skipped=skipped, notes=notes,
-                          constants=constants, wall_time_s=time.time() - started)
+                          constants=constants, wall_time_s=time.time() - started, deploy_timing=deploy_timing)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(report, out_dir / REPORT_JSON)

@@ -231,7 +231,8 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
 # Headline
 
 
-def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = BASELINE, final: str = FINAL):
+def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = BASELINE, final: str = FINAL,
+             deploy_timing: dict = None):
     """(headline dict or None, reason when None): the final model against the standard quantized student, then
     one line for deployment: the fastest artifact of the final model against the fastest of the student."""
     missing = [n for n in (baseline, final) if n not in models]
@@ -266,7 +267,7 @@ def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = B
         result["stale"] = stale
         result["sentence"] += (f" Caveat: {' and '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (built "
                                f"from inputs that changed since; see the warnings for what to rerun).")
-    deploy = deployment(models, cpu)
+    deploy = deployment(models, cpu, deploy_timing)
     if deploy:
         result["deployment"] = deploy
     return result, None
@@ -286,24 +287,49 @@ def fastest_artifact(models: dict, names) -> tuple | None:
     return best[1:] if best else None
 
 
-def deployment(models: dict, cpu: dict) -> dict | None:
-    """The final model's fastest CPU artifact (any form of pruned_model: PyTorch fp32, 4-bit, ONNX) against the
-    student's fastest (any form of student_model), with accuracies and the speed-up at each batch size."""
+def deployment_pair(models: dict) -> tuple | None:
+    """((model, artifact), (model, artifact)): the final model's fastest CPU artifact (any form of pruned_model:
+    PyTorch fp32, 4-bit, ONNX) and the student's fastest (any form of student_model); None without both."""
     final = fastest_artifact(models, [STAGE_FOLDERS["pruned"], FINAL])
     student = fastest_artifact(models, [STAGE_FOLDERS["student"], BASELINE])
-    if not final or not student:
+    return ((final[0], final[1]), (student[0], student[1])) if final and student else None
+
+
+def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
+    """The `deployment_pair` with accuracies and the speed-up at each batch size. `timing`: {"final", "student",
+    "speedup": {batch key: {speedup, ci, ...}}} from timing that pair again, run by run next to each other, after
+    the choice (`common.report.measure.time_pair`); without it, the ratio of the two artifacts' medians."""
+    pair = deployment_pair(models)
+    if not pair:
         return None
-    (fn, fa, fr), (sn, sa, sr) = final, student
-    speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"] if k in sr["latency_ms"]}
-    words = ", ".join((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} "
-                      f"({fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)" for k, v in speedups.items())
+    (fn, fa), (sn, sa) = pair
+    fr, sr = models[fn]["artifacts"][fa], models[sn]["artifacts"][sa]
+    paired = (timing or {}).get("speedup") if timing and (timing["final"], timing["student"]) == (
+        {"model": fn, "artifact": fa}, {"model": sn, "artifact": sa}) else None
+    if paired:
+        speedups = {k: round(v["speedup"], 2) for k, v in paired.items()}
+        intervals = {k: v["ci"] for k, v in paired.items()}
+    else:
+        speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"]
+                    if k in sr["latency_ms"]}
+        intervals = {}
+
+    def said(k, v):
+        ci = intervals.get(k)
+        return ((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} ("
+                + (f"95% interval [{ci[0]:.2f}, {ci[1]:.2f}] over paired timed runs; " if ci else "")
+                + f"median {fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)")
+
+    words = ", ".join(said(k, v) for k, v in speedups.items())
     sentence = (f"On this CPU ({cpu_words(cpu)}), the final model's fastest artifact, "
                 f"{artifact_label(fn, fa)} ({fr['accuracy']:.2%}, {fr['size_mb']:.3g} MiB), runs {words} against "
                 f"the student's fastest, {artifact_label(sn, sa)} ({sr['accuracy']:.2%}, {sr['size_mb']:.3g} MiB).")
     return {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
             "final_accuracy": fr["accuracy"], "student_accuracy": sr["accuracy"],
             "final_size_mb": fr["size_mb"], "student_size_mb": sr["size_mb"],
-            "speedup": speedups, "selection": "lowest geometric mean of the median latencies over the batch sizes",
+            "speedup": speedups, "speedup_interval": intervals, "speedup_timing": "paired" if paired else "apart",
+            "selection": "lowest geometric mean of the median latencies over the batch sizes; the speed-up is "
+                         "then timed again with the two run by run next to each other",
             "sentence": sentence}
 
 
@@ -339,14 +365,15 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
 
 
 def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
-                 skipped: dict, notes: list, constants: dict, wall_time_s: float) -> dict:
-    """final_report.json as a dict; `sentences`: the validation sentences the models were scored on, in order."""
+                 skipped: dict, notes: list, constants: dict, wall_time_s: float, deploy_timing: dict = None) -> dict:
+    """final_report.json as a dict; `sentences`: the validation sentences the models were scored on, in order;
+    `deploy_timing`: the deployment pair timed next to each other (`deployment`)."""
     cpu = cpu_info()
     comps = comparisons(models, eval_files, settings["seed"])
     groups = seed_groups(models, settings["seed"])
     frontier = frontier_summary(models, groups, settings["seed"])
     pruned_pairs = [(a, b) for kind, (a, _), (b, _) in comparison_pairs(models) if kind == "pruned vs student"]
-    head, reason = headline(models, comps, cpu)
+    head, reason = headline(models, comps, cpu, deploy_timing=deploy_timing)
     report = {
         "run": {
             "preset": preset,

@@ -307,6 +307,31 @@ def timed_inputs(tokenizer, sentences, settings: dict) -> dict:
             for batch in settings["latency_batches"]}
 
 
+def artifact_runner(folder, artifact: str):
+    """One artifact of a folder, ready to run: the PyTorch model ("pytorch") or an ONNX Runtime session."""
+    if artifact == "pytorch":
+        return load_model(Path(folder)).eval()
+    return OnnxClassifier(exported_artifacts(folder)[artifact], threads=torch.get_num_threads())
+
+
+def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
+    """The deployment pair ((folder, artifact) of the final model, of the student), timed again run by run next to
+    each other (`time_paired`): {"speedup": {batch key: {speedup, ci, coverage, runs}}}."""
+    (final_folder, final_artifact), (student_folder, student_artifact) = final, student
+    sentences = [s for s, _ in validation]
+    runners = [artifact_runner(final_folder, final_artifact), artifact_runner(student_folder, student_artifact)]
+    inputs = [timed_inputs(load_tokenizer(Path(f)), sentences, settings) for f in (final_folder, student_folder)]
+    out = {}
+    for batch in settings["latency_batches"]:
+        d = time_paired(runners[0], inputs[0][batch], runners[1], inputs[1][batch], settings["latency_runs"],
+                        settings["warmup_runs"])
+        out[f"batch_{batch}"] = {"speedup": round(d["speedup"], 4),
+                                 "ci": [round(v, 4) for v in d["speedup_ci"]] if d["speedup_ci"] else None,
+                                 "coverage": d["speedup_coverage"] and round(d["speedup_coverage"], 4),
+                                 "runs": d["runs"]}
+    return {"speedup": out}
+
+
 def timing_reference(name: str, folder, validation, settings: dict) -> TimingReference:
     """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision."""
     return TimingReference(name, load_model(Path(folder)).eval(),
