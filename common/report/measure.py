@@ -291,6 +291,13 @@ def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: in
                 speedup_coverage=speed["coverage"])
 
 
+def speedup_record(detail: dict) -> dict:
+    """What the report keeps of a `time_paired` result: speed-up, its interval and coverage, runs (rounded)."""
+    return {"speedup": round(detail["speedup"], 4),
+            "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
+            "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4), "runs": detail["runs"]}
+
+
 class TimingReference(NamedTuple):
     """The model every other model of its precision is timed next to (`time_paired`): its folder name, the loaded
     model, and its timed inputs by batch size."""
@@ -325,10 +332,7 @@ def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
     for batch in settings["latency_batches"]:
         d = time_paired(runners[0], inputs[0][batch], runners[1], inputs[1][batch], settings["latency_runs"],
                         settings["warmup_runs"])
-        out[f"batch_{batch}"] = {"speedup": round(d["speedup"], 4),
-                                 "ci": [round(v, 4) for v in d["speedup_ci"]] if d["speedup_ci"] else None,
-                                 "coverage": d["speedup_coverage"] and round(d["speedup_coverage"], 4),
-                                 "runs": d["runs"]}
+        out[f"batch_{batch}"] = speedup_record(d)
     return {"speedup": out}
 
 
@@ -407,11 +411,8 @@ def measure_runner(runner, loader, file_loaders: dict, timed: dict, settings: di
         if reference is not None and batch in reference.inputs:
             detail = time_paired(runner, inputs, reference.model, reference.inputs[batch], settings["latency_runs"],
                                  settings["warmup_runs"])
-            record["speedup_vs_reference"][f"batch_{batch}"] = {
-                "reference": reference.name, "speedup": round(detail["speedup"], 4),
-                "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
-                "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4),
-                "runs": detail["runs"]}
+            record["speedup_vs_reference"][f"batch_{batch}"] = {"reference": reference.name,
+                                                                **speedup_record(detail)}
         else:
             detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
         record["latency_ms"][f"batch_{batch}"] = round(detail["median_ms"], 3)
