@@ -40,8 +40,10 @@ EVAL_BATCH_SIZE = 128            # accuracy evaluation batch (does not change ac
 MAX_LENGTH = 128                 # tokenization limit for accuracy, GFLOPs per sentence and latency inputs
 FLOPS_SEQ_LEN = 128              # sequence length of the headline GFLOPs figure (batch 1)
 LATENCY_BATCH_SIZES = (1, 32)    # batch sizes timed (the headline uses the largest)
-LATENCY_RUNS = 10                # timed forward passes per batch size; the median is reported (>= 10); each
-                                 # paired with one of the student's (so a model costs twice this many runs)
+LATENCY_RUNS = 20                # timed forward passes per batch size; the median is reported (>= 10); each
+                                 # paired with one of the student's (so a model costs twice this many runs).
+                                 # 20 runs: the speed-up's 95% interval is the 6th to 15th ratio, so up to 5
+                                 # hiccups of the machine on either side do not widen it (10 runs: 2nd to 9th)
 WARMUP_RUNS = 3                  # untimed forward passes first
 THREADS = 0                      # torch CPU threads while measuring; 0 = torch's default (all cores).
                                  # On a machine shared with other jobs, THREADS=1 avoids oversubscription

@@ -438,14 +438,16 @@ def test_headline_speedup_is_the_paired_one_with_its_interval():
     record = {"gflops": 1.0, "accuracy": 0.9, "size_mb": 1.0, "stale": False,
               "latency_ms": {"batch_1": 1.0, "batch_32": 10.0}}
     paired = {"batch_32": {"reference": "distilled_quantized_student", "speedup": 2.5, "ci": [2.25, 2.75],
-                           "coverage": 0.9785, "runs": 10}}
+                           "coverage": 0.9785, "runs": 10, "median_ms": 12.0, "reference_median_ms": 30.5}}
     models = {"distilled_quantized_student": dict(record, gflops=2.0, latency_ms={"batch_1": 2.0, "batch_32": 30.0}),
               "pruned_quantized_final": dict(record, speedup_vs_reference=paired)}
     cpu = {"name": "cpu", "logical_cores": 2, "flags": [], "bf16_native": False}
     head, _ = headline(models, cpu=cpu)
     assert head["latency_speedup_batch_32"] == 2.5 and head["speedup_interval"] == [2.25, 2.75]
     assert "runs 2.50x as fast at batch 32" in head["sentence"]
-    assert "95% interval [2.25, 2.75] over paired timed runs" in head["sentence"]
+    # the two medians of that paired run, not those timed apart (10 vs 30 ms), which could even disagree
+    assert ("(timed paired, run by run: median 12 vs 30.5 ms, 95% interval of the speed-up [2.25, 2.75])"
+            in head["sentence"])
     # the deployment line: the pair timed again, next to each other, replaces the ratio of medians timed apart
     from common.report.compare import deployment
 
@@ -454,15 +456,16 @@ def test_headline_speedup_is_the_paired_one_with_its_interval():
                                                            "size_mb": 1.0}})
     timing = {"final": {"model": "pruned_model", "artifact": "pytorch"},
               "student": {"model": "student_model", "artifact": "pytorch"},
-              "speedup": {"batch_32": {"speedup": 4.5, "ci": [4.25, 4.75], "coverage": 0.98, "runs": 10}}}
+              "speedup": {"batch_32": {"speedup": 4.5, "ci": [4.25, 4.75], "coverage": 0.98, "runs": 10,
+                                       "median_ms": 4.4, "reference_median_ms": 19.0}}}
     models["pruned_quantized_final"]["artifacts"] = models["distilled_quantized_student"]["artifacts"] = {}
     deploy = deployment(models, cpu, timing)
     assert deploy["speedup"] == {"batch_32": 4.5} and deploy["speedup_timing"] == "paired"
-    assert "4.50x as fast at batch 32 (95% interval [4.25, 4.75] over paired timed runs; median 4 vs 20 ms)" \
-        in deploy["sentence"]
+    assert ("4.50x as fast at batch 32 (timed paired, run by run: median 4.4 vs 19 ms, 95% interval of the speed-up "
+            "[4.25, 4.75])") in deploy["sentence"]
     timing["student"]["artifact"] = "onnx_int8"  # timed for another pair: not used
     assert deployment(models, cpu, timing)["speedup"] == {"batch_32": 5.0}
     del models["pruned_quantized_final"]["speedup_vs_reference"]
     head, _ = headline(models, cpu=cpu)
     assert head["latency_speedup_batch_32"] == 3.0 and "speedup_interval" not in head
-    assert "paired timed runs" not in head["sentence"]
+    assert "(median 10 vs 30 ms, timed apart)" in head["sentence"] and "timed paired" not in head["sentence"]

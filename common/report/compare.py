@@ -259,6 +259,7 @@ def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = B
         if paired_speed and paired_speed["reference"] == baseline:  # timed next to the baseline, run by run
             result[f"latency_speedup_{big}"] = round(paired_speed["speedup"], 3)
             result["speedup_interval"] = paired_speed["ci"]
+            result["paired_medians_ms"] = [paired_speed["median_ms"], paired_speed["reference_median_ms"]]
         else:
             result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
     result["sentence"] = headline_sentence(result, b, f)
@@ -315,10 +316,9 @@ def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
         intervals = {}
 
     def said(k, v):
-        ci = intervals.get(k)
+        medians = [paired[k]["median_ms"], paired[k]["reference_median_ms"]] if paired else None
         return ((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} ("
-                + (f"95% interval [{ci[0]:.2f}, {ci[1]:.2f}] over paired timed runs; " if ci else "")
-                + f"median {fr['latency_ms'][k]:.3g} vs {sr['latency_ms'][k]:.3g} ms)")
+                + _timing_words(intervals.get(k), medians, (fr["latency_ms"][k], sr["latency_ms"][k])) + ")")
 
     words = ", ".join(said(k, v) for k, v in speedups.items())
     sentence = (f"On this CPU ({cpu_words(cpu)}), the final model's fastest artifact, "
@@ -331,6 +331,15 @@ def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
             "selection": "lowest geometric mean of the median latencies over the batch sizes; the speed-up is "
                          "then timed again with the two run by run next to each other",
             "sentence": sentence}
+
+
+def _timing_words(ci, paired_medians, medians) -> str:
+    """How a speed-up was timed, for a sentence: the paired run's two medians and the interval, or the two medians
+    timed apart."""
+    if paired_medians:
+        return (f"timed paired, run by run: median {paired_medians[0]:.3g} vs {paired_medians[1]:.3g} ms"
+                + (f", 95% interval of the speed-up [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    return f"median {medians[0]:.3g} vs {medians[1]:.3g} ms, timed apart"
 
 
 def headline_sentence(h: dict, b: dict, f: dict) -> str:
@@ -356,11 +365,9 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
         key = speed[0]
         batch = key.replace("latency_speedup_", "")
         speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
-        ci = h.get("speedup_interval")
-        how = (f"; speed-up {h[key]:.2f}x, 95% interval [{ci[0]:.2f}, {ci[1]:.2f}] over paired timed runs" if ci
-               else "")
-        parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) "
-                     f"(median {f['latency_ms'][batch]:.3g} vs {b['latency_ms'][batch]:.3g} ms{how})")
+        parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) ("
+                     + _timing_words(h.get("speedup_interval"), h.get("paired_medians_ms"),
+                                     (f["latency_ms"][batch], b["latency_ms"][batch])) + ")")
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 

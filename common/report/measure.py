@@ -292,10 +292,12 @@ def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: in
 
 
 def speedup_record(detail: dict) -> dict:
-    """What the report keeps of a `time_paired` result: speed-up, its interval and coverage, runs (rounded)."""
+    """What the report keeps of a `time_paired` result: speed-up, its interval and coverage, runs, and the two
+    medians of that paired run (rounded)."""
     return {"speedup": round(detail["speedup"], 4),
             "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
-            "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4), "runs": detail["runs"]}
+            "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4), "runs": detail["runs"],
+            "median_ms": round(detail["median_ms"], 3), "reference_median_ms": round(detail["reference_median_ms"], 3)}
 
 
 class TimingReference(NamedTuple):
