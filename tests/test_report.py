@@ -335,6 +335,16 @@ def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
         if artifact != "pytorch":
             assert record["size_bytes"] == (folder / record["file"]).stat().st_size
     assert final["artifacts"]["onnx_int8"]["size_bytes"] < final["artifacts"]["onnx_fp32"]["size_bytes"]
+    # each export timed run by run next to the student's export of the same kind; the student's own exports alone
+    for artifact in ("onnx_fp32", "onnx_int8"):
+        paired = final["artifacts"][artifact]["speedup_vs_reference"]
+        assert set(paired) == {"batch_1", "batch_32"}
+        assert all(p["reference"] == "distilled_quantized_student" and p["speedup"] > 0 for p in paired.values())
+        assert models["distilled_quantized_student"]["artifacts"][artifact]["speedup_vs_reference"] == {}
+    assert final["artifacts"]["pytorch"]["speedup_vs_reference"]["batch_32"]["reference"] == \
+        "distilled_quantized_student"
+    markdown = (pipeline["out"] / "final_report.md").read_text()
+    assert "vs `distilled_quantized_student [onnx_int8]` |" in markdown
     # the fp32 export predicts what its PyTorch source predicts: the paired test finds no disagreement
     fp32 = [c for c in report["comparisons"] if (c["a"], c["a_artifact"], c["evaluation"])
             == ("pruned_quantized_final", "onnx_fp32", "validation")]

@@ -11,7 +11,8 @@ project's one loader (`common.modeling.load_model`: plain, pruned or 4-bit) and 
   sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model).
   The student of each precision (student_model, distilled_quantized_student) is measured first and kept
   loaded; every other PyTorch model's runs are interleaved one by one with its reference's (`time_paired`),
-  so its speed-up over the student is the median of paired ratios with a distribution-free 95% interval;
+  so its speed-up over the student is the median of paired ratios with a distribution-free 95% interval
+  (each ONNX export likewise next to the same export of the student, where it ships one);
 - architecture counted from the modules themselves: layers, attention heads kept, FFN neurons kept.
 
 Then `build_report` assembles final_report.json (sorted keys, indented), `headline` compares the final model
@@ -41,7 +42,7 @@ from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG
 from common.report.markdown import markdown_report, write_text
 from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, busy_cores, fp32_twin,
                                    latency_indices, load_average, load_eval_files, machine_busy, measure_model,
-                                   time_pair, timing_reference)
+                                   time_pair, timing_references)
 from common.stage import StageError
 
 logger = logging.getLogger("dpq")
@@ -85,7 +86,7 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
             skipped[name] = str(err)
             continue
         if name in timing_refs and measured[name]["bits"] == timing_refs[name]:
-            references[timing_refs[name]] = timing_reference(name, folder, validation, settings)
+            references.update(timing_references(name, folder, validation, settings, timing_refs[name]))
     references.clear()
     models = {name: measured[name] for name, _ in found if name in measured}  # in discovery order
     if not models:

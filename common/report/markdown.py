@@ -244,22 +244,36 @@ def artifact_table(report: dict, batch_keys) -> list:
     """Every runnable artifact of every model, timed on the same inputs and threads in this run."""
     run = report["run"]
     cpu = run.get("cpu")
+    big = batch_keys[-1] if batch_keys else None
     lines = ["## Deployment artifacts", "",
              f"Each artifact measured by running it: accuracy on the same {report['dataset']['n']} sentences (95% "
              f"bootstrap interval), size of its weight file(s), CPU latency on the same inputs with "
              f"{run['threads']} threads" + (f" on {cpu_words(cpu)}" if cpu else "") + ". PyTorch 4-bit is "
              "bitsandbytes NF4 (dequantized to the compute dtype on every forward); ONNX int8 is ONNX Runtime "
-             "dynamic quantization.", "",
+             "dynamic quantization. Speed-up: timed paired, run by run, next to the artifact named (the student "
+             "of the same precision, or the student's export of the same kind): the median ratio of their times "
+             "[distribution-free 95% interval over the runs].", "",
              "| model | artifact | runtime | accuracy (%) | 95% interval | size (MiB) | "
-             + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys) + " |",
-             "|---|---|---|---:|---:|---:|" + "---:|" * len(batch_keys)]
+             + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
+             + (f" | speed-up at {big.replace('_', ' ')} |" if big else " |"),
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(batch_keys) + ("---|" if big else "")]
     for name, r in report["models"].items():
         for artifact, a in r.get("artifacts", {}).items():
             low, high = a["accuracy_ci"]
             lines.append(f"| `{name}` | {a['precision']} | {a['runtime']} | {a['accuracy'] * 100:.2f} | "
                          f"[{low * 100:.1f}, {high * 100:.1f}] | {a['size_mb']:.4g} | "
-                         + " | ".join(f"{a['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys) + " |")
+                         + " | ".join(f"{a['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys)
+                         + (f" | {_artifact_speedup(a, artifact, big)} |" if big else " |"))
     return lines + [""]
+
+
+def _artifact_speedup(a: dict, artifact: str, big: str) -> str:
+    """'1.44x [1.40, 1.51] vs `student_model`' for an artifact timed paired at batch `big`; '' otherwise."""
+    paired = (a.get("speedup_vs_reference") or {}).get(big)
+    if not paired:
+        return ""
+    ci = f" [{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}]" if paired["ci"] else ""
+    return f"{paired['speedup']:.2f}x{ci} vs `{artifact_label(paired['reference'], artifact)}`"
 
 
 def comparison_table(report: dict) -> list:

@@ -338,10 +338,14 @@ def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
     return {"speedup": out}
 
 
-def timing_reference(name: str, folder, validation, settings: dict) -> TimingReference:
-    """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision."""
-    return TimingReference(name, load_model(Path(folder)).eval(),
-                           timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings))
+def timing_references(name: str, folder, validation, settings: dict, bits: int) -> dict:
+    """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision
+    ({bits: reference}), and each ONNX export it ships as the reference of that artifact ({"onnx_int8": ...})."""
+    inputs = timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings)
+    out = {bits: TimingReference(name, load_model(Path(folder)).eval(), inputs)}
+    for artifact, path in exported(folder, []).items():
+        out[artifact] = TimingReference(name, OnnxClassifier(path, threads=torch.get_num_threads()), inputs)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,9 +439,10 @@ def exported(folder, notes: list) -> dict:
 def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root,
                   references: dict = None) -> dict:
     """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len,
-    latency_batches, latency_runs, warmup_runs, seed. `references`: {bits: TimingReference}; the PyTorch model is
-    timed paired with the one of its precision (a 4-bit model with the fp32 one when there is no 4-bit one),
-    unless it is that reference itself."""
+    latency_batches, latency_runs, warmup_runs, seed. `references` (`timing_references`): {bits or ONNX artifact:
+    TimingReference}; the PyTorch model is timed paired with the one of its precision (a 4-bit model with the fp32
+    one when there is no 4-bit one), each ONNX export with the reference's export of the same kind, unless this
+    folder is that reference itself."""
     folder = Path(folder)
     meta, notes = folder_status(folder)
     config = _config_dict(folder)
@@ -474,7 +479,10 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
                                  size_bytes=weight_bytes(folder), file="model*.safetensors")}
     for artifact, path in exported(folder, notes).items():
         runner = OnnxClassifier(path, threads=torch.get_num_threads())
-        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings),
+        onnx_reference = references.get(artifact)
+        if onnx_reference is not None and onnx_reference.name == name:
+            onnx_reference = None
+        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings, onnx_reference),
                                    runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
                                    size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
     for record in artifacts.values():
