@@ -34,9 +34,9 @@ import logging
 import time
 from pathlib import Path
 
+from common.paths import STAGE_FOLDERS
 from common.report.chart import plot_report
 from common.report.compare import build_report, deployment_pair, headline, write_json
-from common.paths import STAGE_FOLDERS
 from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
                                     recorded_preset, report_dir, seed_group)
 from common.report.markdown import markdown_report, write_text
