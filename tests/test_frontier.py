@@ -3,6 +3,7 @@ common.pruning), their 4-bit twins (9_quantize_pruned_model.py) and the report's
 tiny random BERT pipeline built here (tiny SST-2-like data, 2-layer student, 3-layer teacher)."""
 
 import json
+import re
 import runpy
 import shutil
 import subprocess
@@ -220,6 +221,8 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
             assert all(p["reference"] == speed["reference"] and p["runs"] == 2 and p["ci"] is None for p in paired)
             assert speed[k] == pytest.approx(sum(p["speedup"] for p in paired) / len(paired), abs=1e-3)
             assert row["speedup_detail"][k]["paired"]
+            spread = row["speedup_detail"][k]["seed_spread"]  # the speed-up's spread across the two seeds
+            assert spread["n_seeds"] == 2 and spread["mean"] == pytest.approx(speed[k], abs=1e-3)
     assert models["student_model"]["speedup_vs_reference"] == {}  # the reference is timed alone
     assert models["distilled_quantized_student"]["speedup_vs_reference"]["batch_32"]["reference"] == "student_model"
     assert len(report["frontier"]["frontier_runs"]) == 2
@@ -227,6 +230,7 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     md = (frontier["root"] / "report" / "final_report.md").read_text()
     assert "## Accuracy-compute frontier" in md and "## Seeds" in md and "(2 seeds)" in md
     assert "magnitude one-shot (baseline)" in md and "ours - magnitude" in md and "the seed spread" in md
+    assert re.search(r"\| \d+\.\d\d ± \d+\.\d\dx \|", md)  # speed-up: mean ± s.d. over the two seeds (2 runs: no interval)
     png = frontier["root"] / "report" / "final_report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the chart's accuracy-by-length panel: one line per fp32 row of the method (seed means), plus the student

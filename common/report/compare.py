@@ -119,7 +119,8 @@ def _group_speedup(models: dict, names: list, reference: str, latency_ms: dict) 
         if all(p and p["reference"] == reference for p in paired):
             speed[k] = round(statistics.fmean(p["speedup"] for p in paired), 4)
             detail[k] = {"paired": True, "per_seed": [{"model": n, "speedup": p["speedup"], "ci": p["ci"]}
-                                                      for n, p in zip(names, paired)]}
+                                                      for n, p in zip(names, paired)],
+                         "seed_spread": seed_spread([p["speedup"] for p in paired])}
         elif k in models[reference]["latency_ms"] and v > 0:
             speed[k] = round(models[reference]["latency_ms"][k] / v, 4)
             detail[k] = {"paired": False}

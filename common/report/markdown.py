@@ -121,7 +121,10 @@ def _speedup(row: dict, batch_keys) -> str:
         return ""
     detail = (row.get("speedup_detail") or {}).get(big) or {}
     ci = detail["per_seed"][0]["ci"] if detail.get("paired") else None
-    return f"{speed[big]:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "" if detail.get("paired") else " (unpaired)")
+    spread = detail.get("seed_spread") or {"n_seeds": 1}
+    sd = f" ± {spread['std']:.2f}" if spread["n_seeds"] >= 2 else ""
+    return (f"{speed[big]:.2f}{sd}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "" if detail.get("paired")
+                                        else " (unpaired)"))
 
 
 def frontier_table(report: dict, batch_keys) -> list:
@@ -142,9 +145,9 @@ def frontier_table(report: dict, batch_keys) -> list:
                   "with the baseline of the same seed, and whether the difference of the seed means exceeds the "
                   "larger seed-to-seed s.d.). Latency: PyTorch, as in the table above; speed-up at the largest batch "
                   "over the student of the same precision: each model's timed runs alternate one by one with the "
-                  "student's, and the speed-up is the median of the per-run ratios (mean over seeds); the bracket is "
-                  "its distribution-free 95% interval over the timed runs, for the first seed's model (timing "
-                  "noise on this machine, not seed spread).", "",
+                  "student's, and the speed-up is the median of the per-run ratios (mean ± s.d. over seeds); the "
+                  "bracket is its distribution-free 95% interval over the timed runs, for the first seed's model "
+                  "(timing noise on this machine, not seed spread).", "",
                   "| target | model | method | bits | GFLOPs cut | accuracy (%) | 95% interval | vs student (points) | "
                   "ours - magnitude (points) | " + " | ".join(f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys)
                   + " | speed-up |", "|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(batch_keys) + 1)]
