@@ -306,7 +306,7 @@ def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
         return None
     (fn, fa), (sn, sa) = pair
     fr, sr = models[fn]["artifacts"][fa], models[sn]["artifacts"][sa]
-    paired = (timing or {}).get("speedup") if timing and (timing["final"], timing["student"]) == (
+    paired = timing["speedup"] if timing and (timing["final"], timing["student"]) == (
         {"model": fn, "artifact": fa}, {"model": sn, "artifact": sa}) else None
     if paired:
         speedups = {k: round(v["speedup"], 2) for k, v in paired.items()}

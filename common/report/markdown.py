@@ -120,11 +120,16 @@ def _speedup(row: dict, batch_keys) -> str:
     if big not in speed:
         return ""
     detail = (row.get("speedup_detail") or {}).get(big) or {}
-    ci = detail["per_seed"][0]["ci"] if detail.get("paired") else None
-    spread = detail.get("seed_spread") or {"n_seeds": 1}
+    if not detail.get("paired"):
+        return f"{speed[big]:.2f}x (unpaired)"
+    spread = detail["seed_spread"]
     sd = f" ± {spread['std']:.2f}" if spread["n_seeds"] >= 2 else ""
-    return (f"{speed[big]:.2f}{sd}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "" if detail.get("paired")
-                                        else " (unpaired)"))
+    return f"{speed[big]:.2f}{sd}x" + _bracket(detail["per_seed"][0]["ci"])
+
+
+def _bracket(ci) -> str:
+    """' [1.40, 1.51]' for a speed-up interval; '' when there is none (too few timed runs)."""
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
 def frontier_table(report: dict, batch_keys) -> list:
@@ -275,8 +280,7 @@ def _artifact_speedup(a: dict, artifact: str, big: str) -> str:
     paired = (a.get("speedup_vs_reference") or {}).get(big)
     if not paired:
         return ""
-    ci = f" [{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}]" if paired["ci"] else ""
-    return f"{paired['speedup']:.2f}x{ci} vs `{artifact_label(paired['reference'], artifact)}`"
+    return f"{paired['speedup']:.2f}x{_bracket(paired['ci'])} vs `{artifact_label(paired['reference'], artifact)}`"
 
 
 def comparison_table(report: dict) -> list:

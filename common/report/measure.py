@@ -323,29 +323,37 @@ def artifact_runner(folder, artifact: str):
     return OnnxClassifier(exported_artifacts(folder)[artifact], threads=torch.get_num_threads())
 
 
+def folder_timed_inputs(folder, validation, settings: dict) -> dict:
+    """`timed_inputs` of the validation rows, tokenized by the folder's own tokenizer."""
+    return timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings)
+
+
 def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
     """The deployment pair ((folder, artifact) of the final model, of the student), timed again run by run next to
     each other (`time_paired`): {"speedup": {batch key: {speedup, ci, coverage, runs}}}."""
     (final_folder, final_artifact), (student_folder, student_artifact) = final, student
-    sentences = [s for s, _ in validation]
-    runners = [artifact_runner(final_folder, final_artifact), artifact_runner(student_folder, student_artifact)]
-    inputs = [timed_inputs(load_tokenizer(Path(f)), sentences, settings) for f in (final_folder, student_folder)]
-    out = {}
-    for batch in settings["latency_batches"]:
-        d = time_paired(runners[0], inputs[0][batch], runners[1], inputs[1][batch], settings["latency_runs"],
-                        settings["warmup_runs"])
-        out[f"batch_{batch}"] = speedup_record(d)
-    return {"speedup": out}
+    runner, reference = artifact_runner(final_folder, final_artifact), artifact_runner(student_folder, student_artifact)
+    inputs = folder_timed_inputs(final_folder, validation, settings)
+    reference_inputs = folder_timed_inputs(student_folder, validation, settings)
+    return {"speedup": {f"batch_{batch}": speedup_record(time_paired(runner, inputs[batch], reference,
+                                                                     reference_inputs[batch],
+                                                                     settings["latency_runs"], settings["warmup_runs"]))
+                        for batch in settings["latency_batches"]}}
 
 
 def timing_references(name: str, folder, validation, settings: dict, bits: int) -> dict:
     """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision
     ({bits: reference}), and each ONNX export it ships as the reference of that artifact ({"onnx_int8": ...})."""
-    inputs = timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings)
-    out = {bits: TimingReference(name, load_model(Path(folder)).eval(), inputs)}
-    for artifact, path in exported(folder, []).items():
-        out[artifact] = TimingReference(name, OnnxClassifier(path, threads=torch.get_num_threads()), inputs)
-    return out
+    inputs = folder_timed_inputs(folder, validation, settings)
+    artifacts = {bits: "pytorch", **{artifact: artifact for artifact in exported(folder, [])}}
+    return {key: TimingReference(name, artifact_runner(folder, artifact), inputs)
+            for key, artifact in artifacts.items()}
+
+
+def _reference_for(references: dict, name: str, *keys):
+    """The first of `references[key]` present, unless it is folder `name` itself (a reference is timed alone)."""
+    reference = next((references[key] for key in keys if key in references), None)
+    return None if reference is None or reference.name == name else reference
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,18 +479,13 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
                     for path, rows in eval_files.items()}
     timed = timed_inputs(tokenizer, sentences, settings)
     references = references or {}
-    reference = references.get(bits) or references.get(32)
-    if reference is not None and reference.name == name:
-        reference = None
-    pytorch = measure_runner(model, loader, file_loaders, timed, settings, reference)
+    pytorch = measure_runner(model, loader, file_loaders, timed, settings, _reference_for(references, name, bits, 32))
     artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
                                  size_bytes=weight_bytes(folder), file="model*.safetensors")}
     for artifact, path in exported(folder, notes).items():
         runner = OnnxClassifier(path, threads=torch.get_num_threads())
-        onnx_reference = references.get(artifact)
-        if onnx_reference is not None and onnx_reference.name == name:
-            onnx_reference = None
-        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings, onnx_reference),
+        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings,
+                                                  _reference_for(references, name, artifact)),
                                    runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
                                    size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
     for record in artifacts.values():
