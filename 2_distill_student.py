@@ -10,13 +10,7 @@ Writes  models/student_model/            (DISTILL=True, the default)
 
 Student: for `minilm`, a BERT with every other teacher layer (0, 2, 4) plus the teacher's embeddings,
 pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`, distilbert-base-uncased.
-Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy, optionally plus a cosine loss
-between student and teacher last hidden states (HIDDEN_COSINE_WEIGHT > 0; needs equal hidden sizes and
-runs the teacher live, so an epoch costs about twice as much). The best state by held-out accuracy is kept.
-AUGMENT_PAIRS > 0 adds that many training inputs made of AUGMENT_ROWS training rows joined end to end, labelled by the
-teacher: the joined pairs of stage 8's frontier runs (common.distillation.with_joined_inputs, the same inputs and
-cache). Off by default: measured on seed 42 (2026-12-03), the student scored 88.99% against 88.30% (p 0.46), and the
-frontier pruned from it scored the same as from today's student at 20 to 90% (docs/frontier-screens.md).
+Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy. The best held-out state is kept.
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
@@ -29,14 +23,10 @@ Override any constant below as KEY=VALUE.
 import json
 import sys
 
-import torch
-import torch.nn.functional as F
-
-from common.config import (ConfigError, apply_preset, apply_quick, as_dict, at_least, check_constants, constants,
-                           each, env_flag, env_preset, in_range, int_range, parse_overrides)
-from common.data import encoded_splits, model_inputs, split_loaders
-from common.distillation import (kd_loss, kd_loss_fn, student_from_teacher_layers, teacher_logits_for,
-                                 with_joined_inputs)
+from common.config import (ConfigError, apply_defaults, as_dict, at_least, check_constants, constants, each, env_flag,
+                           env_preset, parse_overrides)
+from common.data import encoded_splits, split_loaders
+from common.distillation import kd_loss_fn, student_from_teacher_layers, teacher_logits_for
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.modeling_dpq import config_sizes
 from common.paths import models_root, seeded_stage_dir, stage_dir
@@ -51,7 +41,6 @@ STUDENT_LAYERS = (0, 2, 4)     # minilm preset: teacher layers the student start
 DISTILL = True                 # False: hard labels only, written to student_model_nodistill (ablation)
 TEMPERATURE = 2.0
 ALPHA = 0.5                    # weight of the soft-target loss; 1 - ALPHA on the hard labels
-HIDDEN_COSINE_WEIGHT = 0.0     # > 0 adds DistilBERT's cosine loss on last hidden states (off: no gain seen)
 EPOCHS = 2                     # one epoch reached 88.5% in a reference run; the target is >= 89
 LR = 1e-4
 BATCH_SIZE = 32
@@ -61,21 +50,13 @@ EVALS_PER_EPOCH = 4
 MAX_LENGTH = 128
 TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
-AUGMENT_PAIRS = 0              # > 0: this many extra training inputs, each AUGMENT_ROWS training rows (5+ tokens)
-                               # joined end to end and labelled by the teacher (soft targets, argmax as the hard
-                               # label; common.distillation.with_joined_inputs, the same pairs as stage 8's);
-                               # 0 = the training set alone. Needs DISTILL
-AUGMENT_ROWS = 2               # training rows joined into each of those inputs: 2 = pairs (median 29 tokens)
 SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
                                # others -> student_model_seed43, ...; () = only SEED
 # -----------------------------------------------------------------------------
-PRESET_VALUES = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2}}
-QUICK_VALUES = {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}
-_RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, ...)
+DEFAULTS_FOR = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2},  # by situation (common.config.apply_defaults)
+                "quick": {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}}
+_RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, SEEDS, ...)
     "STUDENT_LAYERS": each(at_least(0, "teacher layer indices"), distinct=True),
-    "HIDDEN_COSINE_WEIGHT": in_range(0, 100, what="weight of the hidden-state cosine loss; 0 = off"),
-    "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of joined training rows, 0 = none"),
-    "AUGMENT_ROWS": int_range(2, 4, what="training rows joined into each extra input: 2 = pairs, 3 = triples"),
 }
 
 
@@ -87,23 +68,6 @@ def build_student(cfg, teacher):
     if load_tokenizer(source).get_vocab() != load_tokenizer(stage_dir("teacher")).get_vocab():
         raise StageError(f"{source} and the teacher use different vocabularies; distillation needs one tokenizer")
     return student
-
-
-def hidden_cosine_loss_fn(teacher, teacher_logits, cfg):
-    """KD loss plus cosine distance between student and teacher last hidden states (non-pad tokens)."""
-
-    def loss_fn(model, batch):
-        inputs = model_inputs(batch)
-        out = model(**inputs, output_hidden_states=True)
-        with torch.no_grad():
-            teacher_hidden = teacher(**inputs, output_hidden_states=True).hidden_states[-1]
-        mask = inputs["attention_mask"].bool()
-        cosine = F.cosine_similarity(out.hidden_states[-1][mask], teacher_hidden[mask], dim=-1)
-        target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
-        loss = kd_loss(out.logits, target, batch["labels"], cfg.TEMPERATURE, cfg.ALPHA)
-        return loss + cfg.HIDDEN_COSINE_WEIGHT * (1.0 - cosine).mean()
-
-    return loss_fn
 
 
 def check_inputs(cfg, teacher_dir) -> dict:
@@ -128,38 +92,23 @@ def check_inputs(cfg, teacher_dir) -> dict:
 def main(argv=None):
     setup_logging()
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
-    apply_preset(cfg, PRESET_VALUES)
-    apply_quick(cfg, **QUICK_VALUES)
+    apply_defaults(cfg, DEFAULTS_FOR)
     check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
-    if cfg.AUGMENT_PAIRS and not cfg.DISTILL:
-        raise ConfigError(f"AUGMENT_PAIRS={cfg.AUGMENT_PAIRS} with DISTILL=False: the joined inputs are labelled by "
-                          f"the teacher, which a hard-label student does not use; set AUGMENT_PAIRS=0")
     teacher_dir = stage_dir("teacher")
     teacher_meta = check_inputs(cfg, teacher_dir)
-    seeds = check_seeds(cfg)
+    seeds = list(cfg.SEEDS) or [cfg.SEED]
     set_seed(cfg.SEED)
     tokenizer = load_tokenizer(teacher_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
     teacher = load_model(teacher_dir)
     logits = (teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
               if cfg.DISTILL else None)
-    if cfg.AUGMENT_PAIRS:
-        data["train"], logits = with_joined_inputs(data, logits, teacher_dir, models_root() / "cache",
-                                                   cfg.AUGMENT_PAIRS, cfg.SEED, cfg.MAX_LENGTH, cfg.AUGMENT_ROWS)
     results = {}
     for seed in seeds:  # seed SEED -> student_model (today's name), others -> student_model_seed43, ...
         folder = seeded_stage_dir("student" if cfg.DISTILL else "student_nodistill", seed, cfg.SEED)
         results[folder.name] = distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher_meta,
                                           logits)
     return results if len(seeds) > 1 else next(iter(results.values()))
-
-
-def check_seeds(cfg) -> list:
-    seeds = list(cfg.SEEDS) or [cfg.SEED]
-    if (any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise ConfigError(f"SEEDS={cfg.SEEDS!r}: distinct non-negative integers, e.g. (42, 43, 44); () = only SEED")
-    return seeds
 
 
 def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher_meta, logits) -> dict:
@@ -170,18 +119,8 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
     logger.info(f"student: {type(student).__name__}, {count_parameters(student):,} parameters "
                 f"(teacher {count_parameters(teacher):,}), seed {seed}")
 
-    if cfg.DISTILL:
-        if cfg.HIDDEN_COSINE_WEIGHT > 0:
-            if student.config.hidden_size != teacher.config.hidden_size:
-                raise StageError("HIDDEN_COSINE_WEIGHT > 0 needs equal student and teacher hidden sizes")
-            loss_fn = hidden_cosine_loss_fn(teacher.to(next(student.parameters()).device), logits, cfg)
-        else:
-            loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA)
-        stage = "student"
-    else:
-        loss_fn = None
-        stage = "student_nodistill"
-
+    loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA) if cfg.DISTILL else None
+    stage = "student" if cfg.DISTILL else "student_nodistill"
     with stage_output(folder, stage, as_dict(cfg), seed) as out:
         out.add_upstream(teacher_dir, "teacher")
         if cfg.PRESET != "minilm":
@@ -203,7 +142,7 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
                        "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
                        "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
                        "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None,
-                       "seed": seed, "train_sentences": len(data["train"]), "augment_pairs": cfg.AUGMENT_PAIRS}
+                       "seed": seed, "train_sentences": len(data["train"])}
     return out.results
 
 

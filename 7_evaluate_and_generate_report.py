@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from common.config import (ConfigError, apply_quick, as_dict, at_least, check_constants, constants, each, env_flag,
+from common.config import (ConfigError, apply_defaults, as_dict, at_least, check_constants, constants, each, env_flag,
                            env_preset, int_range, parse_overrides)
 from common.paths import models_root
 from common.stage import logger, run_main, set_seed, setup_logging
@@ -51,7 +51,7 @@ VALIDATION_LIMIT = 0             # 0 = all 872 validation sentences; N = the fir
 MODELS = ""                      # comma-separated folder names to report on; "" = every model under models/
 OUTPUT_DIR = ""                  # "" = env REPORT_DIR, else the repository root
 # -----------------------------------------------------------------------------
-QUICK_VALUES = {"LATENCY_RUNS": 3, "WARMUP_RUNS": 1, "VALIDATION_LIMIT": 200}
+DEFAULTS_FOR = {"quick": {"LATENCY_RUNS": 3, "WARMUP_RUNS": 1, "VALIDATION_LIMIT": 200}}  # common.config.apply_defaults
 _MIN_LATENCY_RUNS = 10  # private: not a settable constant
 _RULES = {  # besides the shared ones (common.config.RULES: SEED, EVAL_BATCH_SIZE, MAX_LENGTH)
     "LATENCY_RUNS": at_least(1, f"timed runs per batch size; {_MIN_LATENCY_RUNS} or more unless QUICK=1"),
@@ -90,7 +90,7 @@ def main(argv=None):
     setup_logging()
     eval_paths, rest = split_eval_files(sys.argv[1:] if argv is None else argv)
     cfg = parse_overrides(constants(globals()), rest)
-    apply_quick(cfg, **QUICK_VALUES)
+    apply_defaults(cfg, DEFAULTS_FOR)
     check_constants(cfg, _RULES)
     if cfg.LATENCY_RUNS < _MIN_LATENCY_RUNS and not cfg.QUICK:
         raise ConfigError(f"LATENCY_RUNS={cfg.LATENCY_RUNS}: a report times at least {_MIN_LATENCY_RUNS} runs "

@@ -1,37 +1,23 @@
 """Stage 9: the deployable forms of the final pruned model and of its unpruned baseline: bitsandbytes NF4 4-bit
 (PyTorch) and ONNX Runtime int8 / fp32 (CPU serving).
 
-Reads   models/pruned_model/ (8_pruning_with_finetuning.py), models/student_model/ (2_distill_student.py),
-        every other fp32 pruned folder present (8_pruning_with_finetuning.py PRUNE_TARGETS=..., SEEDS=...,
-        FRONTIER=True): pruned_model_sNN/, pruned_model[_sNN]_seedN/, pruned_magnitude_sNN[_seedN]/,
-        data/sst2/ (download_model.py)
+Reads   models/pruned_model/ (8_pruning_with_finetuning.py), models/student_model/ (2_distill_student.py), every
+        other fp32 pruned folder present (sweep, frontier, seeds, magnitude baseline), data/sst2/ (download_model.py)
 Writes  models/pruned_quantized_final/        the final model: the pruned student in 4-bit, plus onnx/
-        models/distilled_quantized_student/   the unpruned student in 4-bit (the standard quantized model it is
-                                              compared against), plus onnx/
-        models/<folder>_quantized/            the same for each of those (pruned_model_s50_quantized, ...)
-        Each: model.safetensors (4-bit codes + statistics + the fp32 rest), config.json (settings under
-        `dpq_quantization`, pruned layout under `dpq_layout`, `auto_map` to the shipped modeling_dpq.py), tokenizer,
-        onnx/ (model.onnx fp32 and model_int8.onnx for ONNX Runtime on CPU, with the tokenizer and export.json),
-        stage.log, and metadata.json with the source folder, settings, bytes on disk, what precision each part is
-        stored in, and the validation accuracy of every artifact measured by running it, next to its fp32
-        source's (measured in this run).
+        models/distilled_quantized_student/   the unpruned student the same way (the standard quantized model)
+        models/<folder>_quantized/            the same for every other pruned folder (pruned_model_s50_quantized, ...)
+        Each: 4-bit weights, config (`dpq_quantization`, `dpq_layout`, `auto_map` to the shipped loader), tokenizer,
+        onnx/ (model.onnx, model_int8.onnx, tokenizer, export.json), stage.log, metadata.json (source, settings,
+        bytes, precision of each part, validation accuracy of every artifact next to its fp32 source's).
 
-Which to ship: on a CPU without native bf16 (AVX2 only), bitsandbytes 4-bit is slower than fp32 (it dequantizes
-every weight on every forward); ONNX Runtime int8 is the fast CPU artifact. 4-bit is for GPUs and bf16 CPUs,
-and for memory. The report (stage 7) times every artifact on the machine at hand.
+Every Linear of the blocks (and the pooler / pre_classifier) becomes a bitsandbytes Linear4bit, the word embeddings
+8-bit, the classifier stays fp32 (common/quantization.py); the saved folder is reloaded and must give the same logits.
+The 4-bit layers compute in bfloat16 where the hardware has native bf16 (COMPUTE_DTYPE=auto); on an AVX2-only CPU
+they are slower than fp32 and ONNX Runtime int8 is the fast CPU artifact. The report times every artifact.
 
-Every Linear of the transformer blocks (and the pooler / pre_classifier) becomes a bitsandbytes Linear4bit, the
-word embeddings 8-bit, the 2-way classifier stays fp32 (details: common/quantization.py). The saved folder is
-reloaded through common.modeling.load_model, and its logits must equal those of the model before saving.
-Runs on CPU or CUDA with the same code (DEVICE). The 4-bit layers compute in bfloat16 where the hardware has
-native bf16 matmuls (COMPUTE_DTYPE=auto; recorded in metadata), which is where their CPU speed comes from:
-in float32 (AVX2 CPUs) they ran 1.4-1.6x slower than the fp32 model at batch 1 and about as fast at batch 32.
-
-Run:    python 9_quantize_pruned_model.py
-Quick:  QUICK=1 python 9_quantize_pruned_model.py     (same work: this stage takes seconds per model)
-Only some inputs: python 9_quantize_pruned_model.py 'QUANTIZE=("student", "sweep")'   (e.g. after a sweep only)
-An output already made from the same source run with the same settings, data and code is kept as it is (so adding
-seeds to a sweep quantizes only the new folders); REDO=True makes every output again.
+Run:    python 9_quantize_pruned_model.py                  (QUICK=1 changes nothing: seconds per model)
+Some:   python 9_quantize_pruned_model.py 'QUANTIZE=("student", "sweep")'
+An output already made from the same source run, settings, data and code is kept; REDO=True makes every one again.
 Override any constant below as KEY=VALUE, e.g. `python 9_quantize_pruned_model.py QUANT_TYPE=fp4 DOUBLE_QUANT=True`.
 """
 
@@ -41,12 +27,13 @@ from pathlib import Path
 import torch
 
 from common import export, paths, quantization  # modules: their UPPER_CASE names must not become this stage's constants
-from common.config import ConfigError, as_dict, check_constants, constants, env_flag, env_preset, parse_overrides
+from common.config import (ConfigError, as_dict, check_constants, constants, each, env_flag, env_preset, in_range,
+                           one_of, parse_overrides)
 from common.data import encode, load_sst2_splits, make_loader
-from common.modeling import (check_loadable, config_is_pruned, count_parameters, load_model, load_tokenizer,
-                             weight_bytes)
+from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, weight_bytes
+from common.modeling_dpq import config_is_pruned, get_layout
+from common.modeling_dpq_4bit import COMPUTE_DTYPES
 from common.paths import models_root, stage_dir
-from common.pruning import get_layout
 from common.quantization import precision_map, quantize_model, save_quantized
 from common.stage import (METADATA, StageError, check_preset, code_sha256, is_stale, json_roundtrip, logger,
                           read_metadata, require_fresh, require_stage, run_main, set_seed, setup_logging, stage_output,
@@ -82,29 +69,21 @@ _INPUTS = ("student", "pruned", "sweep")
 
 
 def check_config(cfg) -> torch.device:
-    """The device to run on, after checking every constant (before anything is loaded): the shared rules of
-    common.config (EVAL_BATCH_SIZE, MAX_LENGTH, SEED) and this stage's choices."""
-    check_constants(cfg)
-    unknown = [q for q in cfg.QUANTIZE if q not in _INPUTS]
-    if unknown or not cfg.QUANTIZE:
-        raise ConfigError(f"QUANTIZE={cfg.QUANTIZE!r}: use a non-empty tuple of {_INPUTS}")
-    for key, allowed in (("QUANT_TYPE", quantization.QUANT_TYPES), ("EMBEDDING_BITS", quantization.EMBEDDING_BITS),
-                         ("BLOCKSIZE", quantization.BLOCKSIZES),
-                         ("COMPUTE_DTYPE", ("auto",) + tuple(quantization.COMPUTE_DTYPES))):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
-    unknown = [k for k in cfg.ONNX if k not in export.KINDS]
-    if unknown:
-        raise ConfigError(f"ONNX={cfg.ONNX!r}: use a tuple of {export.KINDS} (or () for no ONNX export)")
-    if not 0.0 <= cfg.ONNX_MIN_AGREEMENT <= 1.0:
-        raise ConfigError(f"ONNX_MIN_AGREEMENT={cfg.ONNX_MIN_AGREEMENT!r}: a fraction between 0 and 1, e.g. 0.97")
-    if cfg.DEVICE == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to run on, after checking every constant (before anything is loaded)."""
+    check_constants(cfg, {
+        "QUANTIZE": each(one_of(*_INPUTS), distinct=True),
+        "QUANT_TYPE": one_of(*quantization.QUANT_TYPES),
+        "EMBEDDING_BITS": one_of(*quantization.EMBEDDING_BITS),
+        "BLOCKSIZE": one_of(*quantization.BLOCKSIZES),
+        "COMPUTE_DTYPE": one_of("auto", *COMPUTE_DTYPES),
+        "DEVICE": one_of("auto", "cpu", "cuda"),
+        "ONNX": each(one_of(*export.KINDS), empty_ok=True, distinct=True),
+        "ONNX_MIN_AGREEMENT": in_range(0, 1, what="a fraction, e.g. 0.97"),
+    })
     if cfg.DEVICE == "cuda" and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
-    if cfg.DEVICE not in ("cpu", "cuda"):
-        raise ConfigError(f"DEVICE={cfg.DEVICE!r}: use auto, cpu or cuda")
-    return torch.device(cfg.DEVICE)
+    return torch.device("cuda" if cfg.DEVICE == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.DEVICE == "auto" else cfg.DEVICE)
 
 
 def sweep_folders() -> list:
@@ -185,7 +164,7 @@ def quantize_one(cfg, device, compute_dtype, source, source_stage, dest, dest_st
         fp32_accuracy = (fp32_logits.argmax(-1) == labels).float().mean().item()
 
         quantize_model(model, quant_type=cfg.QUANT_TYPE, double_quant=cfg.DOUBLE_QUANT,
-                       compute_dtype=quantization.COMPUTE_DTYPES[compute_dtype], embedding_bits=cfg.EMBEDDING_BITS,
+                       compute_dtype=COMPUTE_DTYPES[compute_dtype], embedding_bits=cfg.EMBEDDING_BITS,
                        quantize_head=cfg.QUANTIZE_HEAD, blocksize=cfg.BLOCKSIZE)
         saved_logits = predict_logits(model, loader)
         save_quantized(model.cpu(), tokenizer, out.dir)

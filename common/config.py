@@ -66,7 +66,7 @@ def constants(namespace: dict) -> dict:
     the first two `# ---` rulers of the file named by `namespace["__file__"]`), so names it imports (SEQ_LEN,
     a module imported as F) never become settable keys. Without a file: every UPPER_CASE name of the namespace.
 
-    Dict-valued names (QUICK_VALUES, PRESET_VALUES) are tables of defaults, not settable constants."""
+    Dict-valued names (DEFAULTS_FOR) are tables of defaults, not settable constants."""
     path = namespace.get("__file__")
     names = block_names(path) if path and os.path.isfile(path) else list(namespace)
     return {k: namespace[k] for k in names
@@ -103,8 +103,8 @@ def _parse_value(key: str, text: str, default):
 def parse_overrides(defaults: dict, argv, quiet: bool = False) -> SimpleNamespace:
     """Apply `KEY=VALUE` arguments to a copy of `defaults`; return the constants as a namespace.
 
-    `cfg.OVERRIDDEN` holds the set of keys the user set explicitly, so quick-run adjustments
-    (`apply_quick`) never undo what the user asked for.
+    `cfg.OVERRIDDEN` holds the set of keys the user set explicitly, so the defaults by situation
+    (`apply_defaults`) never undo what the user asked for.
     """
     values = dict(defaults)
     overridden = set()
@@ -126,20 +126,17 @@ def parse_overrides(defaults: dict, argv, quiet: bool = False) -> SimpleNamespac
     return cfg
 
 
-def apply_quick(cfg: SimpleNamespace, **quick_values) -> None:
-    """When cfg.QUICK is set, use the quick-run values for every key the user did not override."""
-    if not getattr(cfg, "QUICK", False):
-        return
-    for key, value in quick_values.items():
-        if key not in cfg.OVERRIDDEN:
-            setattr(cfg, key, value)
-
-
-def apply_preset(cfg: SimpleNamespace, preset_values: dict) -> None:
-    """Per-preset defaults ({"bert": {"LR": 2e-5}}) for every key the user did not override."""
-    for key, value in preset_values.get(cfg.PRESET, {}).items():
-        if key not in cfg.OVERRIDDEN:
-            setattr(cfg, key, value)
+def apply_defaults(cfg: SimpleNamespace, table: dict) -> None:
+    """A stage's defaults by situation, `DEFAULTS_FOR` = {"bert": {...}, "quick": {...}, "quick frontier": {...}}:
+    each entry whose words all hold (a preset name: cfg.PRESET is it; "quick" / "frontier": cfg.QUICK / cfg.FRONTIER
+    is true) sets its values, in the table's order (later entries win), for every key the user did not override on
+    the command line."""
+    for situation, values in table.items():
+        holds = all(cfg.PRESET == word if word in PRESETS else bool(getattr(cfg, word.upper()))
+                    for word in situation.split())
+        for key, value in values.items() if holds else ():
+            if key not in cfg.OVERRIDDEN:
+                setattr(cfg, key, value)
 
 
 def as_dict(cfg: SimpleNamespace) -> dict:
@@ -208,6 +205,7 @@ LEARNING_RATE = in_range(0, 1, low_open=True, high_open=True, what="a learning r
 # Keys several stages share, with the same meaning everywhere. A stage adds its own keys (check_constants).
 RULES = {
     "SEED": int_range(0, 2**32 - 1, "a random seed"),
+    "SEEDS": each(int_range(0, 2**32 - 1, "a random seed"), empty_ok=True, distinct=True),
     "EPOCHS": at_least(1, "training epochs"),
     "LR": LEARNING_RATE,
     "BATCH_SIZE": at_least(1, "sentences per training batch"),

@@ -223,24 +223,21 @@ def encode(tokenizer, rows, max_length: int = MAX_LENGTH) -> Encoded:
 
 
 def concatenated_pairs(encoded: Encoded, n: int, seed: int, max_length: int = MAX_LENGTH,
-                       min_tokens: int = 5, rows: int = 2) -> Encoded:
-    """`n` longer inputs, each made by joining `rows` training rows end to end (token level: the first row's ids
-    without its closing special token, then each next one's without its opening one, and the closing token only
-    after the last), truncated to `max_length` with the closing token kept. Every part is drawn (seeded, with
-    replacement) from the rows with at least `min_tokens` tokens between the special ones, so single words are not
-    glued on. The labels are 0 placeholders: the caller labels the inputs with the teacher (stage 8: AUGMENT_PAIRS,
-    AUGMENT_ROWS)."""
-    if rows < 2:
-        raise ValueError(f"rows={rows}: an extra input joins 2 or more training rows")
+                       min_tokens: int = 5) -> Encoded:
+    """`n` longer inputs, each two training rows joined end to end (token level: the first row's ids without its
+    closing special token, then the second's without its opening one), truncated to `max_length` with the closing
+    token kept. Both rows are drawn (seeded, with replacement) from the rows with at least `min_tokens` tokens between
+    the special ones, so single words are not glued on. The labels are 0 placeholders: the caller labels the inputs
+    with the teacher (stage 8: AUGMENT_PAIRS)."""
     pool = [i for i, ids in enumerate(encoded.input_ids) if len(ids) - 2 >= min_tokens]
     if n > 0 and not pool:
         raise DataError(f"no training row has {min_tokens} or more tokens to build joined pairs from: set "
-                        f"AUGMENT_PAIRS=0 / FRONTIER_AUGMENT_PAIRS=0, or train on longer sentences")
+                        f"AUGMENT_PAIRS=0, or train on longer sentences")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        parts = [encoded.input_ids[rng.choice(pool)] for _ in range(rows)]
-        ids = parts[0][:-1] + [t for part in parts[1:-1] for t in part[1:-1]] + parts[-1][1:]
+        first, second = (encoded.input_ids[rng.choice(pool)] for _ in range(2))
+        ids = first[:-1] + second[1:]
         out.append(ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:])
     return Encoded(input_ids=out, labels=torch.zeros(len(out), dtype=torch.long))
 

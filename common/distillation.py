@@ -3,10 +3,9 @@
 - `student_from_teacher_layers` builds a shallower model of the teacher's family from chosen teacher layers
   (DistilBERT took every other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks
   the copy.
-- `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy, optionally
-  weighted per example (`length_weights`: longer sentences count more).
-- `with_joined_inputs`: the training set plus longer inputs made of training rows joined end to end, labelled by
-  the teacher (stages 2 and 8: AUGMENT_PAIRS).
+- `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy.
+- `with_joined_inputs`: the training set plus longer inputs made of two training rows joined end to end, labelled by
+  the teacher (stage 8: AUGMENT_PAIRS).
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
   tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
@@ -26,8 +25,6 @@ from common.modeling import load_model
 from common.modeling_dpq import config_sizes, family_of
 from common.stage import is_main_process, logger
 from common.training import make_accelerator, predict_logits
-
-ROWS_BEFORE_AUGMENT_ROWS = 2  # pairs: what caches written before AUGMENT_ROWS existed were made with (their key)
 
 
 def student_from_teacher_layers(teacher, layers):
@@ -59,80 +56,24 @@ def student_from_teacher_layers(teacher, layers):
     return student.to(next(teacher.parameters()).device)
 
 
-def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5, weights=None):
+def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
     """Soft-target KL at temperature T (scaled by T^2) weighted alpha, plus hard-label CE weighted 1-alpha,
-    averaged over the batch; with `weights` (one per example) each example's loss is multiplied by its weight
-    before the average (the weights are not renormalised within the batch: see `length_weights`)."""
-    per_example = weights is not None
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="none" if per_example else "batchmean",
-        log_target=True,
-    )
-    soft = (soft.sum(-1) if per_example else soft) * temperature ** 2
+    averaged over the batch."""
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                    F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
+    soft = soft * temperature ** 2
     if alpha < 1.0:
-        soft = alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels,
-                                                              reduction="none" if per_example else "mean")
-    return (soft * weights.to(soft.dtype)).mean() if per_example else soft
+        soft = alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    return soft
 
 
-def length_weights(attention_mask, power: float, norm: float) -> torch.Tensor:
-    """One weight per example: (its real token count) ** power / norm. With `norm` the mean of (token count) **
-    power over the whole training set, the weights average 1 over an epoch, so the loss keeps its scale and only
-    its balance moves: power 1 weighs every token alike (a 40-token sentence counts 10x a 4-token phrase), 0 every
-    example alike (the plain loss)."""
-    return attention_mask.sum(-1).to(torch.float32) ** power / norm
-
-
-def length_norm(input_ids, power: float) -> float:
-    """The mean of (token count) ** power over a dataset's token-id lists (`length_weights`' norm)."""
-    lengths = torch.tensor([len(ids) for ids in input_ids], dtype=torch.float64)
-    return float((lengths ** power).mean())
-
-
-def hidden_states_loss(hidden, reference_hidden, attention_mask) -> torch.Tensor:
-    """Layer-wise distillation: the squared error of every encoder layer's output against the reference model's at
-    the same depth, relative to the reference's squared norm (so the loss has no scale of its own: 0 = the same
-    states, 1 = as far as all-zero states), over the real (unpadded) tokens, averaged over layers. Both tuples are
-    the models' `hidden_states` without the embeddings (index 0), which pruning does not touch."""
-    if len(hidden) != len(reference_hidden):
-        raise ValueError(f"{len(hidden)} layers against the reference's {len(reference_hidden)}")
-    mask = attention_mask.unsqueeze(-1).to(hidden[0].dtype)
-    losses = [((h - r) ** 2 * mask).sum() / (r ** 2 * mask).sum().clamp_min(1e-12)
-              for h, r in zip(hidden, reference_hidden)]
-    return torch.stack(losses).mean()
-
-
-def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float, reference=None,
-               hidden_weight: float = 0.0, length_power: float = 0.0, length_norm_value: float = 1.0):
-    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"].
-
-    With `length_power` > 0 each example's loss is weighted by `length_weights` (token count ** length_power /
-    `length_norm_value`): longer sentences count more. Taylor importance, estimated from this loss's per-example
-    gradients, then weighs them more too.
-
-    With a `reference` model (the unpruned student, frozen) and `hidden_weight` > 0, it adds
-    `hidden_weight * hidden_states_loss` against the reference's layer outputs (computed without gradients, the
-    reference in eval mode): a pruned model is then also distilled layer by layer from the model it was pruned
-    from (CoFi, Xia et al. 2022; the logits still come from the teacher)."""
-    if hidden_weight and reference is None:
-        raise ValueError("hidden_weight > 0 needs a reference model")
+def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float):
+    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]."""
 
     def loss_fn(model, batch):
-        inputs = model_inputs(batch)
-        out = model(**inputs, output_hidden_states=bool(hidden_weight))
-        target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
-        weights = (length_weights(inputs["attention_mask"], length_power, length_norm_value)
-                   if length_power else None)
-        loss = kd_loss(out.logits, target, batch["labels"], temperature, alpha, weights)
-        if not hidden_weight:
-            return loss
-        if next(reference.parameters()).device != out.logits.device:
-            reference.to(out.logits.device)
-        with torch.no_grad():
-            ref = reference.eval()(**inputs, output_hidden_states=True).hidden_states
-        return loss + hidden_weight * hidden_states_loss(out.hidden_states[1:], ref[1:], inputs["attention_mask"])
+        logits = model(**model_inputs(batch)).logits
+        target = teacher_logits[batch["idx"].cpu()].to(logits.device)
+        return kd_loss(logits, target, batch["labels"], temperature, alpha)
 
     return loss_fn
 
@@ -200,19 +141,16 @@ def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokeniz
     return logits
 
 
-def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int,
-                       rows: int = 2) -> tuple:
-    """(training set + `n` inputs of `rows` joined training rows, the teacher logits of both): the joined inputs
+def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int) -> tuple:
+    """(training set + `n` joined pairs of training rows, the teacher logits of both): the pairs
     (`common.data.concatenated_pairs`, drawn with `seed`, the same for every training seed) are labelled by the
     teacher, its argmax as the hard label, their logits cached like the training set's. `data` is
     `encoded_splits(...)`, `logits` the teacher's on `data["train"]`."""
-    extra = concatenated_pairs(data["train"], n, seed, max_length, rows=rows)
+    extra = concatenated_pairs(data["train"], n, seed, max_length)
     key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=seed)
-    if rows != ROWS_BEFORE_AUGMENT_ROWS:  # pairs keep the cache key they had before the setting
-        key["augment_rows"] = rows
     extra_logits = teacher_logits_for(teacher_folder, extra, cache_dir, tokenization=key)
     extra.labels = extra_logits.argmax(-1)
-    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} joined inputs of {rows} rows each, labelled "
-                f"by the teacher (median {sorted(extra.lengths)[len(extra) // 2]} tokens; "
-                f"{100 * extra.labels.float().mean():.1f}% positive)")
+    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} joined pairs, labelled by the teacher "
+                f"(median {sorted(extra.lengths)[len(extra) // 2]} tokens; {100 * extra.labels.float().mean():.1f}% "
+                f"positive)")
     return joined(data["train"], extra), torch.cat([logits, extra_logits])

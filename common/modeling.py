@@ -9,15 +9,15 @@ Presets (env/constant `PRESET`):
 `load_model(folder)` is the only way stages read a model folder. It handles the three kinds of folder the
 pipeline writes:
 - plain: `from_pretrained`;
-- pruned: config carries `dpq_layout` (heads, FFN width and, if narrowed, head size per layer):
+- pruned: config carries `dpq_layout` (heads and FFN width per layer):
   `common.modeling_dpq.load_folder` builds the unpruned skeleton, shrinks it to that layout and loads the weights
   strictly (no missing or unexpected keys);
 - 4-bit: config carries `dpq_quantization`: `common.quantization.load_quantized`, i.e. the same
   `load_folder` with bnb placeholders swapped in, plus the project's checks of the 4-bit layers.
 
-`common/modeling_dpq.py` is self-contained (torch, transformers, safetensors; bitsandbytes lazily). `save_model`
-(pruned folders) and `common.quantization.save_quantized` (every 4-bit folder) copy it into the folder as
-`modeling_dpq.py` and add `auto_map` to config.json, so that outside this project
+`common/modeling_dpq.py` and `common/modeling_dpq_4bit.py` are self-contained (torch, transformers, safetensors;
+bitsandbytes lazily). `save_model` (pruned folders) and `common.quantization.save_quantized` (every 4-bit folder) copy
+them into the folder and add `auto_map` to config.json, so that outside this project
 `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` loads the same model with
 the same logits. Unpruned fp32 folders get neither: plain `from_pretrained` loads them.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from common.modeling_dpq import (LAYOUT_KEY, QUANT_KEY, build_model, check_settings, config_is_pruned,  # noqa: F401
-                                 encoder_layers, load_folder, quiet_transformers, read_state_dict, ship_code)
+from common.modeling_dpq import LAYOUT_KEY, build_model, config_is_pruned, load_folder, quiet_transformers, ship_code
+from common.modeling_dpq_4bit import QUANT_KEY, check_settings
 from common.quantization import load_quantized
 from common.stage import StageError, is_main_process, writer_script
 
@@ -206,17 +206,6 @@ def save_and_reload(model, tokenizer, folder):
         return copy.deepcopy(model).eval()
     save_model(model, tokenizer, folder)
     return load_model(folder)
-
-
-def set_dropout(model, p: float) -> None:
-    """Every dropout layer of `model` drops with probability `p` while it trains (BERT's and DistilBERT's attention
-    read their dropout module's `p` too). The config is left as it is: a folder saved afterwards loads with the
-    dropout it was made with, which only matters to whoever trains it again."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability {p}: use a value in [0, 1)")
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
 
 
 def count_parameters(model) -> int:

@@ -33,7 +33,7 @@ weight when it is moved with `.to(device)`); a loaded or quantized model moves w
 
 Saved folder (`save_quantized`): config.json (`config.dpq_quantization` = the settings, plus `dpq_layout` for a
 pruned model, plus `auto_map`), model.safetensors (4-bit codes + quantization statistics + the rest), the tokenizer,
-and `modeling_dpq.py`, a verbatim copy of common/modeling_dpq.py: with it the folder loads outside this project with
+and `modeling_dpq.py` + `modeling_dpq_4bit.py`, verbatim copies of the project's loader: with them the folder loads outside this project with
 `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` (torch, transformers and
 bitsandbytes needed), giving the same logits as `common.modeling.load_model(folder)`.
 `load_model` sees `dpq_quantization` and calls `load_quantized(folder)`, which runs the one loader in
@@ -43,7 +43,7 @@ and then `check_quantized`.
 
 bitsandbytes 0.50.2 cannot save its embedding modules (`_save_to_state_dict` raises NotImplementedError) and has no
 loader for pre-quantized `Linear4bit` state outside transformers' quantizer; three small subclasses add exactly
-that. They live in common/modeling_dpq.py (`quant_classes()`, re-exported here) with the module swap
+that. They live in common/modeling_dpq_4bit.py (`quant_classes()`); the module swap in common/modeling_dpq.py
 (`swap_in_quantized_modules`) that both `quantize_model` (from the real fp32 weights) and the loader (empty
 placeholders) use.
 """
@@ -55,11 +55,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from common.modeling_dpq import (COMPUTE_DTYPES, QUANT_KEY, classifier_name,  # noqa: F401 (re-exported)
-                                  encoder_linear_names, head_dense_name, import_bitsandbytes as _bnb,
-                                  linear_targets as _linear_targets, load_folder, quant_classes, quiet_transformers,
-                                  ship_code, swap_in_quantized_modules as _swap_in_quantized_modules,
-                                  word_embedding_name)
+from common.modeling_dpq import (classifier_name, head_dense_name, linear_targets, load_folder, quiet_transformers,
+                                 ship_code, swap_in_quantized_modules, word_embedding_name)
+from common.modeling_dpq_4bit import COMPUTE_DTYPES, QUANT_KEY, import_bitsandbytes
 
 QUANT_TYPES = ("nf4", "fp4")
 EMBEDDING_BITS = (4, 8, 32)
@@ -104,7 +102,7 @@ def native_bf16(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(_bnb().functional.has_avx512bf16())
+        return bool(import_bitsandbytes().functional.has_avx512bf16())
     return False
 
 
@@ -129,7 +127,7 @@ def quantize_model(model, quant_type="nf4", double_quant=False, compute_dtype=to
     settings = make_settings(quant_type, double_quant, compute_dtype, embedding_bits, quantize_head, blocksize)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model.float()
-    _swap_in_quantized_modules(model, settings, copy_weights=True)
+    swap_in_quantized_modules(model, settings, copy_weights=True)
     setattr(model.config, QUANT_KEY, settings)
     model.eval()
     check_quantized(model)
@@ -142,12 +140,12 @@ def quantize_model(model, quant_type="nf4", double_quant=False, compute_dtype=to
 
 def check_quantized(model) -> None:
     """Raise if a target Linear is not 4-bit, the classifier is not full precision, or a layer can repack on CPU."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     settings = getattr(model.config, QUANT_KEY, None)
     if not settings:
         raise ValueError("model has no dpq_quantization settings in its config")
     problems = []
-    for name in _linear_targets(model, settings):
+    for name in linear_targets(model, settings):
         module = model.get_submodule(name)
         if isinstance(module, bnb.nn.Linear4bit):
             if module.support_avx512bf16_for_cpu:
@@ -172,7 +170,7 @@ def _tensor_bytes(tensors) -> int:
 
 def precision_map(model) -> dict:
     """Per part of the model: how many weights it represents, how it is stored, and its bytes in the state dict."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     settings = getattr(model.config, QUANT_KEY)
     state = model.state_dict()
     parts = {}

@@ -4,8 +4,8 @@ The same loop runs on CPU, on one GPU, and as several processes: `torchrun --npr
 GPUs: NCCL) or `accelerate launch --multi_gpu --num_processes N <stage>` on GPUs. `evaluate` is the one accuracy
 function every stage uses. `train` is AdamW with linear warmup and decay, a tqdm bar with the live loss, held-out
 evaluation `evals_per_epoch` times per epoch, and the best held-out state restored at the end. A `TrainHook` plugs
-into it (every step, every epoch; it may change the model's structure, and the loop then rebuilds the optimizer,
-the schedule and the data-parallel wrapper): gradual pruning (`common.pruning.gradual_prune`) is such a hook.
+into it (every step; it may change the model's structure, and the loop then rebuilds the optimizer,
+the schedule and the data-parallel wrapper): gradual pruning (`common.pruning.schedule.gradual_prune`) is one.
 """
 
 import copy
@@ -105,19 +105,15 @@ class TrainHook:
     """What a caller plugs into `train` (this base class does nothing). Each method gets the `TrainLoop`.
 
     - `on_start(loop)`: after the model, optimizer and data are prepared, before the first step;
-    - `on_epoch_start(loop)`: before each epoch's first batch (`loop.epoch` counts from 1);
     - `on_step(loop) -> bool`: after every optimizer step; True means the model's STRUCTURE changed (parameters
       added, removed or resized): `train` then rebuilds AdamW and the lr schedule (continuing at this step) for the
       new parameters and prepares the model again (a data-parallel wrapper must be rebuilt around new tensors);
     - `on_end(loop)`: after the last step, before the best held-out state is restored;
     - `postfix(loop) -> dict | None`: what the progress bar shows after this step (None: loss and lr).
-    `common.pruning.gradual_prune` is such a hook (importance accumulation, pruning events, frontier branches).
+    `common.pruning.schedule.GradualPruning` is one (importance accumulation, pruning events, frontier branches).
     """
 
     def on_start(self, loop) -> None:
-        pass
-
-    def on_epoch_start(self, loop) -> None:
         pass
 
     def on_step(self, loop) -> bool:
@@ -197,7 +193,6 @@ def train(model, train_loader, heldout_loader, loss_fn=cross_entropy_loss, *, ep
         loop.epoch = epoch + 1
         loop.running_loss = None
         loop.model.train()
-        hook.on_epoch_start(loop)
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
                    disable=not accelerator.is_local_main_process)
         for i, batch in enumerate(bar, start=1):

@@ -81,10 +81,11 @@ def test_no_project_module_is_imported_in_a_function_body():
     assert not hidden, f"import these at module level (a cycle must be removed, not hidden): {hidden}"
 
 
-def test_modeling_dpq_never_imports_the_project():
-    # it is copied verbatim into model folders and must load without this project
-    imports = project_imports(COMMON / "modeling_dpq.py")
-    assert not imports["module"] and not imports["body"]
+def test_the_shipped_loader_never_imports_the_project():
+    # copied verbatim into model folders, it must load without this project
+    for name in ("modeling_dpq.py", "modeling_dpq_4bit.py"):
+        imports = project_imports(COMMON / name)
+        assert not imports["module"] and not imports["body"], name
 
 
 def test_each_module_imports_alone_in_a_fresh_interpreter():
@@ -113,8 +114,8 @@ def test_a_bert_shaped_family_is_one_entry_in_families(tmp_path):
 
     from common.flops import measure_encoder_gflops
     from common.modeling import load_model, save_model
-    from common.modeling_dpq import FAMILIES, family_of
-    from common.pruning import get_layout, kept_units, prune_units
+    from common.modeling_dpq import FAMILIES, family_of, get_layout
+    from common.pruning.selection import kept_units, prune_units
     from conftest import VOCAB, make_tokenizer
 
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from common.config import ConfigError, apply_quick, as_dict, constants, parse_overrides
+from common.config import ConfigError, apply_defaults, as_dict, constants, parse_overrides
 from common.stage import StageError, is_stale, require_stage, stage_output
 from conftest import REPO
 
@@ -32,14 +32,19 @@ def test_bad_overrides_are_refused(arg, message):
         parse_overrides(DEFAULTS, [arg], quiet=True)
 
 
-def test_quick_values_never_undo_an_explicit_override():
-    cfg = parse_overrides(dict(DEFAULTS, QUICK=True), ["EPOCHS=5"], quiet=True)
-    apply_quick(cfg, EPOCHS=1, LR=1.0)
-    assert cfg.EPOCHS == 5 and cfg.LR == 1.0
+def test_defaults_by_situation_apply_in_order_and_never_undo_an_explicit_override():
+    table = {"bert": {"LR": 2e-5}, "quick": {"EPOCHS": 1, "LR": 1.0}, "frontier": {"EPOCHS": 7},
+             "quick frontier": {"LAYERS": (1,)}, "bert quick": {"LR": 3.0}}
+    cfg = parse_overrides(dict(DEFAULTS, QUICK=True, FRONTIER=False), ["EPOCHS=5"], quiet=True)
+    apply_defaults(cfg, table)
+    assert (cfg.EPOCHS, cfg.LR, cfg.LAYERS) == (5, 1.0, (0, 2, 4))  # quick only: not bert, not frontier
+    cfg = parse_overrides(dict(DEFAULTS, QUICK=True, FRONTIER=True), ["PRESET=bert"], quiet=True)
+    apply_defaults(cfg, table)
+    assert (cfg.EPOCHS, cfg.LR, cfg.LAYERS) == (7, 3.0, (1,))  # every entry holds; later ones win
 
 
 def test_constants_takes_upper_case_scalars_only():
-    ns = {"EPOCHS": 1, "QUICK_VALUES": {"EPOCHS": 1}, "helper": 3, "_PRIVATE": 2}
+    ns = {"EPOCHS": 1, "DEFAULTS_FOR": {"quick": {"EPOCHS": 1}}, "helper": 3, "_PRIVATE": 2}
     assert constants(ns) == {"EPOCHS": 1}
 
 

@@ -113,11 +113,5 @@ def test_concatenated_pairs_join_two_long_enough_rows_and_keep_the_closing_token
     assert all(len(ids) == 4 and ids[-1] == 102 for ids in short.input_ids)
     with pytest.raises(DataError, match="5 or more tokens"):
         concatenated_pairs(rows, 1, seed=0)
-    triples = concatenated_pairs(rows, 50, seed=3, min_tokens=2, rows=3)
-    # [CLS] a b c [SEP]: one opening and one closing token around three parts, every ordered triple drawn
-    assert {tuple(ids) for ids in triples.input_ids} == {(101, *a, *b, *c, 102)
-                                                         for a in allowed for b in allowed for c in allowed}
-    with pytest.raises(ValueError, match="2 or more"):
-        concatenated_pairs(rows, 1, seed=0, min_tokens=2, rows=1)
     both = joined(rows, pairs)
     assert len(both) == 53 and both.input_ids[3] == pairs.input_ids[0] and both.labels[:3].tolist() == [1, 0, 1]

@@ -15,7 +15,8 @@ import torch
 from common import export
 from common.data import encode, make_loader
 from common.modeling import load_tokenizer
-from common.pruning import get_layout, prune_units
+from common.modeling_dpq import get_layout
+from common.pruning.selection import prune_units
 from common.training import predict_logits
 from conftest import REPO, tiny_sentences
 from test_quantization import KINDS, PRUNE, build, train_briefly
@@ -45,7 +46,7 @@ def loader_for(tokenizer_dir, n=64, batch_size=16):
 def test_onnx_fp32_gives_pytorch_logits_at_any_batch_and_length(models, kind, pruned, tmp_path):
     model = models[kind, pruned]
     if pruned:
-        assert get_layout(model)["heads"] == [1, 0] and get_layout(model)["ffn"][1] == 0
+        assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 32]}  # layer 1: no head left
     path = tmp_path / "model.onnx"
     export.export_fp32(model, path)
     runner = export.OnnxClassifier(path, threads=1)

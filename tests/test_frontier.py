@@ -1,18 +1,21 @@
 """Seeds, the single-run frontier and the magnitude baseline (8_pruning_with_finetuning.py FRONTIER=True / SEEDS,
-common.pruning), their 4-bit twins (9_quantize_pruned_model.py) and the report's aggregation (common.report), on a
+common.pruning.frontier), their 4-bit twins (9_quantize_pruned_model.py) and the report's aggregation (common.report), on a
 tiny random BERT pipeline built here (tiny SST-2-like data, 2-layer student, 3-layer teacher)."""
 
 import json
 import re
-import runpy
 import shutil
 import subprocess
 
 import pytest
 import torch
 
-from common import pruning
 from common.flops import measure_encoder_gflops
+from common.modeling_dpq import block_parts
+from common.pruning import frontier as frontier_module
+from common.pruning.importance import magnitude_importance
+from common.pruning.schedule import Schedule, cubic_step, gradual_prune, pruning_schedule
+from common.pruning.selection import kept_units, prune_to_target, unit_flops
 from conftest import (REPO, run_script, save_tiny, tiny_bert_config, tiny_sentences, write_glue_tsv,
                       write_tiny_teacher_and_student)
 
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fvcore 
 
 STAGE = "8_pruning_with_finetuning.py"
 FAST = ("TRAIN_LIMIT=64", "BATCH_SIZE=8", "PRUNE_STEPS=2", "EVALS_PER_EPOCH=1", "PRUNE_LR=1e-3",
-        "RECOVERY_LR=5e-4", "FRONTIER_RECOVERY_LR=5e-4")
+        "RECOVERY_LR=5e-4")
 TARGETS = (0.2, 0.5, 0.8)  # the tiny student can lose ~87% of its encoder GFLOPs (every head, half the FFN)
 REPORT_ARGS = ("QUICK=True", "LATENCY_RUNS=2", "WARMUP_RUNS=1", "MAX_LENGTH=64", "FLOPS_SEQ_LEN=64",
                "EVAL_BATCH_SIZE=64", "THREADS=1")
@@ -48,24 +51,21 @@ def _tiny_pipeline(root, mp):
 
 @pytest.fixture(scope="module")
 def frontier(tmp_path_factory):
-    """ONE stage-8 frontier invocation (3 targets, ours + magnitude, seeds 42 and 43; ours may narrow heads,
-    HEAD_DIM_STEP=4), stage 9 (4-bit twins of every pruned folder) and the report over all of it; gradual_prune calls
-    counted."""
+    """ONE stage-8 frontier invocation (3 targets, ours + magnitude, seeds 42 and 43), stage 9 (4-bit twins of every
+    pruned folder) and the report over all of it; the schedules gradual_prune was called with are kept."""
     root = tmp_path_factory.mktemp("frontier")
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         models = _tiny_pipeline(root, mp)
-        real = pruning.gradual_prune
 
         def counted(*args, **kwargs):
-            calls.append(kwargs)
-            return real(*args, **kwargs)
+            calls.append(args[4])  # the Schedule
+            return gradual_prune(*args, **kwargs)
 
-        mp.setattr(pruning, "gradual_prune", counted)  # the stage imports it from common.pruning at run time
+        mp.setattr(frontier_module, "gradual_prune", counted)
         results = run_script(STAGE, "FRONTIER=True", f"FRONTIER_TARGETS={TARGETS}", "SEEDS=(42, 43)",
-                             "FRONTIER_PRUNE_STEPS=2", "FRONTIER_RECOVERY_FRACTION=0.25", "FRONTIER_AUGMENT_PAIRS=16",
-                             "HEAD_DIM_STEP=4", *FAST)
-        mp.setattr(pruning, "gradual_prune", real)
+                             "AUGMENT_PAIRS=16", *FAST)  # RECOVERY_EPOCHS: the frontier's 0.25
+        mp.setattr(frontier_module, "gradual_prune", gradual_prune)
         quantized = run_script("9_quantize_pruned_model.py", 'QUANTIZE=("student", "sweep")', "ONNX=()")
         report = run_script("7_evaluate_and_generate_report.py", *REPORT_ARGS)
         yield {"root": root, "models": models, "results": results, "calls": calls, "quantized": quantized,
@@ -80,28 +80,22 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
     models, calls = frontier["models"], frontier["calls"]
     # one gradual run per seed, told to stop at every earlier target on its way to the last
     assert len(calls) == 2
-    assert all(c["target_sparsity"] == 0.8 and list(c["milestones"]) == [0.2, 0.5] for c in calls)
+    assert all(c.target_sparsity == 0.8 and c.milestones == (0.2, 0.5) and c.steps_per_epoch == 2 for c in calls)
     summary = json.loads((models / "frontier.json").read_text())
     assert summary["targets"] == list(TARGETS) and summary["seeds"] == [42, 43]
     assert summary["methods"] == ["taylor", "magnitude"] and summary["wall_time_s"] > 0
-    assert summary["continue_recovered"] is True and summary["recovery_lr"] == 5e-4  # the FAST recovery lr
-    assert summary["augment_pairs"] == 16  # FRONTIER_AUGMENT_PAIRS, not AUGMENT_PAIRS (0)
-    assert summary["augment_rows"] == 2
-    assert summary["recovery_keep"] == "last"  # FRONTIER_RECOVERY_KEEP, not RECOVERY_KEEP ("best")
-    assert summary["head_dim_step"] == 4 and all(c["head_dim_step"] == 4 for c in calls)
-    layouts = [_meta(models / f"pruned_model_s{round(100 * t)}{suffix}")["results"]["layout"]
-               for t in TARGETS for suffix in ("", "_seed43")]
-    narrowed = [layout["head_size"] for layout in layouts if "head_size" in layout]
-    assert narrowed and all(size in (4, 8) for sizes in narrowed for size in sizes)  # 8 dimensions, or 4 left
+    settings = summary["settings"]
+    assert settings["recovery_lr"] == 5e-4  # given on the command line: wins over the frontier's default
+    assert settings["recovery_epochs"] == 0.25 and settings["recovery_keep"] == "last"  # the frontier's defaults
+    assert summary["augment_pairs"] == 16
     passes = summary["training_passes_per_seed"]
     assert passes == {"gradual_run": 1, "branch_recoveries": 0.75, "baseline_recoveries": 0.75, "total": 2.5}
-    assert summary["separate_runs_would_take_passes"] == 6
     for seed, suffix in ((42, ""), (43, "_seed43")):
         run = summary["runs"][str(seed)]
         assert run["gradual_runs"] == 1 and run["wall_time_s"] >= run["gradual_run_s"] > 0
         hits = [e for e in run["trajectory"] if e["milestone"]]
-        assert [e["sparsity_target"] for e in hits] == [0.2, 0.5]  # each earlier target hit exactly by one event
-        assert run["trajectory"][-1]["sparsity_target"] == 0.8
+        assert [e["target_sparsity"] for e in hits] == [0.2, 0.5]  # each earlier target hit exactly by one event
+        assert run["trajectory"][-1]["target_sparsity"] == 0.8
         steps = [e["step"] for e in run["trajectory"]]
         assert steps == sorted(set(steps))  # one event per training step
         gflops = []
@@ -114,7 +108,7 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
             assert r["frontier"]["sweep_id"] == run["sweep_id"]
             assert r["frontier"]["sweep_wall_time_s"] == run["wall_time_s"]  # the whole sweep, added at its end
             if target < 0.8:  # a branch of the run: saved at the event that hit its target
-                assert r["frontier"]["branch_step"] == next(e["step"] for e in hits if e["sparsity_target"] == target)
+                assert r["frontier"]["branch_step"] == next(e["step"] for e in hits if e["target_sparsity"] == target)
             assert r["train_sentences"] == 64 + 16  # the training rows and the joined pairs
             assert r["recovery_batches"] == 3  # a quarter of the 10 batches of an epoch, rounded up
             assert r["keep"] == "last" and r["kept_state"].startswith(("recovery", "pruning"))
@@ -122,25 +116,22 @@ def test_frontier_is_one_gradual_run_with_a_branch_per_target(frontier):
             assert ("(last)" in r["kept_state"]) == (versus["only_best"] <= versus["only_last"] or versus["p"] >= 0.05)
             gflops.append(r["encoder_gflops_after"])
         assert gflops == sorted(gflops, reverse=True) and len(set(gflops)) == len(gflops)
-        point = {p["target"]: p for p in run["points"]["taylor"]}
+        point = {p["target_sparsity"]: p for p in run["points"]["taylor"]}
         assert set(point) == set(TARGETS) and all(point[t]["measured_sparsity"] >= t for t in TARGETS)
 
 
 def test_frontier_summary_keeps_earlier_seeds_made_the_same_way(frontier, tmp_path):
     """`SEEDS=(43,)` after a run of 42 and 43 keeps seed 42's entry in frontier.json, but only while its folders are
     the ones it wrote and the frontier settings are the same."""
-    earlier_runs = runpy.run_path(str(REPO / STAGE), run_name="dpq_test")["earlier_frontier_runs"]
+    earlier_runs = frontier_module.earlier_frontier_runs
     old = json.loads((frontier["models"] / "frontier.json").read_text())
     new = dict(old, runs={"43": old["runs"]["43"]})
     path = tmp_path / "frontier.json"
     path.write_text(json.dumps(old))
     assert earlier_runs(path, new) == {"42": old["runs"]["42"]}
-    assert earlier_runs(path, dict(new, recovery_fraction=0.5)) == {}  # made another way: not comparable
+    other = dict(new, settings=dict(new["settings"], recovery_epochs=0.5))
+    assert earlier_runs(path, other) == {}  # made another way: not comparable
     assert earlier_runs(tmp_path / "missing.json", new) == {}
-    # written before AUGMENT_ROWS existed: those runs joined pairs, so they match 2 and nothing else
-    path.write_text(json.dumps({k: v for k, v in old.items() if k != "augment_rows"}))
-    assert earlier_runs(path, new) == {"42": old["runs"]["42"]}
-    assert earlier_runs(path, dict(new, augment_rows=3)) == {}
     rewritten = dict(old, runs={"42": dict(old["runs"]["42"], sweep_id="another")})  # folders rewritten since
     path.write_text(json.dumps(rewritten))
     assert earlier_runs(path, new) == {}
@@ -255,70 +246,50 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
 
 def test_magnitude_ranking_removes_the_smallest_norm_units(tiny_bert):
     """Hand-made weights: head 2 of layer 1 and the odd FFN neurons of layer 0 have the smallest weights."""
-    from common.modeling import encoder_layers
+    from common.modeling_dpq import encoder_layers
 
     with torch.no_grad():
         for layer in encoder_layers(tiny_bert):
-            parts = pruning._parts(layer)
+            parts = block_parts(layer)
             for lin in (parts.query, parts.key, parts.value, parts.attn_out, parts.ffn_in, parts.ffn_out):
                 lin.weight.fill_(1.0)
-        parts = pruning._parts(encoder_layers(tiny_bert)[1])
+        parts = block_parts(encoder_layers(tiny_bert)[1])
         for lin in (parts.query, parts.key, parts.value):
             lin.weight[16:24] = 0.1  # head 2 = rows 16..23 (head size 8)
         parts.attn_out.weight[:, 16:24] = 0.1
-        parts = pruning._parts(encoder_layers(tiny_bert)[0])
+        parts = block_parts(encoder_layers(tiny_bert)[0])
         parts.ffn_in.weight[1::2] = 0.5
         parts.ffn_out.weight[:, 1::2] = 0.5
-    imp = pruning.magnitude_importance(tiny_bert)
+    imp = magnitude_importance(tiny_bert)
     assert imp["heads"][1].tolist() == pytest.approx([4 * 8 * 32.0, 4 * 8 * 32.0, 4 * 8 * 32 * 0.01, 4 * 8 * 32.0])
     assert imp["ffn"][0][:2].tolist() == pytest.approx([64.0, 64 * 0.25])
 
-    cost = pruning.unit_flops(tiny_bert, SEQ)
+    cost = unit_flops(tiny_bert, SEQ)
     base = measure_encoder_gflops(tiny_bert, SEQ)
-    result = pruning.prune_to_target(tiny_bert, imp, base - cost["head"][1] / 1e9, seq_len=SEQ)
+    result = prune_to_target(tiny_bert, imp, base - cost["head"][1] / 1e9, seq_len=SEQ)
     assert result["removed_heads"] == {1: [2]} and result["removed_ffn"] == {}
-    imp = pruning.magnitude_importance(tiny_bert)  # current numbering after the removal
-    result = pruning.prune_to_target(tiny_bert, imp, measure_encoder_gflops(tiny_bert, SEQ)
+    imp = magnitude_importance(tiny_bert)  # current numbering after the removal
+    result = prune_to_target(tiny_bert, imp, measure_encoder_gflops(tiny_bert, SEQ)
                                      - 32 * cost["ffn_neuron"][0] / 1e9, seq_len=SEQ)
     assert result["removed_ffn"] == {0: 32} and result["removed_heads"] == {}
-    assert pruning.kept_units(tiny_bert)["ffn"][0] == list(range(0, 64, 2))
+    assert kept_units(tiny_bert)["ffn"][0] == list(range(0, 64, 2))
 
 
 def test_schedule_places_an_event_exactly_at_each_milestone():
-    events = pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones=(0.2, 0.35, 0.5, 0.65, 0.8, 0.9))
+    events = pruning_schedule(2100, 20, 0.95, 0.8, milestones=(0.2, 0.35, 0.5, 0.65, 0.8, 0.9))
     steps, targets = zip(*events)
     assert all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == 1680
     assert all(a < b for a, b in zip(targets, targets[1:])) and targets[-1] == pytest.approx(0.95)
     assert {0.2, 0.35, 0.5, 0.65, 0.8, 0.9} <= set(targets)
     at = dict(zip(targets, steps))
-    assert at[0.5] == round(pruning.cubic_step(0.5, 1680, 0.95))  # where the cubic curve crosses 50%
-    tight = pruning.pruning_schedule(8, 2, 0.8, 0.8, milestones=(0.2, 0.5))
+    assert at[0.5] == round(cubic_step(0.5, 1680, 0.95))  # where the cubic curve crosses 50%
+    tight = pruning_schedule(8, 2, 0.8, 0.8, milestones=(0.2, 0.5))
     assert [t for _, t in tight][:2] == [0.2, 0.5] and len({s for s, _ in tight}) == len(tight)
     with pytest.raises(ValueError, match="do not fit"):
-        pruning.pruning_schedule(2, 4, 0.8, 0.8, milestones=(0.2, 0.5))
+        pruning_schedule(2, 4, 0.8, 0.8, milestones=(0.2, 0.5))
     with pytest.raises(ValueError, match="milestones"):
-        pruning.pruning_schedule(100, 4, 0.5, milestones=(0.6,))
+        pruning_schedule(100, 4, 0.5, milestones=(0.6,))
 
-
-
-def test_geometric_schedule_removes_the_same_fraction_of_what_is_left_per_stretch():
-    """geometric: 1 - (1 - s_f)^(t/T), its inverse places the milestones, and it spends more of the run between 65%
-    and 90% than the cubic curve (less in the cubic's slow approach to the end); an unknown schedule is refused."""
-    assert pruning.geometric_sparsity(0, 10, 0.95) == 0.0
-    assert pruning.geometric_sparsity(10, 10, 0.95) == pytest.approx(0.95)
-    assert pruning.geometric_sparsity(5, 10, 0.96) == pytest.approx(0.8)  # half the steps: sqrt(0.04) = 0.2 left
-    left = [1 - pruning.geometric_sparsity(k, 4, 0.9) for k in range(5)]
-    assert [b / a for a, b in zip(left, left[1:])] == pytest.approx([0.1 ** 0.25] * 4)  # the same fraction each time
-    assert pruning.geometric_step(0.8, 1000, 0.96) == pytest.approx(500)
-    milestones = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
-    geo = dict((t, s) for s, t in pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones, schedule="geometric"))
-    cubic = dict((t, s) for s, t in pruning.pruning_schedule(2100, 20, 0.95, 0.8, milestones))
-    assert geo[0.8] == round(pruning.geometric_step(0.8, 1680, 0.95))
-    assert geo[0.95] == cubic[0.95] == 1680
-    assert geo[0.9] - geo[0.65] > cubic[0.9] - cubic[0.65]  # more training steps between 65% and 90% ...
-    assert 1680 - geo[0.9] < 1680 - cubic[0.9]  # ... and fewer in the cubic curve's long tail from 90% to 95%
-    with pytest.raises(ValueError, match="schedule 'linear'"):
-        pruning.pruning_schedule(100, 4, 0.5, schedule="linear")
 
 def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refused(tmp_path):
     from common.config import ConfigError
@@ -326,43 +297,29 @@ def test_seeds_write_one_folder_each_in_stages_8_and_2_and_bad_settings_are_refu
     with pytest.MonkeyPatch.context() as mp:
         models = _tiny_pipeline(tmp_path, mp)
         results = run_script(STAGE, "SEEDS=(42, 7)", "TARGET_SPARSITY=0.3", "RECOVERY_EPOCHS=0", "AUGMENT_PAIRS=16",
-                             "AUGMENT_ROWS=3", "ABLATION_FROM=0.2", "ABLATION_BATCHES=4", "PRUNE_DROPOUT=0.0", *FAST)
+                             *FAST)
         assert set(results) == {"pruned_model", "pruned_model_seed7"}
-        # PRUNE_STEPS=2 to 30%: the event at 0.3 * (1 - 1/8) = 26% and the last one rank by measured loss increase
-        events = [e for e in results["pruned_model"]["trajectory"] if e["step"]]
-        assert [e["ranked_by"] for e in events] == ["ablation", "ablation"]
-        assert _meta(models / "pruned_model")["config"]["PRUNE_DROPOUT"] == 0.0
-        # 64 training rows + 16 joined triples labelled by the teacher, whose logits are cached apart from the
-        # frontier's pairs (same seed, other inputs)
+        # 64 training rows + 16 joined pairs labelled by the teacher, whose logits are cached beside the training set's
         assert [r["train_sentences"] for r in results.values()] == [80, 80]
         cached = [torch.load(p, weights_only=True) for p in (models / "cache").glob("teacher_logits_*.pt")]
-        assert [c["logits"].shape[0] for c in cached
-                if c["key_parts"]["tokenization"].get("augment_rows") == 3] == [16]
+        assert [c["logits"].shape[0] for c in cached if c["key_parts"]["tokenization"].get("augment")] == [16]
         assert [_meta(models / n)["seed"] for n in ("pruned_model", "pruned_model_seed7")] == [42, 7]
         assert all(_meta(models / n)["results"]["mode"] == "single" for n in results)
         for args, match in ((("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.95)"), "out of reach"),
                             (("FRONTIER=True", "FRONTIER_TARGETS=(0.2, 0.201)"), "same whole percent"),
                             (("FRONTIER=True", "FRONTIER_METHODS=('random',)"), "FRONTIER_METHODS"),
+                            (("FRONTIER=True", "RECOVERY_EPOCHS=2"), "RECOVERY_EPOCHS=2.0: must be a number in"),
+                            (("FRONTIER=True", "PRUNE_TARGETS=(0.2,)"), "PRUNE_TARGETS"),
                             (("SEEDS=(1, 1)",), "SEEDS"), (("AUGMENT_PAIRS=-5",), "AUGMENT_PAIRS"),
-                            (("AUGMENT_ROWS=1",), "AUGMENT_ROWS"), (("ABLATION_FROM=1",), "ABLATION_FROM"),
-                            (("PRUNE_DROPOUT=1",), "PRUNE_DROPOUT"),
-                            (("HEAD_DIM_STEP=8",), "narrows nothing"),  # the tiny heads have 8 dimensions
-                            (("HEAD_DIM_STEP=2", "ABLATION_FROM=0.5"), "HEAD_DIM_STEP"),
-                            (("FRONTIER=True", "FRONTIER_RECOVERY_KEEP=first"), "FRONTIER_RECOVERY_KEEP")):
+                            (("FRONTIER=True", "RECOVERY_KEEP=first"), "RECOVERY_KEEP"),
+                            (("AUGMENT_ROWS=3",), "unknown key 'AUGMENT_ROWS'")):  # retired: tag screens-2026-12
             with pytest.raises(ConfigError, match=match):
                 run_script(STAGE, *args, *FAST)
         assert not (models / "pruned_model_s20").exists()  # refused before any work
 
         student_args = ("STUDENT_LAYERS=(0, 2)", "EPOCHS=1", "TRAIN_LIMIT=64", "BATCH_SIZE=8", "EVALS_PER_EPOCH=1")
-        with pytest.raises(ConfigError, match="DISTILL=False"):
-            run_script("2_distill_student.py", "AUGMENT_PAIRS=16", "DISTILL=False", *student_args)
-        results = run_script("2_distill_student.py", "SEEDS=(42, 43)", "AUGMENT_PAIRS=16", *student_args)
+        results = run_script("2_distill_student.py", "SEEDS=(42, 43)", *student_args)
         assert set(results) == {"student_model", "student_model_seed43"}
-        # 64 rows + 16 joined pairs, the same for both seeds: one cache entry beside stage 8's triples
-        assert [r["train_sentences"] for r in results.values()] == [80, 80]
-        tokenizations = [torch.load(p, weights_only=True)["key_parts"]["tokenization"]
-                         for p in (models / "cache").glob("teacher_logits_*.pt")]
-        assert sorted(t.get("augment_rows", 2) for t in tokenizations if t.get("augment")) == [2, 3]
         assert [_meta(models / n)["seed"] for n in ("student_model", "student_model_seed43")] == [42, 43]
         assert [_meta(models / n)["results"]["seed"] for n in results] == [42, 43]
 
@@ -380,19 +337,14 @@ def test_make_frontier_names_the_stages():
     assert all(s in out for s in stages) and [out.index(s) for s in stages] == sorted(out.index(s) for s in stages)
 
 
-@pytest.mark.parametrize("continue_from_branch", [False, True])
-def test_gradual_run_goes_on_from_the_recovered_branch_only_when_asked(tiny_bert, continue_from_branch):
-    """With continue_from_branch the run adopts each branch as the callback left it (FRONTIER_CONTINUE_RECOVERED);
-    without it the run goes on from its own un-recovered model. The callback marks the first branch (classifier bias
-    +100, far more than a few steps at lr 1e-3 can move) and reads the mark back in the second branch."""
-    from common.data import Encoded, make_loader
+def test_gradual_run_goes_on_from_the_recovered_branch(tiny_bert):
+    """The run adopts each branch as the callback left it (iterative prune-recover). The callback marks the first
+    branch (classifier bias +100, far more than a few steps at lr 1e-3 can move) and reads the mark back in the
+    second branch."""
     from common.training import cross_entropy_loss
+    from common.data import make_loader
 
-    gen = torch.Generator().manual_seed(0)
-    vocab = tiny_bert.config.vocab_size
-    ids = [[2] + torch.randint(5, vocab, (int(n),), generator=gen).tolist() + [3]
-           for n in torch.randint(3, 10, (64,), generator=gen)]
-    data = Encoded(input_ids=ids, labels=torch.arange(64) % 2)
+    data = _rows(tiny_bert.config.vocab_size)
     train_loader, heldout = make_loader(data, 8, shuffle=True, seed=1), make_loader(data, 32)
     seen = []
 
@@ -403,14 +355,12 @@ def test_gradual_run_goes_on_from_the_recovered_branch_only_when_asked(tiny_bert
                 branch.classifier.bias += 100.0
 
     torch.manual_seed(0)
-    run = pruning.gradual_prune(tiny_bert.train(), train_loader, heldout, cross_entropy_loss, target_sparsity=0.6,
-                                epochs=1, prune_steps=2, lr=1e-3, seq_len=SEQ, milestones=(0.2, 0.4),
-                                on_milestone=on_milestone, continue_from_branch=continue_from_branch)
-    assert len(seen) == 2 and abs(seen[0]) < 5
-    assert (seen[1] > 50) == continue_from_branch
-    assert (abs(float(tiny_bert.classifier.bias.detach().mean())) > 50) == continue_from_branch
-    marked = [e for e in run.trajectory if e.get("continued_from_branch")]
-    assert [e["sparsity_target"] for e in marked] == ([0.2, 0.4] if continue_from_branch else [])
+    run = gradual_prune(tiny_bert.train(), train_loader, heldout, cross_entropy_loss,
+                        Schedule(0.6, epochs=1, steps_per_epoch=2, lr=1e-3, milestones=(0.2, 0.4), seq_len=SEQ),
+                        on_milestone=on_milestone)
+    assert len(seen) == 2 and abs(seen[0]) < 5 and seen[1] > 50
+    assert abs(float(tiny_bert.classifier.bias.detach().mean())) > 50
+    assert [e["target_sparsity"] for e in run.trajectory if e.get("continued_from_branch")] == [0.2, 0.4]
 
 
 def _rows(vocab: int, n: int = 64, seed: int = 0):
@@ -449,12 +399,10 @@ def test_train_keep_last_leaves_the_last_step_and_hands_back_the_best_state(tiny
 def test_recovery_keeps_the_last_state_unless_another_is_significantly_better(tiny_bert, breaks):
     """keep="last": a recovery that changes nothing keeps its last step (no held-out row tells the states apart); one
     that breaks the model (trained towards the opposite of every held-out label) gives back the state before it."""
-    from types import SimpleNamespace
-
     from common.data import make_loader
+    from common.pruning.run import Job, PruneSettings, recover
     from common.training import predict_logits
 
-    recover = runpy.run_path(str(REPO / STAGE), run_name="dpq_test")["recover"]
     data = _rows(tiny_bert.config.vocab_size)
     tiny_bert.eval()
     data.labels = predict_logits(tiny_bert, make_loader(data, 32)).argmax(-1)  # the model gets every row right
@@ -466,11 +414,14 @@ def test_recovery_keeps_the_last_state_unless_another_is_significantly_better(ti
             return 0.0 * logits.sum()
         return torch.nn.functional.cross_entropy(logits, 1 - batch["labels"])
 
-    ctx = SimpleNamespace(cfg=SimpleNamespace(WEIGHT_DECAY=0.0, WARMUP_RATIO=0.0, EVALS_PER_EPOCH=2),
-                          loss_fn=loss_fn)
+    settings = PruneSettings(prune_epochs=1, prune_steps=1, end_fraction=0.8, prune_lr=1e-3, recovery_epochs=2,
+                             recovery_lr=1e-2, recovery_keep="last", weight_decay=0.0, warmup_ratio=0.0,
+                             evals_per_epoch=2)
+    job = Job(settings, constants={}, data={}, loss_fn=loss_fn, tokenizer=None, student_dir=None, teacher_dir=None,
+              reference={})
     torch.manual_seed(0)
     loaders = {"heldout": make_loader(data, 32)}
-    out = recover(ctx, tiny_bert, loaders, make_loader(data, 8, shuffle=True, seed=1), 2, "test", 1e-2, "last")
+    out = recover(job, tiny_bert, loaders, make_loader(data, 8, shuffle=True, seed=1), 2, "test")
     assert out["keep"] == "last" and out["recovery_batches"] == 2 * 8
     if breaks:
         assert out["kept_state"] == "pruning" and out["last_vs_best"]["p"] < 0.05

@@ -16,11 +16,12 @@ from torch import nn
 from transformers import BertForSequenceClassification, DistilBertForSequenceClassification
 
 from common.data import encode, load_sst2_splits, make_loader, model_inputs
-from common.modeling import QUANT_KEY, load_model, load_tokenizer, read_state_dict, weight_bytes
-from common.pruning import get_layout, prune_units
-from common.quantization import (check_quantized, encoder_linear_names, head_dense_name, load_quantized,
-                                 precision_map, quant_classes, quantize_model, resolve_compute_dtype,
-                                 save_quantized, word_embedding_name)
+from common.modeling import load_model, load_tokenizer, weight_bytes
+from common.modeling_dpq import encoder_linear_names, get_layout, head_dense_name, read_state_dict, word_embedding_name
+from common.modeling_dpq_4bit import QUANT_KEY, quant_classes
+from common.pruning.selection import prune_units
+from common.quantization import (check_quantized, load_quantized, precision_map, quantize_model,
+                                 resolve_compute_dtype, save_quantized)
 from common.stage import StageError, read_metadata
 from common.training import predict_logits
 from conftest import (run_script, save_tiny, tiny_bert_config, tiny_distilbert_config, tiny_sentences,
@@ -28,15 +29,8 @@ from conftest import (run_script, save_tiny, tiny_bert_config, tiny_distilbert_c
 
 STAGE = "9_quantize_pruned_model.py"
 KINDS = ("bert", "distilbert")
-# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
-# layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
-# and the residual stream keeps 32 of its 64 hidden dimensions (the even ones)
-PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
-         "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
-                                  [0, 1, 2, 3, 4, 5]],
-                           "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
-                                 [3, 6, 9, 12, 13, 15]]}},
-         "hidden": list(range(1, 64, 2))}
+# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps no head and the floor of 32 FFN neurons
+PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(96))}}
 
 
 def build(kind: str):
@@ -105,9 +99,9 @@ def assert_quantized_structure(model, pruned: bool, embedding=8, head_4bit=True)
     assert len(names) == 6 * model.config.num_hidden_layers  # q, k, v, attention out, FFN in, FFN out
     four_bit = [n for n in names if isinstance(model.get_submodule(n), linear4)]
     empty = [n for n in names if n not in four_bit]
-    # every encoder Linear is 4-bit, except those of a layer whose heads and FFN neurons were all pruned (0 weights)
+    # every encoder Linear is 4-bit, except the attention Linears of a layer whose heads were all pruned (0 weights)
     assert all(model.get_submodule(n).weight.numel() == 0 for n in empty)
-    assert len(empty) == (6 if pruned else 0)
+    assert len(empty) == (4 if pruned else 0)
     head = model.get_submodule(head_dense_name(model))
     assert isinstance(head, linear4) == head_4bit
     for n in four_bit:

@@ -58,8 +58,7 @@ def test_real_pipeline_prunes_quantizes_and_reports(real_pipeline):
 
     from bitsandbytes.nn import Linear4bit
 
-    from common.modeling import encoder_layers
-    from common.pruning import get_layout
+    from common.modeling_dpq import encoder_layers, get_layout
 
     models, _, report_dir = real_pipeline
     pruned = load_model(models / "pruned_model")

@@ -18,26 +18,21 @@ import torch
 from transformers import (AutoModelForSequenceClassification, BertForSequenceClassification,
                           DistilBertForSequenceClassification)
 
-from common.modeling import LAYOUT_KEY, QUANT_KEY, load_model, save_model
-from common.modeling_dpq import AUTO_CLASS, CODE_FILE, dpq_model_classes
-from common.pruning import get_layout, prune_units
+from common.modeling import load_model, save_model
+from common.modeling_dpq import AUTO_CLASS, CODE_FILE, CODE_FILES, LAYOUT_KEY, dpq_model_classes, get_layout
+from common.modeling_dpq_4bit import QUANT_KEY
+from common.pruning.selection import prune_units
 from common.quantization import quantize_model, save_quantized
 from conftest import REPO, make_tokenizer, tiny_bert_config, tiny_distilbert_config
 
 SOURCE = REPO / "common" / "modeling_dpq.py"
+SOURCES = {name: REPO / "common" / name for name in CODE_FILES}  # what every pruned or 4-bit folder ships
 KINDS = ("bert", "distilbert")
 CASES = ("pruned_fp32", "pruned_4bit", "unpruned_4bit")
 TOLERANCE = {"pruned_fp32": 1e-5, "pruned_4bit": 1e-4, "unpruned_4bit": 1e-4}
 REMOTE_CLASS = {"bert": "DPQBertForSequenceClassification", "distilbert": "DPQDistilBertForSequenceClassification"}
-# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps nothing (no head, no FFN neuron: FFN_FLOOR=0)
-# layer 0's four heads are first narrowed from 16 to 10 dimensions (query/key and value dimensions chosen apart)
-# and the residual stream keeps 32 of its 64 hidden dimensions (the even ones)
-PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(128))},
-         "head_dims": {0: {"qk": [[0, 3, 6, 9, 12, 15], [1, 4, 7, 10, 13, 14], [2, 5, 8, 11, 12, 13],
-                                  [0, 1, 2, 3, 4, 5]],
-                           "v": [[1, 2, 7, 11, 13, 14], [0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11],
-                                 [3, 6, 9, 12, 13, 15]]}},
-         "hidden": list(range(1, 64, 2))}
+# layer 0 keeps 1 head of 4 and 96 FFN neurons; layer 1 keeps no head and the floor of 32 FFN neurons
+PRUNE = {"heads": {0: [1, 2, 3], 1: [0, 1, 2, 3]}, "ffn": {0: list(range(32)), 1: list(range(96))}}
 INPUTS = {"input_ids": [[2, 5, 16, 27, 30, 3, 0, 0], [2, 14, 25, 31, 33, 8, 37, 3]],
           "attention_mask": [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]}
 
@@ -121,28 +116,30 @@ def remote(folders, tmp_path_factory):
     return torch.load(work / "remote.pt")
 
 
-def test_shipped_file_is_self_contained():
-    """Imports only what any transformers install has (bitsandbytes through importlib, lazily), never `common`."""
+def test_shipped_files_are_self_contained():
+    """Import only what any transformers install has (bitsandbytes through importlib, lazily), never `common`; the
+    loader's one relative import is its sibling shipped file, the bitsandbytes modules."""
     from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-    tree = ast.parse(SOURCE.read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import at line {node.lineno}"
-            imported.add(node.module.split(".")[0])
-    assert "common" not in imported
-    assert imported <= {"importlib", "json", "logging", "shutil", "dataclasses", "pathlib", "torch", "safetensors",
-                        "transformers"}, imported
+    for name, path in SOURCES.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                assert name == CODE_FILE and node.module == "modeling_dpq_4bit", f"{name}: relative import"
+        assert "common" not in imported
+        assert imported <= {"importlib", "json", "logging", "shutil", "dataclasses", "pathlib", "torch",
+                            "safetensors", "transformers"}, imported
     # transformers' own scan of a remote-code file: nothing beyond torch / transformers / safetensors to install
     assert set(get_imports(SOURCE)) - set(sys.stdlib_module_names) == {"torch", "safetensors", "transformers"}
-    assert get_relative_imports(SOURCE) == []
+    assert get_relative_imports(SOURCE) == ["modeling_dpq_4bit"]
+    assert get_relative_imports(SOURCES["modeling_dpq_4bit.py"]) == []
 
 
 def test_code_is_shipped_with_pruned_and_4bit_folders_only(folders):
-    source = SOURCE.read_bytes()
     for kind in KINDS:
         plain = folders[kind, "unpruned_fp32"]
         config = json.loads((plain / "config.json").read_text())
@@ -153,7 +150,7 @@ def test_code_is_shipped_with_pruned_and_4bit_folders_only(folders):
             folder = folders[kind, case]
             config = json.loads((folder / "config.json").read_text())
             assert config["auto_map"] == {AUTO_CLASS: f"modeling_dpq.{REMOTE_CLASS[kind]}"}
-            assert (folder / CODE_FILE).read_bytes() == source  # verbatim
+            assert all((folder / name).read_bytes() == path.read_bytes() for name, path in SOURCES.items())  # verbatim
             assert bool(config.get(LAYOUT_KEY)) == case.startswith("pruned")
             assert bool(config.get(QUANT_KEY)) == case.endswith("4bit")
         # without trust_remote_code transformers uses its own class: the pruned folder fails loudly
@@ -177,7 +174,7 @@ def test_folder_loads_without_the_project_with_the_same_logits(folders, remote, 
         assert got["bitsandbytes_imported"] is False  # fp32 folders load without bitsandbytes
         assert got["linear4bit"] == 0
     else:
-        assert got["linear4bit"] == (7 if case == "pruned_4bit" else 13)  # encoder (6 empty ones skipped) + head
+        assert got["linear4bit"] == (9 if case == "pruned_4bit" else 13)  # encoder (4 empty ones skipped) + head
 
 
 def test_dpq_class_from_pretrained_options(folders):
@@ -187,7 +184,7 @@ def test_dpq_class_from_pretrained_options(folders):
     folder = folders["bert", "pruned_fp32"]
     model = bert.from_pretrained(str(folder), trust_remote_code=True, device_map="cpu", dtype="auto")
     assert type(model) is bert and not model.training
-    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 0], "head_size": [10, 16], "hidden": 32}
+    assert get_layout(model) == {"heads": [1, 0], "ffn": [96, 32]}
     assert torch.equal(logits_of(model), logits_of(load_model(folder)))
     assert bert.from_pretrained(str(folder), torch_dtype=torch.bfloat16).classifier.weight.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="unsupported arguments"):
