@@ -44,6 +44,15 @@ def parse_args(argv):
     return args
 
 
+def utf8_lines(data: bytes, source: str) -> list:
+    """The lines of UTF-8 text (a leading byte-order mark dropped); other bytes are refused in one line."""
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise PredictError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start}): "
+                           f"convert it to UTF-8") from None
+
+
 def read_sentences(args, stdin=None) -> list:
     if args.sentences and args.file:
         raise PredictError("give sentences as arguments or --file, not both")
@@ -53,15 +62,14 @@ def read_sentences(args, stdin=None) -> list:
         path = Path(args.file)
         if not path.is_file():
             raise PredictError(f"--file {path}: no such file (one sentence per line)")
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as err:
-            raise PredictError(f"--file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        lines = utf8_lines(path.read_bytes(), f"--file {path}")
     else:
         stdin = stdin if stdin is not None else sys.stdin
         if stdin.isatty():
             raise PredictError("no sentences: pass them as arguments, with --file PATH, or on stdin")
-        lines = stdin.read().splitlines()
+        # the bytes, not the locale's decoding (which may pass bad bytes on as lone surrogates)
+        buffer = getattr(stdin, "buffer", None)
+        lines = utf8_lines(buffer.read(), "stdin") if buffer is not None else stdin.read().splitlines()
     sentences = [line.strip() for line in lines if line.strip()]
     if not sentences:
         raise PredictError("no sentences to classify (empty input)")

@@ -37,9 +37,9 @@ class DataError(ValueError):
 def read_glue_tsv(path) -> list:
     """Rows (sentence, label) of a GLUE-format TSV, validated line by line.
 
-    UTF-8, with or without a byte-order mark; LF or CRLF line ends; no quoting (a quote is plain text). A
-    UTF-16 file, bytes that are not UTF-8 and a field over MAX_FIELD_CHARS are refused, each in one line naming
-    the file and the line."""
+    UTF-8, with or without a byte-order mark; LF or CRLF line ends, or CR alone in a file with no LF (old Mac);
+    no quoting (a quote is plain text). A UTF-16 file, bytes that are not UTF-8 and a field over MAX_FIELD_CHARS
+    are refused, each in one line naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected a GLUE-format TSV with header 'sentence<TAB>label')")
@@ -49,7 +49,7 @@ def read_glue_tsv(path) -> list:
                         f"save it as UTF-8")
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
-    lines = raw.split(b"\n")
+    lines = raw.split(b"\n" if b"\n" in raw else b"\r")  # no LF at all: CR-only line ends (old Mac)
     rows = []
     for lineno, line in enumerate(lines, start=1):
         text = _decode_line(path, lineno, line[:-1] if line.endswith(b"\r") else line)
@@ -57,7 +57,8 @@ def read_glue_tsv(path) -> list:
             if not text:
                 raise DataError(f"{path}: the file is empty (expected header 'sentence<TAB>label' and rows)")
             if text.split("\t") != ["sentence", "label"]:
-                raise DataError(f"{path}, line 1: header is {text!r}, expected 'sentence<TAB>label'")
+                shown = repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text):,} characters)"
+                raise DataError(f"{path}, line 1: header is {shown}, expected 'sentence<TAB>label'")
             continue
         if not text:
             continue

@@ -146,11 +146,14 @@ def predict_folder(models, tokenizer_dir, tmp_path_factory):
 
 
 def run_predict(*args, stdin=""):
+    """predict.main in this process; stdin as text, or as bytes (then read as a real stdin is: a text stream over
+    a byte buffer)."""
     import runpy
 
     namespace = runpy.run_path(str(REPO / "predict.py"), run_name="dpq_test")
     out = io.StringIO()
-    results = namespace["main"](list(args), stdin=io.StringIO(stdin), stdout=out)
+    stdin = io.TextIOWrapper(io.BytesIO(stdin)) if isinstance(stdin, bytes) else io.StringIO(stdin)
+    results = namespace["main"](list(args), stdin=stdin, stdout=out)
     return results, out.getvalue().splitlines(), namespace
 
 
@@ -188,6 +191,19 @@ def test_predict_refuses_bad_input_in_one_line(predict_folder, tmp_path):
                           (["--model", str(predict_folder), "good", "--file", "x"], "not both")):
         assert message in refused(*args)
     assert "empty input" in refused("--model", str(predict_folder), stdin="\n \n")
+    # bytes that are not UTF-8: refused alike from --file and from stdin, saying what to do
+    not_utf8 = "not UTF-8 text (invalid continuation byte at byte 3): convert it to UTF-8"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 ok\n")
+    assert refused("--model", str(predict_folder), "--file", str(latin1)) == f"--file {latin1}: {not_utf8}"
+    assert refused("--model", str(predict_folder), stdin=b"caf\xe9 ok\n") == f"stdin: {not_utf8}"
+    # the command itself, stdin piped in: exit 1, one line, no traceback
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model", str(predict_folder)], cwd=tmp_path,
+                          input=b"caf\xe9 ok\n", capture_output=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    stderr = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"error: stdin: {not_utf8}"
     # a corrupt export: the command itself exits 1 with one line naming the file, no traceback
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx file")

@@ -428,6 +428,25 @@ def test_bom_and_crlf_are_accepted(tmp_path):
     assert read_glue_tsv(path) == [("good film", 1), ("bad film", 0)]
 
 
+def test_old_mac_cr_only_line_ends_are_read_as_crlf_is(tmp_path):
+    """A file with no LF at all ends its lines with CR (old Mac): read it, line numbers as an editor counts them.
+    In a file with LF line ends only the CR of a CRLF is dropped; any other CR is text. A file whose header is too
+    long to be one (mixed line ends) is refused with the header's start, not the whole file."""
+    path = tmp_path / "mac.tsv"
+    path.write_bytes(b"\xef\xbb\xbfsentence\tlabel\rgood film\t1\r\rbad film\t0\r")
+    assert read_glue_tsv(path) == [("good film", 1), ("bad film", 0)]
+    path.write_bytes(b"sentence\tlabel\rgood film\t1\rbad film\t2\r")
+    with pytest.raises(DataError, match=r"mac.tsv, line 3: label '2' is not 0 or 1$"):
+        read_glue_tsv(path)
+    path.write_bytes(b"sentence\tlabel\ngood\rfilm\t1\r\n")
+    assert read_glue_tsv(path) == [("good\rfilm", 1)]
+    path.write_bytes(b"sentence\tlabel\r" + b"good film\t1\r" * 1000 + b"\n")  # CR lines, then one LF
+    with pytest.raises(DataError) as err:
+        read_glue_tsv(path)
+    assert str(err.value) == (f"{path}, line 1: header is 'sentence\\tlabel\\rgood film\\t1\\rgood film\\t1\\rgood "
+                              f"film\\t1\\rgood film'... (12,014 characters), expected 'sentence<TAB>label'")
+
+
 @pytest.mark.parametrize("content, message", [
     ("sentence\tlabel\ngood\t1\n".encode("utf-16"), "line 1: the file is UTF-16"),
     ("sentence\tlabel\ngood\t1\n".encode("utf-16-le"), "line 1: NUL bytes"),
