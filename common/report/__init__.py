@@ -15,12 +15,13 @@ from pathlib import Path
 
 from common.paths import STAGE_FOLDERS
 from common.report.chart import plot_report
-from common.report.compare import build_report, deployment_pair, write_json
-from common.report.discover import BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, recorded_preset
-from common.report.markdown import markdown_report, write_text
+from common.report.compare import build_report, deployment_pair
+from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, recorded_preset,
+                                    write_atomic)
+from common.report.markdown import markdown_report
 from common.report.measure import (SkipModel, busy_cores, load_average, machine_busy, measure_model, time_pair,
                                    timing_references)
-from common.stage import StageError
+from common.stage import StageError, json_dump
 
 logger = logging.getLogger("dpq")
 
@@ -60,9 +61,9 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
                           constants=constants, wall_time_s=time.time() - started, deploy_timing=deploy_timing)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(report, out_dir / REPORT_JSON)
+    write_atomic(out_dir / REPORT_JSON, lambda tmp: json_dump(report, tmp))
     plot_report(report, out_dir / REPORT_PNG)
-    write_text(markdown_report(report), out_dir / REPORT_MD)
+    write_atomic(out_dir / REPORT_MD, lambda tmp: tmp.write_text(markdown_report(report)))
     logger.info(f"[report] wrote {out_dir / REPORT_JSON}, {REPORT_PNG}, {REPORT_MD}")
     if report["headline"]:
         logger.info(f"[report] {report['headline']['sentence']}")

@@ -1,15 +1,12 @@
-"""final_report.png, a view of final_report.json: `plot_report` lays the figure out, one function draws each panel
-from the report dict (accuracy vs GFLOPs and vs the paired speed-up over the student, accuracy by sentence length,
-size and latency per model)."""
+"""final_report.png, a view of final_report.json: `plot_report` lays the figure out, one function draws each panel."""
 
-import os
 import re
 import textwrap
 from pathlib import Path
 
 from common.paths import STAGE_FOLDERS, STUDENT_SEED_RE, parse_pruned_name
 from common.report.compare import METHOD_WORDS
-from common.report.discover import BASELINE, FINAL, FIXED_LABELS
+from common.report.discover import BASELINE, FINAL, FIXED_LABELS, write_atomic
 
 FAMILY_COLORS = {"teacher": "#6b6b6b", "student": "#1f77b4", "pruned": "#e6550d"}
 METHOD_COLORS = {"taylor": FAMILY_COLORS["pruned"], "magnitude": "#756bb1"}  # ours / the magnitude baseline
@@ -33,8 +30,7 @@ def _labelled(name: str) -> bool:
 
 
 def _curves(groups: dict) -> dict:
-    """{(method, bits): [seed groups]}: the frontier lines, from the student of that precision down to the smallest
-    model (only frontier points where a method has a frontier run)."""
+    """{(method, bits): [seed groups]}: frontier lines from the student down (frontier points only, where any)."""
     curves = {}
     for g in groups.values():
         if g["family"] == "pruned" and g["method"] in METHOD_COLORS:
@@ -64,14 +60,14 @@ def _scale_x(ax, xs) -> None:
         ax.set_xlim(max(0.0, low - 0.15 * span), high + 0.15 * span)
 
 
-def _accuracy_panel(ax, report: dict, model_x, group_x, more_xs=()) -> list:
+def _accuracy_panel(ax, report: dict, model_x, group_x, more=()) -> list:
     """Accuracy against x = model_x(name) -> (x, 95% interval or None) or None, group_x(seed group) -> x or None:
     marker area = size on disk, circle fp32, diamond 4-bit, thin bars = 95% intervals, frontier lines through the
-    seed-group means with +-1 s.d. across seeds. `more_xs`: more points on the axis. Returns _place_labels items."""
+    seed-group means with +-1 s.d. across seeds. `more`: (x, y) the axes must hold too. Returns _place_labels items."""
     models, groups = report["models"], report["seed_groups"]
     biggest = max(r["size_mb"] for r in models.values()) or 1.0
     area = {n: max(r["size_mb"] / biggest * MAX_MARKER_AREA, 15.0) for n, r in models.items()}
-    xs_all, ys_all = list(more_xs), []
+    xs_all, ys_all = [x for x, _ in more], [y for _, y in more]
     for (method, bits), points in _curves(groups).items():
         pts = [(group_x(g), g["accuracy_seed_spread"]["mean"], g) for g in points if group_x(g) is not None]
         if len(pts) >= 2:
@@ -147,7 +143,7 @@ def _speedup_panel(ax, report: dict, big: str) -> tuple:
         if name in onnx_students or paired(r, "onnx_int8"):
             p = paired(r, "onnx_int8") if name not in onnx_students else {"speedup": 1.0, "ci": None}
             onnx.append((name, r["artifacts"]["onnx_int8"]["accuracy"] * 100, p["speedup"], p["ci"]))
-    items = _accuracy_panel(ax, report, model_x, group_x, [v for *_, x, ci in onnx for v in (x, *(ci or ()))])
+    items = _accuracy_panel(ax, report, model_x, group_x, [(v, y) for _, y, x, ci in onnx for v in (x, *(ci or ()))])
     for name, y, x, ci in onnx:  # the CPU serving artifact of the same model: where a user would deploy it
         color = FAMILY_COLORS.get(models[name]["family"], "#555555")
         ax.scatter(x, y, s=60, marker="^", facecolor=color, edgecolor="black", linewidth=0.6, zorder=4)
@@ -241,8 +237,7 @@ def _legend(fig, report: dict, onnx: bool, top: float) -> None:
 
 
 def _length_panel(ax, by_length: dict, method: str) -> None:
-    """Accuracy by length bucket of one method's fp32 frontier rows (seed means), light to dark by target, and the
-    student (black)."""
+    """Accuracy by length bucket of one method's fp32 frontier rows (seed means) and of the student (black)."""
     import matplotlib.pyplot as plt  # (matplotlib: chart only)
 
     buckets, shades = by_length["buckets"], plt.get_cmap("YlOrRd" if method == "taylor" else "PuBu")
@@ -309,8 +304,7 @@ def _latency_panel(ax, models: dict, batch_keys: list, threads: int) -> None:
 
 
 def plot_report(report: dict, path) -> None:
-    """Top: accuracy vs GFLOPs and vs the paired speed-up over the student (largest batch), then their legend; middle
-    (fp32 frontier rows only): accuracy by sentence length per pruning method; bottom: size and latency per model."""
+    """Accuracy vs GFLOPs and vs paired speed-up; accuracy by length (frontier reports); size and latency bars."""
     import matplotlib  # in the body: matplotlib is slow to import and only the chart needs it
 
     matplotlib.use("Agg")
@@ -348,11 +342,8 @@ def plot_report(report: dict, path) -> None:
     fig.canvas.draw()  # labels are placed against the final layout
     _place_labels(ax_flops, fig, flops_items)
     _place_labels(ax_speed, fig, speed_items)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _wrap(text: str, width: int) -> str:

@@ -1,10 +1,8 @@
 """Comparisons across the measured models: paired tests, seed groups, the frontier summary, the headline, the
 deployment pick, and the assembled report (`build_report`, `write_json`)."""
 
-import os
 import statistics
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
@@ -13,7 +11,7 @@ from common.paths import STAGE_FOLDERS
 from common.report.discover import BASELINE, FINAL, seed_group
 from common.report.length import DIFFERENCE_KEYS, by_length
 from common.report.measure import cpu_info, cpu_words, from_bits
-from common.stage import git_commit, json_dump, library_versions
+from common.stage import git_commit, library_versions
 from common.stats import describe_difference, paired_comparison, seed_spread
 
 
@@ -28,12 +26,10 @@ def fp32_source(name: str, r: dict, models: dict):
 
 def comparison_pairs(models: dict) -> list:
     """(kind, (model a, artifact a), (model b, artifact b)) for every comparison the report draws."""
-    pairs = []
     teacher, student = STAGE_FOLDERS["teacher"], STAGE_FOLDERS["student"]
-    if BASELINE in models and FINAL in models:
-        pairs.append(("headline: final vs standard 4-bit", (FINAL, "pytorch"), (BASELINE, "pytorch")))
-    if student in models and teacher in models:
-        pairs.append(("student vs teacher", (student, "pytorch"), (teacher, "pytorch")))
+    pairs = [(kind, (a, "pytorch"), (b, "pytorch")) for kind, a, b in [
+        ("headline: final vs standard 4-bit", FINAL, BASELINE), ("student vs teacher", student, teacher)]
+        if a in models and b in models]
     for name, r in models.items():
         if r["bits"] == 32 and r["family"] == "pruned" and student in models:
             pairs.append(("pruned vs student", (name, "pytorch"), (student, "pytorch")))
@@ -51,8 +47,7 @@ def artifact_label(name: str, artifact: str) -> str:
 
 
 def comparisons(models: dict, eval_files, seed: int) -> list:
-    """Each pair on SST-2 validation and every extra eval file: difference in points, 95% paired-bootstrap interval,
-    disagreement counts, exact McNemar p (common.stats.paired_comparison)."""
+    """Each pair on SST-2 validation and every extra eval file (common.stats.paired_comparison)."""
     out = []
     for kind, (a, art_a), (b, art_b) in comparison_pairs(models):
         ra, rb = models[a]["artifacts"][art_a], models[b]["artifacts"][art_b]
@@ -60,9 +55,8 @@ def comparisons(models: dict, eval_files, seed: int) -> list:
         sets += [(path, ra["eval_files_correct"][path], rb["eval_files_correct"][path]) for path in eval_files]
         for evaluation, bits_a, bits_b in sets:
             result = paired_comparison(from_bits(bits_a), from_bits(bits_b), seed=seed)
-            label_a, label_b = artifact_label(a, art_a), artifact_label(b, art_b)
             out.append(dict(result, kind=kind, a=a, a_artifact=art_a, b=b, b_artifact=art_b, evaluation=evaluation,
-                            sentence=describe_difference(result, label_a, label_b)))
+                            sentence=describe_difference(result, artifact_label(a, art_a), artifact_label(b, art_b))))
     return out
 
 
@@ -94,8 +88,7 @@ def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
 
 
 def _group_speedup(models: dict, names: list, reference: str, latency_ms: dict) -> tuple:
-    """(speed-up over `reference` per batch, how each was measured): the mean of the members' paired speed-ups where
-    every member was timed paired with it, else the ratio of the median latencies (timed apart)."""
+    """(speed-up over `reference` per batch, how): the members' mean paired speed-up, else the ratio of medians."""
     speed, detail = {"reference": reference}, {}
     for k, v in latency_ms.items():
         paired = [models[n].get("speedup_vs_reference", {}).get(k) for n in names]
@@ -115,22 +108,20 @@ def seed_groups(models: dict, seed: int) -> dict:
     SEED first) and seeds; method, target sparsity and mode (a 4-bit twin's from its fp32 source); accuracy mean and
     seed-to-seed spread next to each member's 95% interval; mean GFLOPs, size, latency, speed-up over the student;
     for pruned groups each member paired against the student of its precision (SEED_CONVENTION)."""
-    student = STAGE_FOLDERS["student"]
-    members = {}
+    student, members, out = STAGE_FOLDERS["student"], {}, {}
     for name, r in models.items():
         if r["family"] in ("student", "pruned") and name != STAGE_FOLDERS["student_nodistill"]:
             members.setdefault(r.get("seed_group") or seed_group(name), []).append(name)
-    out = {}
     for group, names in members.items():
         rs = [models[n] for n in names]
-        first, source = rs[0], _source_record(names[0], models)
-        bits = first["bits"]
+        first, source, bits = rs[0], _source_record(names[0], models), rs[0]["bits"]
         batches = sorted({k for r in rs for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
         pruned = first["family"] == "pruned"
         entry = {"members": names, "seeds": [_source_record(n, models).get("seed") for n in names],  # training seed
                  "n_seeds": len(names), "family": first["family"], "bits": bits,
                  "method": source.get("pruning_method") if pruned else None,
-                 "target_sparsity": source.get("target_sparsity") if pruned else None, "mode": source.get("pruning_mode"),
+                 "target_sparsity": source.get("target_sparsity") if pruned else None,
+                 "mode": source.get("pruning_mode"),
                  "accuracy_seed_spread": seed_spread([100 * r["accuracy"] for r in rs]),
                  "accuracy_ci_per_seed": {n: [round(100 * v, 4) for v in models[n]["accuracy_ci"]] for n in names},
                  **{k: statistics.fmean(r[k] for r in rs) for k in ("gflops", "size_mb", "params")},
@@ -151,15 +142,13 @@ def seed_groups(models: dict, seed: int) -> dict:
 
 
 def _versus_rival_seeds(models: dict, row: dict, rival: dict, seed: int) -> dict:
-    """Ours paired with the baseline model of the same training seed, seed by seed, and the difference of the seed
-    means against the larger seed-to-seed s.d. (`beats_by_more_than_seed_spread`; None below two seeds a side)."""
-    theirs = dict(zip(rival["seeds"], rival["members"]))
-    per_seed = [_paired_vs(models, name, theirs[s], seed) for name, s in zip(row["members"], row["seeds"])
-                if s in theirs]
-    ours_spread, their_spread = row["accuracy_seed_spread"], rival["accuracy_seed_spread"]
-    margin = ours_spread["mean"] - their_spread["mean"]
-    largest_sd = max(ours_spread["std"], their_spread["std"])
-    several = min(ours_spread["n_seeds"], their_spread["n_seeds"]) >= 2
+    """Ours against the baseline seed by seed, and the seed means' difference against the larger seed s.d."""
+    by_seed = dict(zip(rival["seeds"], rival["members"]))
+    per_seed = [_paired_vs(models, name, by_seed[s], seed) for name, s in zip(row["members"], row["seeds"])
+                if s in by_seed]
+    ours, theirs = row["accuracy_seed_spread"], rival["accuracy_seed_spread"]
+    margin, largest_sd = ours["mean"] - theirs["mean"], max(ours["std"], theirs["std"])
+    several = min(ours["n_seeds"], theirs["n_seeds"]) >= 2
     return {"per_seed": per_seed,
             "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed]) if per_seed else None,
             "mean_difference_points": round(margin, 4), "largest_seed_sd_points": round(largest_sd, 4),
@@ -167,9 +156,7 @@ def _versus_rival_seeds(models: dict, row: dict, rival: dict, seed: int) -> dict
 
 
 def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
-    """The accuracy-compute frontier: one row per pruned seed group with a target (ours and the magnitude baseline,
-    fp32 and 4-bit), ours paired against the baseline at the same target and precision, each frontier run's wall
-    time (stage 8 metadata). None without such groups."""
+    """One row per pruned seed group with a target, ours paired against the magnitude baseline; None without any."""
     rows = [{"group": group, **{k: g[k] for k in ("members", "seeds", "n_seeds", "method", "bits", "target_sparsity",
                                                   "mode", "gflops", "latency_ms", "accuracy_seed_spread",
                                                   "accuracy_ci_per_seed")},
@@ -180,11 +167,9 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
         return None
     rows.sort(key=lambda r: (r["target_sparsity"], r["mode"] != "frontier", r["method"] != "taylor", r["bits"] == 4))
     for row in rows:
-        if row["method"] != "taylor":
-            continue
         rival = next((r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
                       and r["target_sparsity"] == row["target_sparsity"]), None)
-        if rival:
+        if rival and row["method"] == "taylor":
             row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
             row["vs_magnitude_seeds"] = _versus_rival_seeds(models, row, rival, seed)
     walls = {run["sweep_id"]: {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
@@ -197,13 +182,11 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
 
 # --- Headline
 def headline(models: dict, comps: list = (), cpu: dict = None, deploy_timing: dict = None):
-    """(headline dict or None, reason when None): the final model against the standard quantized student, then
-    one line for deployment: the fastest artifact of the final model against the fastest of the student."""
+    """(headline or None, why not): the final model against the standard quantized student, and the deployment line."""
     missing = [n for n in (BASELINE, FINAL) if n not in models]
     if missing:
         return None, f"no headline: {' and '.join(missing)} not measured (run the stages that write them)"
-    cpu = cpu or cpu_info()
-    b, f = models[BASELINE], models[FINAL]
+    cpu, b, f = cpu or cpu_info(), models[BASELINE], models[FINAL]
     batches = sorted(int(k.split("_")[1]) for k in b["latency_ms"] if k in f["latency_ms"])
     big = f"batch_{batches[-1]}" if batches else None
     result = {"baseline": BASELINE, "final": FINAL, "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
@@ -227,15 +210,13 @@ def headline(models: dict, comps: list = (), cpu: dict = None, deploy_timing: di
         result["stale"] = stale
         result["sentence"] += (f" Caveat: {' and '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (built "
                                f"from inputs that changed since; see the warnings for what to rerun).")
-    deploy = deployment(models, cpu, deploy_timing)
-    if deploy:
+    if deploy := deployment(models, cpu, deploy_timing):
         result["deployment"] = deploy
     return result, None
 
 
 def deployment_pair(models: dict) -> tuple | None:
-    """((model, artifact), (model, artifact)): the fastest artifact (lowest geometric-mean latency over the batch
-    sizes) of any form of pruned_model (PyTorch fp32, 4-bit, ONNX) and of student_model; None without both."""
+    """The fastest artifacts (geometric-mean latency) of any form of pruned_model and of student_model, or None."""
     fastest = []
     for names in ([STAGE_FOLDERS["pruned"], FINAL], [STAGE_FOLDERS["student"], BASELINE]):
         timed = [(statistics.geometric_mean(a["latency_ms"].values()), (name, artifact)) for name in names
@@ -245,8 +226,7 @@ def deployment_pair(models: dict) -> tuple | None:
 
 
 def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
-    """The `deployment_pair` with accuracies and the speed-up at each batch size: from `timing` (that pair timed
-    again, paired: {"final", "student", "speedup"}, measure.time_pair), else the ratio of their medians."""
+    """The `deployment_pair` and its speed-ups: from `timing` (measure.time_pair), else the ratio of medians."""
     pair = deployment_pair(models)
     if not pair:
         return None
@@ -283,7 +263,8 @@ def _speed_words(v: float, batch_key: str, where: str, ci, paired_medians, media
     how = (f"timed paired, run by run: median {paired_medians[0]:.3g} vs {paired_medians[1]:.3g} ms"
            + (f", 95% interval of the speed-up [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") if paired_medians
            else f"median {medians[0]:.3g} vs {medians[1]:.3g} ms, timed apart")
-    return (f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {batch_key.replace('_', ' ')}{where} ({how})"
+    speed = f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower"
+    return f"{speed} at {batch_key.replace('_', ' ')}{where} ({how})"
 
 
 def headline_sentence(h: dict, b: dict, f: dict) -> str:
@@ -312,16 +293,14 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
 
 def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
                  skipped: dict, notes: list, constants: dict, wall_time_s: float, deploy_timing: dict = None) -> dict:
-    """final_report.json as a dict; `sentences`: the validation sentences the models were scored on, in order;
-    `deploy_timing`: the deployment pair timed next to each other (`deployment`)."""
-    cpu = cpu_info()
-    comps = comparisons(models, eval_files, settings["seed"])
-    groups = seed_groups(models, settings["seed"])
-    frontier = frontier_summary(models, groups, settings["seed"])
+    """final_report.json as a dict (`sentences`: the validation sentences scored, in order)."""
+    seed, cpu = settings["seed"], cpu_info()
+    comps, groups = comparisons(models, eval_files, seed), seed_groups(models, seed)
+    frontier = frontier_summary(models, groups, seed)
     pruned_pairs = [(a, b) for kind, (a, _), (b, _) in comparison_pairs(models) if kind == "pruned vs student"]
     head, reason = headline(models, comps, cpu, deploy_timing=deploy_timing)
     latency = {"runs": settings["latency_runs"], "warmup": settings["warmup_runs"],
-               "batch_sizes": list(settings["latency_batches"]), "seed": settings["seed"],
+               "batch_sizes": list(settings["latency_batches"]), "seed": seed,
                "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
                "speedup": "each PyTorch model's timed runs alternate one by one with those of the student of its "
                           "precision (student_model; distilled_quantized_student for 4-bit), order swapped every "
@@ -330,13 +309,12 @@ def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval
                "inputs": "real validation sentences (same seeded choice for every model), padded to the "
                          "longest in the batch; batch 1 = the median-length sentence of the sample"}
     run = {"preset": preset, "quick": quick, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "device": f"cpu: {cpu_words(cpu)}", "cpu": cpu,
-           "threads": torch.get_num_threads(),
-           "load_average": settings.get("load_average"),
+           "git_commit": git_commit(), "device": f"cpu: {cpu_words(cpu)}", "cpu": cpu, "latency": latency,
+           "threads": torch.get_num_threads(), "load_average": settings.get("load_average"),
+           "versions": library_versions(),
            "busy_cores_at_start": settings.get("busy_cores"),  # kept busy by other processes (1 s, /proc/stat)
-           "versions": library_versions(), "latency": latency, "constants": constants,
-           "wall_time_s": round(wall_time_s, 1)}
-    report = {
+           "constants": constants, "wall_time_s": round(wall_time_s, 1)}
+    return {
         "run": run, "dataset": dataset, "eval_files": list(eval_files),
         "flops_convention": FLOPS_CONVENTION.replace("length 128", f"length {settings['flops_seq_len']}"),
         "gflops_per_sentence_convention": "mean over the validation sentences of the fvcore GFLOPs at each "
@@ -352,16 +330,7 @@ def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval
                                  "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
         "model_order": list(models),  # reading order (the JSON itself has sorted keys)
         "seed_groups": groups, "frontier": frontier,
-        "by_length": by_length(models, sentences, pruned_pairs, frontier, settings["seed"]),
+        "by_length": by_length(models, sentences, pruned_pairs, frontier, seed),
         "seed_convention": SEED_CONVENTION, "skipped": skipped, "warnings": notes, "headline": head,
-    }
-    if head is None:
-        report["headline_note"] = reason
-    return report
+        **({"headline_note": reason} if head is None else {})}
 
-
-def write_json(report: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    json_dump(report, tmp)
-    os.replace(tmp, path)

@@ -33,10 +33,16 @@ def report_dir(override: str = "") -> Path:
     return Path(override or os.environ.get(REPORT_DIR_ENV) or REPO_ROOT).resolve()
 
 
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` a hidden file beside `path`, then move it there: a reader never sees half a report file."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 # --- Which folders
 def _order_key(name: str):
-    """Reading order: teacher, students (other seeds after each), the final pipeline, then the sweep / frontier by
-    target (from the name): ours before the magnitude baseline, fp32 before 4-bit, seed SEED first."""
+    """Teacher, students, the final pipeline, then sweep / frontier points by the target in their names."""
     fixed = ["teacher_model", "student_model", "student_model_nodistill", BASELINE, "pruned_model", FINAL]
     if name in fixed:
         return (0, fixed.index(name), -1, name)
@@ -86,8 +92,7 @@ def config_dict(folder: Path) -> dict:
 
 
 def folder_status(folder: Path):
-    """(metadata or {}, warnings): half-made folders (no metadata.json) and stale ones (anything they were built
-    from, directly or not, changed since: common.stage.stale_reasons), naming the scripts to rerun."""
+    """(metadata or {}, warnings): half-made (no metadata.json) and stale folders, naming the scripts to rerun."""
     folder, notes = Path(folder), []
     if not (folder / METADATA).is_file():
         return {}, [f"no {METADATA}: the stage that writes {folder.name} did not finish; numbers may be wrong"]
@@ -174,8 +179,7 @@ def display_label(name: str) -> str:
 
 
 def recorded_preset(found, requested: str, notes: list) -> str:
-    """The preset the models were made with (metadata.json results.preset), not this run's PRESET (`requested` only
-    when no folder records one); a mismatch or a mix of presets is a warning."""
+    """The preset the models were made with (`requested` only when none records one); a mismatch is a warning."""
     presets = set()
     for _, folder in found:
         try:

@@ -68,8 +68,7 @@ def _correct(models: dict, name: str, n: int) -> list:
 
 
 def by_length(models: dict, sentences, pairs, frontier, seed: int) -> dict:
-    """The report's `by_length` entry (LENGTH_CONVENTION). `pairs`: (model, student) pairs to compare per bucket;
-    `frontier`: compare.frontier_summary's result or None. Each (model, reference) pair is compared once."""
+    """The report's `by_length` (LENGTH_CONVENTION); `pairs`: (model, student) to compare per bucket."""
     buckets, n = length_buckets(sentences), len(sentences)
     members = buckets.pop("members")
     correct = {name: _correct(models, name, n) for name in models}

@@ -1,7 +1,6 @@
 """final_report.md, a view of final_report.json: `markdown_report` and its tables (models, frontier, seeds, accuracy
 by length, artifacts, comparisons)."""
 
-import os
 from pathlib import Path
 
 from common.report.compare import artifact_label
@@ -49,8 +48,9 @@ def model_table(report: dict, batch_keys) -> list:
         notes = ([r["gflops_source"]] if r["bits"] == 4 else []) + (["STALE (upstream rebuilt)"] if r.get("stale")
                                                                     else [])
         notes += [] if r.get("complete", True) else ["INCOMPLETE (no metadata.json)"]
+        low, high = (100 * v for v in r["accuracy_ci"])
         rows.append([f"`{name}`" + (f": {r['label']}" if r["label"] != name else ""), str(r["bits"]),
-                     f"{r['accuracy'] * 100:.2f}", f"[{r['accuracy_ci'][0] * 100:.1f}, {r['accuracy_ci'][1] * 100:.1f}]"]
+                     f"{r['accuracy'] * 100:.2f}", f"[{low:.1f}, {high:.1f}]"]
                     + [f"{r['eval_files'].get(p, float('nan')) * 100:.2f}" for p in files]
                     + [f"{r['gflops']:.4g}", f"{r['gflops_per_sentence']:.4g}", f"{r['params'] / 1e6:.2f}",
                        f"{r['size_mb']:.4g}"]
@@ -58,7 +58,8 @@ def model_table(report: dict, batch_keys) -> list:
                     + [str(r["layers"]), str(r["heads"]), str(r["ffn_neurons"]), "; ".join(notes)])
     header = (["model", "bits", "accuracy (%)", "95% interval"] + [f"acc {Path(p).name} (%)" for p in files]
               + ["GFLOPs", "GFLOPs/sent", "params (M)", "size (MiB)"]
-              + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys] + ["layers", "heads", "FFN neurons", "notes"])
+              + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys]
+              + ["layers", "heads", "FFN neurons", "notes"])
     return _table(header, "l" + "r" * (len(header) - 2) + "l", rows) + [""]
 
 
@@ -118,8 +119,8 @@ def _row_speedup(row: dict, big: str) -> str:
 
 
 FRONTIER_TEXT = (
-    "One row per pruned model (seed group) with a sparsity target: ours = gradual Taylor pruning (a frontier branch, or "
-    "a full stage-8 run), baseline = one-shot weight-magnitude pruning with the same short recovery. GFLOPs cut: "
+    "One row per pruned model (seed group) with a sparsity target: ours = gradual Taylor pruning (a frontier branch, "
+    "or a full stage-8 run), baseline = one-shot weight-magnitude pruning with the same short recovery. GFLOPs cut: "
     "measured, against student_model. Accuracy: mean ± sample s.d. ACROSS TRAINING SEEDS where a group has several "
     "(seed-to-seed spread); the bracketed interval next to it is the 95% bootstrap interval OVER SENTENCES of the "
     "first seed's model (sentence sampling). vs student: paired on the same sentences against student_model (fp32 "
@@ -184,42 +185,38 @@ def _words(bucket: dict) -> str:
 
 def _length_sentence(length: dict, frontier: bool) -> str:
     """What the buckets are (ranges and counts) and what the interval means, above the table."""
-    buckets = ", ".join(f"{b['name']} {_words(b)} ({b['n']} sentences)" for b in length["buckets"])
     return (f"Buckets: the word-count quartiles of the {length['n']} validation sentences (whitespace-split words, not "
-            f"tokens; sentences of equal length share a bucket): {buckets}. Accuracy in % on each bucket's sentences"
+            f"tokens; sentences of equal length share a bucket): "
+            + ", ".join(f"{b['name']} {_words(b)} ({b['n']} sentences)" for b in length["buckets"])
+            + ". Accuracy in % on each bucket's sentences"
             + (" (mean over a row's training seeds; fp32 rows only)" if frontier else "") + ". Q4 vs student: "
             + ("the first seed's model" if frontier else "each pruned model") + " paired against student_model on "
             "the longest bucket's sentences only: difference in points [95% paired-bootstrap interval over the "
             "sentences within the bucket: sentence-sampling uncertainty, not seed spread], exact McNemar p.")
 
 
-def _length_rows(report: dict, length: dict) -> list:
-    """(first cells, bucket accuracies, vs-student entry or None) per table row."""
-    if length["frontier_rows"]:
-        methods = report["frontier"]["methods"]
-        student = length["models"].get("student_model")
-        reference = ([(["0%", "`student_model`", "unpruned student (the reference)"], student["accuracy_points"],
-                       None)] if student else [])
-        return reference + [([f"{100 * row['target_sparsity']:.0f}%", f"`{row['group']}`{_more_seeds(row['n_seeds'])}",
-                            methods.get(row["method"], row["method"])], row["accuracy_points_mean"], row["vs_student"])
-                          for row in length["frontier_rows"] if row["bits"] == 32]
-    versus = {v["model"]: v for v in length["vs_student"]}
-    return [([f"`{name}`", str(report["models"][name]["bits"])], length["models"][name]["accuracy_points"],
-             versus.get(name)) for name in report["models"] if name in length["models"]]
-
-
 def length_table(report: dict) -> list:
-    """Accuracy by sentence length: one row per fp32 frontier row (both methods), or per model without a frontier;
-    the four bucket accuracies and the difference against the student in the longest bucket."""
+    """Accuracy by length: per fp32 frontier row, else per model; and against the student in the longest bucket."""
     length = report.get("by_length")
     if not length:
         return []
-    frontier = bool(length["frontier_rows"])
+    frontier, student = bool(length["frontier_rows"]), length["models"].get("student_model")
+    if frontier:  # (first cells, bucket accuracies, vs-student entry or None) per row
+        methods = report["frontier"]["methods"]
+        table = [(["0%", "`student_model`", "unpruned student (the reference)"], student["accuracy_points"],
+                  None)] if student else []
+        table += [([f"{100 * row['target_sparsity']:.0f}%", f"`{row['group']}`{_more_seeds(row['n_seeds'])}",
+                    methods.get(row["method"], row["method"])], row["accuracy_points_mean"], row["vs_student"])
+                  for row in length["frontier_rows"] if row["bits"] == 32]
+    else:
+        versus = {v["model"]: v for v in length["vs_student"]}
+        table = [([f"`{name}`", str(report["models"][name]["bits"])], length["models"][name]["accuracy_points"],
+                  versus.get(name)) for name in report["models"] if name in length["models"]]
     first = ["target", "model", "method"] if frontier else ["model", "bits"]
     header = first + [f"{b['name']}: {_words(b)} (%)" for b in length["buckets"]] + ["Q4 vs student (points)"]
     rows = [cells + ["" if a is None else f"{a:.1f}" for a in accuracies]
             + [_versus(versus["per_bucket"][-1]) if versus and versus["per_bucket"][-1] else ""]
-            for cells, accuracies, versus in _length_rows(report, length)]
+            for cells, accuracies, versus in table]
     return (["## Accuracy by sentence length (validation)", "", _length_sentence(length, frontier), ""]
             + _table(header, ("rll" if frontier else "ll") + "r" * 5, rows) + [""])
 
@@ -259,9 +256,3 @@ def comparison_table(report: dict) -> list:
             + _table(["comparison", "evaluation", "a", "b", "a - b (points)", "95% interval", "only a right",
                       "only b right", "McNemar p", ""], "llllrrrrrl", rows) + [""])
 
-
-def write_text(text: str, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -35,8 +35,7 @@ class SkipModel(Exception):
 
 # --- Architecture and size, counted from the model itself
 def architecture(model) -> dict:
-    """Layers, heads and FFN neurons kept, counted from the modules (common.modeling_dpq.get_layout: any family, fp32
-    or 4-bit), and the hidden and head size of the model's config."""
+    """Layers, heads and FFN neurons kept (from the modules, fp32 or 4-bit) and the config's hidden and head size."""
     layout = get_layout(model)
     _, head_dim, _, hidden = original_sizes(model.config)
     return {"layers": len(layout["heads"]), "heads": sum(layout["heads"]), "ffn_neurons": sum(layout["ffn"]),
@@ -54,11 +53,6 @@ def logical_parameters(model) -> int:
     """Parameters as the model means them: a packed 4-bit weight counts as its original shape."""
     states = [(p, getattr(p, "quant_state", None)) for p in model.parameters()]
     return int(sum(prod(s.shape) if s is not None and getattr(s, "shape", None) else p.numel() for p, s in states))
-
-
-def is_4bit(model) -> bool:
-    """Any bitsandbytes Linear4bit (or a subclass, like common.quantization's) in the model."""
-    return any(any(c.__name__ == "Linear4bit" for c in type(m).__mro__) for m in model.modules())
 
 
 # --- GFLOPs (a 4-bit model is counted through its fp32 twin)
@@ -98,8 +92,7 @@ class FlopsCurve:
 
 
 def _upstream_twin(folder: Path, meta: dict, models_root: Path):
-    """The fp32 folder a 4-bit folder was made from, if its metadata names one that still matches: fresh
-    (same run_id as recorded), not 4-bit, same model type, width and pruning layout."""
+    """The fresh fp32 folder of the same shape and layout a 4-bit folder's metadata names as its source, or None."""
     mine = config_dict(folder)
     for record in meta.get("upstream", {}).values():
         source = resolve_upstream(record, models_root)  # relative to the models root (old records: by name)
@@ -119,8 +112,7 @@ def _upstream_twin(folder: Path, meta: dict, models_root: Path):
 
 
 def rebuild_fp32_twin(folder: Path):
-    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only): the one loader's
-    `common.modeling_dpq.build_model` on the folder's config without its quantization settings."""
+    """An fp32 model of a 4-bit folder's class and layout, built from its config (random weights: FLOPs only)."""
     from transformers import AutoConfig  # in the body: transformers is slow to import
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -131,8 +123,7 @@ def rebuild_fp32_twin(folder: Path):
 
 
 def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
-    """(description, model factory) of the fp32 twin whose FLOPs a 4-bit folder reports: its fp32 source named in
-    metadata.json "upstream" (fresh, same architecture), else one rebuilt from the folder's config."""
+    """(description, model factory) of the fp32 twin a 4-bit folder is counted on: its source, else a rebuilt one."""
     source, signature = _upstream_twin(folder, meta, models_root), architecture_signature(model_class, arch)
 
     @functools.cache
@@ -155,8 +146,7 @@ def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_cla
 
 def gflops_fields(model, arch: dict, bits: int, folder: Path, meta: dict, models_root, curves: dict, ref_len: int,
                   lengths: list) -> dict:
-    """GFLOPs at `ref_len` and per validation sentence at its tokenized length (`lengths`), and what they were
-    counted on (a 4-bit model: its fp32 twin). `curves`: {architecture signature: FlopsCurve}, shared by a report."""
+    """GFLOPs at `ref_len` and per sentence at its tokenized length (`curves`: {signature: FlopsCurve})."""
     model_class, signature = type(model).__name__, architecture_signature(type(model).__name__, arch)
     if bits == 4:
         source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
@@ -186,11 +176,9 @@ def latency_indices(sentences, batch_size: int, seed: int):
 
 @torch.no_grad()
 def _timed_rounds(runners: list, runs: int, warmup: int) -> list:
-    """Wall times (ms) of each (model, inputs) over `runs` rounds after `warmup` untimed ones, each round running them
-    in turn, the order reversed in odd rounds (a PyTorch model or common.export.OnnxClassifier)."""
+    """Times (ms) of each (model, inputs) over `runs` rounds after `warmup`: in turn, reversed in odd rounds."""
     for model, _ in runners:
-        if hasattr(model, "eval"):
-            model.eval()
+        getattr(model, "eval", lambda: None)()
     for _ in range(warmup):
         for model, inputs in runners:
             model(**inputs)
@@ -222,8 +210,7 @@ def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: in
 
 
 def speedup_record(detail: dict) -> dict:
-    """What the report keeps of a `time_paired` result: speed-up, its interval and coverage, runs, and the two
-    medians of that paired run (rounded)."""
+    """What the report keeps of a `time_paired` result (speedup_vs_reference), rounded."""
     return {"speedup": round(detail["speedup"], 4),
             "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
             "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4), "runs": detail["runs"],
@@ -255,18 +242,17 @@ def artifact_runner(folder, artifact: str):
 
 
 def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
-    """The deployment pair ((folder, artifact) of the final model, of the student) timed again, paired:
-    {"speedup": {batch key: `speedup_record`}}."""
+    """The deployment pair ((folder, artifact) of the final model, of the student) timed again, paired."""
     runner, reference = artifact_runner(*final), artifact_runner(*student)
-    inputs, reference_inputs = (timed_inputs(load_tokenizer(Path(f)), validation, settings) for f, _ in (final, student))
+    inputs, reference_inputs = (timed_inputs(load_tokenizer(Path(folder)), validation, settings)
+                                for folder, _ in (final, student))
     return {"speedup": {f"batch_{b}": speedup_record(time_paired(runner, inputs[b], reference, reference_inputs[b],
                                                                  settings["latency_runs"], settings["warmup_runs"]))
                         for b in settings["latency_batches"]}}
 
 
 def timing_references(name: str, folder, validation, settings: dict, bits: int) -> dict:
-    """`folder` loaded once more as the timing reference of its precision ({bits: reference}), and each ONNX export
-    it ships as the reference of that artifact ({"onnx_int8": ...})."""
+    """{bits or ONNX artifact: TimingReference}: `folder` loaded once more, and each ONNX export it ships."""
     inputs = timed_inputs(load_tokenizer(Path(folder)), validation, settings)
     artifacts = {bits: "pytorch", **{artifact: artifact for artifact in exported(folder, [])}}
     return {key: TimingReference(name, artifact_runner(folder, artifact), inputs)
@@ -283,11 +269,10 @@ def _reference_for(references: dict, name: str, *keys):
 def load_eval_files(paths) -> dict:
     """Read and validate every --eval-file before any model is loaded: {path as given: rows}."""
     rows = {}
-    for path in paths:
+    for path in map(str, paths):
         if not Path(path).is_file():
             raise DataError(f"--eval-file {path}: no such file (expected a GLUE-format TSV: sentence<TAB>label)")
-        rows[str(path)] = read_glue_tsv(path)
-        if not rows[str(path)]:
+        if not rows.setdefault(path, read_glue_tsv(path)):
             raise DataError(f"--eval-file {path}: no rows to evaluate")
     return rows
 
@@ -316,19 +301,11 @@ def from_bits(bits: str) -> list:
 
 # --- One folder: each artifact (the PyTorch model, each ONNX file) on the same inputs, then the folder's record
 class FolderInputs(NamedTuple):
-    """What every artifact of a folder runs on (its tokenizer's): the validation loader and tokenized lengths, one
-    loader per extra eval file, the timed inputs by batch size."""
+    """What every artifact of a folder runs on, tokenized by the folder's tokenizer."""
     loader: object
     lengths: list
     file_loaders: dict
     timed: dict
-
-
-def folder_inputs(tokenizer, validation, eval_files: dict, settings: dict) -> FolderInputs:
-    loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
-    file_loaders = {path: eval_loader(tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
-                    for path, rows in eval_files.items()}
-    return FolderInputs(loader, lengths, file_loaders, timed_inputs(tokenizer, validation, settings))
 
 
 def measure_runner(runner, inputs: FolderInputs, settings: dict, reference, size: int, **about) -> dict:
@@ -398,14 +375,18 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     except Exception as err:  # a half-made or corrupt folder: skip it, say why; measuring errors still raise
         raise SkipModel(f"could not be loaded: {type(err).__name__}: {err}" + (f" ({notes[0]})" if notes else ""))
     arch = architecture(model)
-    bits = 4 if (config.get(QUANT_KEY) or is_4bit(model)) else 32
+    linear4bit = any(c.__name__ == "Linear4bit" for m in model.modules() for c in type(m).__mro__)  # or a subclass
+    bits = 4 if config.get(QUANT_KEY) or linear4bit else 32
     layout = config.get(LAYOUT_KEY)
     kept = [arch["heads_per_layer"], arch["ffn_per_layer"]]
     if layout and [list(layout.get("heads", [])), list(layout.get("ffn", []))] != kept:
         notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
                      f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
 
-    inputs = folder_inputs(tokenizer, validation, eval_files, settings)
+    batch, length = settings["batch_size"], settings["max_length"]
+    inputs = FolderInputs(*eval_loader(tokenizer, validation, batch, length), {
+        path: eval_loader(tokenizer, rows, batch, length)[0] for path, rows in eval_files.items()},
+        timed_inputs(tokenizer, validation, settings))
     artifacts = {"pytorch": measure_pytorch(model, folder, bits, inputs, settings,
                                             _reference_for(references, name, bits, 32))}
     for artifact, path in exported(folder, notes).items():
@@ -429,11 +410,10 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     record.update(pruning_fields(name, folder, meta))
     for note in notes:
         logger.warning(f"[report] {name}: {note}")
-    logger.info(
-        f"[report] {name}: acc {record['accuracy']:.4f}, {record['gflops']:.3f} GFLOPs ({record['gflops_source']}), "
-        f"{record['size_mb']:.1f} MiB, {bits}-bit, latency {record['latency_ms']}, {arch['layers']} layers / "
-        f"{arch['heads']} heads / {arch['ffn_neurons']} FFN neurons"
-    )
+    logger.info(f"[report] {name}: acc {record['accuracy']:.4f}, {record['gflops']:.3f} GFLOPs "
+                f"({record['gflops_source']}), {record['size_mb']:.1f} MiB, {bits}-bit, latency "
+                f"{record['latency_ms']}, {arch['layers']} layers / {arch['heads']} heads / {arch['ffn_neurons']} FFN "
+                f"neurons")
     return record
 
 
@@ -446,43 +426,33 @@ def load_average():
 
 
 def busy_cores(window_s: float = 1.0):
-    """How many cores other processes keep busy over the next `window_s` s (from /proc/stat, else None): unlike the
-    1-minute load average, not a job that has just ended (the previous stage of `make frontier`)."""
+    """Cores other processes keep busy over the next `window_s` s (/proc/stat; unlike the load average, not a job that
+    has just ended, like the previous stage of `make frontier`); None without /proc/stat."""
     def sample():
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
+        return sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # - idle, iowait
     try:
-        busy0, total0 = sample()
-        time.sleep(window_s)
-        busy1, total1 = sample()
+        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(window_s), sample()
     except (OSError, ValueError, IndexError):
         return None
-    cores = os.cpu_count() or 1
-    return round(cores * (busy1 - busy0) / max(total1 - total0, 1), 2)
+    return round((os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1), 2)
 
 
 def machine_busy(load, busy=None) -> str:
-    """A warning when other processes compete for the CPU: latency medians are then not comparable. `busy` (cores
-    kept busy by others right now, `busy_cores`) decides where it was measured; the load average only without it."""
+    """A warning when other processes compete for the CPU (`busy_cores`, else the load average), else ""."""
     cores = os.cpu_count() or 1
-    if busy is not None:
-        why = f"other processes kept {busy:.1f} of {cores} cores busy" if busy > cores * 0.5 else ""
-    else:
-        why = f"load average {load[0]:.1f} on {cores} cores" if load and load[0] > cores * 0.75 else ""
-    if not why:
-        return ""
-    return (f"machine busy at the start ({why}): latency numbers are inflated by other processes; rerun on an idle "
-            f"machine (or with THREADS=1 to avoid thread oversubscription) before quoting them")
+    why = ((f"other processes kept {busy:.1f} of {cores} cores busy" if busy > cores * 0.5 else "") if busy is not None
+           else f"load average {load[0]:.1f} on {cores} cores" if load and load[0] > cores * 0.75 else "")
+    return why and (f"machine busy at the start ({why}): latency numbers are inflated by other processes; rerun on "
+                    f"an idle machine (or with THREADS=1 to avoid thread oversubscription) before quoting them")
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_info() -> dict:
-    """The CPU: name, logical cores, the instruction-set flags that decide int8/bf16 speed, and whether bf16 matmuls
-    are native (AVX512-BF16 or AMX: what makes bitsandbytes 4-bit fast or slow on a CPU)."""
+    """The CPU: name, cores, the flags that decide int8/bf16 speed, native bf16 (what makes bnb 4-bit fast on CPU)."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
