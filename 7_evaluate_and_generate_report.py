@@ -1,24 +1,20 @@
 """Stage 7: measure every saved model and write the final report.
 
-Reads   models/teacher_model, student_model, student_model_nodistill (if present), distilled_quantized_student,
-        pruned_model, pruned_quantized_final, and every sweep folder pruned_model_sNN (+ its 4-bit twin);
-        data/sst2/ (download_model.py). Missing folders are skipped with a warning; half-made folders (no
-        metadata.json) and stale ones (upstream rebuilt since) are measured and marked.
-Writes  final_report.json, final_report.png, final_report.md at the repository root (OUTPUT_DIR or env
-        REPORT_DIR to write elsewhere).
+Reads   every model folder under models/ (teacher_model, student_model, distilled_quantized_student, pruned_model,
+        pruned_quantized_final, sweep / frontier / other-seed folders and their 4-bit twins) and data/sst2/.
+        Missing folders are skipped with a warning; half-made (no metadata.json) and stale ones are marked.
+Writes  final_report.json, final_report.png, final_report.md at the repository root (OUTPUT_DIR or env REPORT_DIR
+        to write elsewhere).
 
-Every number is measured here, on the saved folder loaded through common.modeling.load_model: accuracy on
-SST-2 validation (and on each --eval-file), GFLOPs (fvcore, batch 1, seq 128; a 4-bit model through its
-fp32 twin) and mean GFLOPs per validation sentence at its real length, parameters, bytes on disk, CPU latency
-at batch 1 and 32 (median of LATENCY_RUNS timed runs after WARMUP_RUNS), layers / heads / FFN neurons kept.
-Speed-ups over the student of the same precision are timed paired: each of a model's timed runs next to one of
-the student's, order alternating; the median ratio with a 95% interval over the runs (none below 6 runs).
+Every number is measured on the saved folder loaded through common.modeling.load_model: accuracy on SST-2
+validation (and each --eval-file) with 95% intervals, GFLOPs (fvcore, batch 1; a 4-bit model through its fp32
+twin), parameters, bytes on disk, layers / heads / FFN neurons kept, and CPU latency at each batch size. Each
+model's timed runs alternate with those of the student of its precision: its speed-up is the median ratio, with a
+95% interval over the runs (none below 6). The JSON holds every number; the chart and markdown are views of it.
 
 Run:    python 7_evaluate_and_generate_report.py
-        python 7_evaluate_and_generate_report.py --eval-file my_reviews.tsv   (GLUE TSV: sentence<TAB>label;
-                                                                               repeatable)
-Quick:  QUICK=1 python 7_evaluate_and_generate_report.py   (3 latency runs, first 200 validation sentences;
-                                                            the report says quick: true)
+        python 7_evaluate_and_generate_report.py --eval-file my_reviews.tsv   (GLUE TSV sentence<TAB>label; repeatable)
+Quick:  QUICK=1 python 7_evaluate_and_generate_report.py   (3 latency runs, first 200 validation sentences)
 Override any constant below as KEY=VALUE, e.g. `python 7_evaluate_and_generate_report.py LATENCY_RUNS=30`.
 """
 
@@ -97,10 +93,12 @@ def main(argv=None):
                           f"(QUICK=1 allows fewer for a smoke run, and the report says so)")
 
     # Cheap checks first: extra eval files and the validation data, before any model is loaded.
-    from common import report
     from common.data import load_sst2_splits
+    from common.report import generate
+    from common.report.discover import report_dir
+    from common.report.measure import load_eval_files
 
-    eval_files = report.load_eval_files(eval_paths)
+    eval_files = load_eval_files(eval_paths)
     validation = load_sst2_splits()["validation"]
     n_full = len(validation)
     if cfg.VALIDATION_LIMIT:
@@ -125,9 +123,9 @@ def main(argv=None):
     if cfg.THREADS:
         torch.set_num_threads(cfg.THREADS)
     try:
-        return report.generate(
+        return generate(
             models_root(), validation=validation, dataset=dataset, eval_files=eval_files, settings=settings,
-            out_dir=report.report_dir(cfg.OUTPUT_DIR), preset=cfg.PRESET, quick=cfg.QUICK,
+            out_dir=report_dir(cfg.OUTPUT_DIR), preset=cfg.PRESET, quick=cfg.QUICK,
             constants=as_dict(cfg), names=[n.strip() for n in cfg.MODELS.split(",") if n.strip()] or None,
         )
     finally:

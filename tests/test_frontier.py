@@ -180,7 +180,7 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     assert twins["seeds"] == [42, 43]  # a 4-bit twin carries the training seed of its fp32 source
     assert twins["vs_student"]["reference"] == "distilled_quantized_student"
     assert "seed-to-seed" in report["seed_convention"] and "over the validation sentences" in report["seed_convention"]
-    from common.report import seed_group
+    from common.report.discover import seed_group
 
     assert seed_group("pruned_model_seed43_quantized") == "pruned_quantized_final"  # pruned_model's 4-bit twin
     assert seed_group("student_model_seed43") == "student_model"
@@ -188,7 +188,7 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     assert {"pruned_model_s50_seed43", "pruned_magnitude_s80"} <= paired
 
     rows = report["frontier"]["rows"]
-    kinds = {(r["sparsity_target"], r["method"], r["bits"]) for r in rows}
+    kinds = {(r["target_sparsity"], r["method"], r["bits"]) for r in rows}
     assert kinds == {(t, m, b) for t in TARGETS for m in ("taylor", "magnitude") for b in (32, 4)}
     assert all(r["n_seeds"] == 2 for r in rows)
     for row in rows:
@@ -198,7 +198,7 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
             assert [("_seed43" in c["model"], "_seed43" in c["reference"]) for c in several["per_seed"]] \
                 == [(False, False), (True, True)]
             rival = next(r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
-                         and r["sparsity_target"] == row["sparsity_target"])
+                         and r["target_sparsity"] == row["target_sparsity"])
             margin = row["accuracy_seed_spread"]["mean"] - rival["accuracy_seed_spread"]["mean"]
             assert several["mean_difference_points"] == pytest.approx(margin, abs=1e-3)
             assert several["beats_by_more_than_seed_spread"] == (margin > max(row["accuracy_seed_spread"]["std"],
@@ -236,7 +236,7 @@ def test_report_aggregates_seeds_and_draws_both_frontiers(frontier):
     fig, ax = plt.subplots()
     _length_panel(ax, length, "magnitude")
     ours = sorted((r for r in length["frontier_rows"] if r["method"] == "magnitude" and r["bits"] == 32),
-                  key=lambda r: r["sparsity_target"])
+                  key=lambda r: r["target_sparsity"])
     drawn = [list(line.get_ydata()) for line in ax.get_lines()]
     assert drawn == [[y for y in r["accuracy_points_mean"] if y is not None] for r in ours] \
         + [[y for y in length["models"]["student_model"]["accuracy_points"] if y is not None]]

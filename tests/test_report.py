@@ -23,13 +23,14 @@ MODEL_KEYS = {"accuracy", "eval_files", "gflops", "gflops_per_sentence", "params
               "latency_ms", "layers", "heads", "ffn_neurons"}
 
 
-def _stage_folder(folder, stage, build, upstream=()):
-    """Write a model folder the way stages do (atomic, metadata.json last, upstream recorded)."""
+def _stage_folder(folder, stage, build, upstream=(), results=None):
+    """Write a model folder the way stages do (atomic, metadata.json last, upstream and results recorded)."""
     from common.stage import stage_output
 
     with stage_output(folder, stage, {"TEST": True}, 0) as out:
         for source, source_stage in upstream:
             out.add_upstream(source, source_stage)
+        out.results.update(results or {})
         build(out.dir)
     return folder
 
@@ -90,7 +91,7 @@ def build_tiny_pipeline(root):
     pruned_default = _stage_folder(models / "pruned_model", "pruned", pruned({0: [0]}, {1: range(32)}),
                                    [(student, "student")])
     sweep = _stage_folder(models / "pruned_model_s50", "pruned", pruned({0: [0, 1], 1: [0, 1]}, {0: range(32)}),
-                          [(student, "student")])
+                          [(student, "student")], results={"target_sparsity": 0.504})  # stage 8 names it _s50
 
     def quantized(source, onnx=False):
         def build(d):
@@ -161,6 +162,12 @@ def test_report_json_has_the_issue_shape_and_plausible_values(pipeline):
         assert b["gflops"] == a["gflops"] and fp32 in b["gflops_source"]  # counted on its fp32 twin
         assert b["params"] == a["params"]  # logical count, not the packed 4-bit storage
         assert (b["heads_per_layer"], b["ffn_per_layer"]) == (a["heads_per_layer"], a["ffn_per_layer"])
+    # the target recorded in metadata.json, not the one the folder name rounds it to; the 4-bit twin's through its
+    # fp32 source's metadata (stage 9 records none)
+    assert models["pruned_model_s50"]["target_sparsity"] == models["pruned_model_s50_quantized"]["target_sparsity"] \
+        == 0.504 and "sparsity_target" not in models["pruned_model_s50"]
+    assert {(r["group"], r["target_sparsity"]) for r in report["frontier"]["rows"]} == {
+        ("pruned_model_s50", 0.504), ("pruned_model_s50_quantized", 0.504)}
 
     head = report["headline"]
     assert head["baseline"] == "distilled_quantized_student" and head["final"] == "pruned_quantized_final"
@@ -254,6 +261,24 @@ def test_missing_half_made_and_stale_folders(pipeline, tmp_path, monkeypatch, ca
         run_script("7_evaluate_and_generate_report.py", *RUN_ARGS)
 
 
+def test_target_sparsity_is_read_from_metadata_not_the_rounded_folder_name(tmp_path):
+    """pruned_model_s20 whose metadata.json says 0.204 is reported as 0.204; its 4-bit twin takes its own recorded
+    target, else its fp32 source's (through its upstream record); only a half-made folder falls back to its name."""
+    from common.report.discover import pruning_fields
+
+    fp32, twin, half = (tmp_path / n for n in ("pruned_model_s20", "pruned_model_s20_quantized", "pruned_model_s30"))
+    for folder in (fp32, twin, half):
+        folder.mkdir()
+    meta = {"results": {"target_sparsity": 0.204, "mode": "frontier"}}
+    (fp32 / "metadata.json").write_text(json.dumps(meta))
+    twin_meta = {"upstream": {"pruned": {"stage": "pruned", "folder": "pruned_model_s20"}}, "results": {}}
+    assert pruning_fields(fp32.name, fp32, meta)["target_sparsity"] == 0.204
+    assert pruning_fields(twin.name, twin, twin_meta)["target_sparsity"] == 0.204
+    assert pruning_fields(twin.name, twin, dict(twin_meta, results={"target_sparsity": 0.21}))["target_sparsity"] == 0.21
+    assert pruning_fields(half.name, half, {})["target_sparsity"] == 0.3
+    assert pruning_fields("pruned_model_s40", tmp_path / "pruned_model_s40", {"results": {}})["target_sparsity"] is None
+
+
 def test_command_line_parsing():
     from common.config import ConfigError
 
@@ -286,7 +311,7 @@ def test_architecture_and_flops_curve_on_pruned_distilbert():
 
     from common.flops import count_flops
     from common.pruning import prune_units
-    from common.report import FlopsCurve, architecture, latency_indices
+    from common.report.measure import FlopsCurve, architecture, latency_indices
 
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(tiny_distilbert_config()).eval()
@@ -306,7 +331,7 @@ def test_fp32_twin_rebuilt_from_config_when_no_upstream(pipeline):
     """Without a usable upstream folder, a 4-bit folder's FLOPs come from an fp32 model rebuilt from its config."""
     from common.flops import count_flops
     from common.modeling import load_model
-    from common.report import architecture, fp32_twin
+    from common.report.measure import architecture, fp32_twin
 
     models = pipeline["root"] / "models"
     folder = models / "pruned_quantized_final"
@@ -443,7 +468,7 @@ def test_paired_timing_alternates_runs_and_takes_the_median_ratio(monkeypatch):
 def test_headline_speedup_is_the_paired_one_with_its_interval():
     """The final model timed run by run next to the baseline: the headline takes that median ratio and its
     interval, not the ratio of the two models' medians (timed apart); without pairing it falls back to that ratio."""
-    from common.report import headline
+    from common.report.compare import headline
 
     record = {"gflops": 1.0, "accuracy": 0.9, "size_mb": 1.0, "stale": False,
               "latency_ms": {"batch_1": 1.0, "batch_32": 10.0}}

@@ -61,7 +61,7 @@ def record(bits: str, family: str, precision: int = 32, **fields) -> dict:
 
 
 def pruned(bits: str, method: str, seed: int, precision: int = 32, upstream=()) -> dict:
-    return record(bits, "pruned", precision, pruning_method=method, sparsity_target=0.5, pruning_mode="frontier",
+    return record(bits, "pruned", precision, pruning_method=method, target_sparsity=0.5, pruning_mode="frontier",
                   seed=seed, upstream=list(upstream))
 
 

@@ -1,33 +1,12 @@
-"""The final report: every number measured on the saved model folders, then JSON, chart and markdown.
+"""The final report: every number measured on the saved model folders, then final_report.json, .png and .md.
 
-For each model folder under the models root (`discover_models`), `measure_model` loads it through the
-project's one loader (`common.modeling.load_model`: plain, pruned or 4-bit) and measures:
-- accuracy on SST-2 validation (and on every extra GLUE-format TSV given), by running the loaded model;
-- GFLOPs (fvcore, batch 1, sequence length 128, attention counted; `common.flops`), and the mean GFLOPs per
-  validation sentence at its real tokenized length. fvcore cannot trace bitsandbytes 4-bit layers; a 4-bit
-  model runs the same matmuls as its fp32 twin, so the twin is counted and `gflops_source` says which;
-- logical parameter count (a packed 4-bit weight counts as its unpacked shape), bytes on disk, bits;
-- CPU latency at each batch size: median of N timed forward passes after warm-up, on real validation
-  sentences padded to the batch's longest, chosen with a fixed seed (the same sentences for every model).
-  The student of each precision (student_model, distilled_quantized_student) is measured first and kept
-  loaded; every other PyTorch model's runs are interleaved one by one with its reference's (`time_paired`),
-  so its speed-up over the student is the median of paired ratios with a distribution-free 95% interval
-  (each ONNX export likewise next to the same export of the student, where it ships one);
-- architecture counted from the modules themselves: layers, attention heads kept, FFN neurons kept.
-
-Then `build_report` assembles final_report.json (sorted keys, indented), `headline` compares the final model
-with the standard quantized student, `plot_report` draws final_report.png and `markdown_report` writes
-final_report.md.
-
-The package, one concern per module (module-level imports run one way: discover <- measure <- length <-
-compare <- chart / markdown <- this file):
-- `discover`: which folders, in what order, their metadata and staleness, naming helpers;
-- `measure`: every number of one folder (architecture, FLOPs, accuracy, latency, exports) and the CPU;
-- `length`: accuracy by sentence length (word-count quartiles of the validation set), per model and paired
-  against the student within each bucket (the report's `by_length`);
-- `compare`: paired comparisons, seed groups, frontier summary, headline, deployment, `build_report`;
-- `chart`: final_report.png; `markdown`: final_report.md;
-- here: `generate` (discover -> measure -> build -> write) and the names the stage script and tests use.
+`generate` finds the model folders (`discover`), measures each one loaded through the project's one loader
+(`measure`: accuracy, GFLOPs, size, what is kept, the CPU latency of every artifact timed run by run next to the
+student of its precision), and assembles final_report.json (`compare`: paired comparisons, seed groups, frontier,
+accuracy by sentence length from `length`, headline). `chart` (final_report.png) and `markdown` (final_report.md)
+are views of that JSON: they read the report dict and compute nothing of their own. Module-level imports run one
+way (discover <- measure <- length <- compare <- chart / markdown <- this file); names are imported from the module
+that defines them.
 """
 
 import logging
@@ -36,21 +15,15 @@ from pathlib import Path
 
 from common.paths import STAGE_FOLDERS
 from common.report.chart import plot_report
-from common.report.compare import build_report, deployment_pair, headline, write_json
-from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, folder_status,
-                                    recorded_preset, report_dir, seed_group)
-from common.report.markdown import markdown_report, write_text
-from common.report.measure import (FlopsCache, FlopsCurve, SkipModel, architecture, busy_cores, fp32_twin,
-                                   latency_indices, load_average, load_eval_files, machine_busy, measure_model,
-                                   time_pair, timing_references)
-from common.stage import StageError
+from common.report.compare import build_report, deployment_pair
+from common.report.discover import (BASELINE, REPORT_JSON, REPORT_MD, REPORT_PNG, discover_models, recorded_preset,
+                                    write_atomic)
+from common.report.markdown import markdown_report
+from common.report.measure import (SkipModel, busy_cores, load_average, machine_busy, measure_model, time_pair,
+                                   timing_references)
+from common.stage import StageError, json_dump
 
 logger = logging.getLogger("dpq")
-
-# What 7_evaluate_and_generate_report.py and the tests use, re-exported from the modules that define them.
-__all__ = ["FlopsCurve", "REPORT_JSON", "REPORT_MD", "REPORT_PNG", "architecture", "build_report", "discover_models",
-           "folder_status", "fp32_twin", "generate", "headline", "latency_indices", "load_eval_files",
-           "markdown_report", "measure_model", "plot_report", "report_dir", "seed_group", "write_json"]
 
 
 def generate(models_root, *, validation, dataset: dict, eval_files: dict, settings: dict, out_dir,
@@ -61,33 +34,15 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
     for note in notes:
         logger.warning(f"[report] {note}")
     if not found:
-        raise StageError(
-            f"no model folders found in {models_root}: run the pipeline first "
-            f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)"
-        )
+        raise StageError(f"no model folders found in {models_root}: run the pipeline first "
+                         f"(download_model.py, 1_train_teacher.py, 2_distill_student.py, ...)")
     preset = recorded_preset(found, preset, notes)
     settings = dict(settings, load_average=load_average(), busy_cores=busy_cores())
     busy = machine_busy(settings["load_average"], settings["busy_cores"])
     if busy:
         notes.append(busy)
         logger.warning(f"[report] {busy}")
-    flops_cache = FlopsCache(settings["flops_seq_len"])
-    measured, skipped, references = {}, {}, {}
-    # measured first, in this order (the 4-bit student is timed next to the fp32 one); the rest next to them
-    timing_refs = {STAGE_FOLDERS["student"]: 32, BASELINE: 4}
-    first = list(timing_refs)
-    for name, folder in sorted(found, key=lambda item: first.index(item[0]) if item[0] in first else len(first)):
-        try:
-            measured[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
-                                           settings=settings, flops_cache=flops_cache, models_root=models_root,
-                                           references=references)
-        except SkipModel as err:
-            logger.warning(f"[report] {name}: skipped, {err}")
-            skipped[name] = str(err)
-            continue
-        if name in timing_refs and measured[name]["bits"] == timing_refs[name]:
-            references.update(timing_references(name, folder, validation, settings, timing_refs[name]))
-    references.clear()
+    measured, skipped = measure_all(found, models_root, validation, eval_files, settings)
     models = {name: measured[name] for name, _ in found if name in measured}  # in discovery order
     if not models:
         raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
@@ -106,12 +61,30 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
                           constants=constants, wall_time_s=time.time() - started, deploy_timing=deploy_timing)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(report, out_dir / REPORT_JSON)
+    write_atomic(out_dir / REPORT_JSON, lambda tmp: json_dump(report, tmp))
     plot_report(report, out_dir / REPORT_PNG)
-    write_text(markdown_report(report), out_dir / REPORT_MD)
+    write_atomic(out_dir / REPORT_MD, lambda tmp: tmp.write_text(markdown_report(report)))
     logger.info(f"[report] wrote {out_dir / REPORT_JSON}, {REPORT_PNG}, {REPORT_MD}")
     if report["headline"]:
         logger.info(f"[report] {report['headline']['sentence']}")
     else:
         logger.warning(f"[report] {report['headline_note']}")
     return report
+
+
+def measure_all(found, models_root, validation, eval_files: dict, settings: dict):
+    """({name: record}, {name: why skipped}): the students first (fp32, then 4-bit), each kept loaded as the timing
+    reference of its precision while the rest are measured."""
+    refs, flops_curves, measured, skipped, references = {STAGE_FOLDERS["student"]: 32, BASELINE: 4}, {}, {}, {}, {}
+    for name, folder in sorted(found, key=lambda item: list(refs).index(item[0]) if item[0] in refs else len(refs)):
+        try:
+            measured[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
+                                           settings=settings, flops_curves=flops_curves, models_root=models_root,
+                                           references=references)
+        except SkipModel as err:
+            logger.warning(f"[report] {name}: skipped, {err}")
+            skipped[name] = str(err)
+            continue
+        if name in refs and measured[name]["bits"] == refs[name]:
+            references.update(timing_references(name, folder, validation, settings, refs[name]))
+    return measured, skipped

@@ -1,25 +1,21 @@
 """Comparisons across the measured models: paired tests, seed groups, the frontier summary, the headline, the
 deployment pick, and the assembled report (`build_report`, `write_json`)."""
 
-import os
 import statistics
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
+from common.flops import FLOPS_CONVENTION
 from common.paths import STAGE_FOLDERS
 from common.report.discover import BASELINE, FINAL, seed_group
-from common.report.length import by_length
-from common.report.measure import cpu_info, cpu_words, device_description, flops_convention, from_bits
-from common.stage import git_commit, json_dump, library_versions
+from common.report.length import DIFFERENCE_KEYS, by_length
+from common.report.measure import cpu_info, cpu_words, from_bits
+from common.stage import git_commit, library_versions
 from common.stats import describe_difference, paired_comparison, seed_spread
 
 
-# ----------------------------------------------------------------------------------------------------
-# Paired comparisons (every model sees the same sentences)
-
-
+# --- Paired comparisons (every model sees the same sentences)
 def fp32_source(name: str, r: dict, models: dict):
     """The fp32 PyTorch model a 4-bit folder or an export was made from, when it is in the report."""
     if r["bits"] == 32:
@@ -30,12 +26,10 @@ def fp32_source(name: str, r: dict, models: dict):
 
 def comparison_pairs(models: dict) -> list:
     """(kind, (model a, artifact a), (model b, artifact b)) for every comparison the report draws."""
-    pairs = []
     teacher, student = STAGE_FOLDERS["teacher"], STAGE_FOLDERS["student"]
-    if BASELINE in models and FINAL in models:
-        pairs.append(("headline: final vs standard 4-bit", (FINAL, "pytorch"), (BASELINE, "pytorch")))
-    if student in models and teacher in models:
-        pairs.append(("student vs teacher", (student, "pytorch"), (teacher, "pytorch")))
+    pairs = [(kind, (a, "pytorch"), (b, "pytorch")) for kind, a, b in [
+        ("headline: final vs standard 4-bit", FINAL, BASELINE), ("student vs teacher", student, teacher)]
+        if a in models and b in models]
     for name, r in models.items():
         if r["bits"] == 32 and r["family"] == "pruned" and student in models:
             pairs.append(("pruned vs student", (name, "pytorch"), (student, "pytorch")))
@@ -53,8 +47,7 @@ def artifact_label(name: str, artifact: str) -> str:
 
 
 def comparisons(models: dict, eval_files, seed: int) -> list:
-    """Each pair on SST-2 validation and on every extra eval file: paired difference in points with its 95%
-    paired-bootstrap interval, disagreement counts and the exact McNemar p (common.stats)."""
+    """Each pair on SST-2 validation and every extra eval file (common.stats.paired_comparison)."""
     out = []
     for kind, (a, art_a), (b, art_b) in comparison_pairs(models):
         ra, rb = models[a]["artifacts"][art_a], models[b]["artifacts"][art_b]
@@ -62,24 +55,12 @@ def comparisons(models: dict, eval_files, seed: int) -> list:
         sets += [(path, ra["eval_files_correct"][path], rb["eval_files_correct"][path]) for path in eval_files]
         for evaluation, bits_a, bits_b in sets:
             result = paired_comparison(from_bits(bits_a), from_bits(bits_b), seed=seed)
-            label_a, label_b = artifact_label(a, art_a), artifact_label(b, art_b)
             out.append(dict(result, kind=kind, a=a, a_artifact=art_a, b=b, b_artifact=art_b, evaluation=evaluation,
-                            sentence=describe_difference(result, label_a, label_b)))
+                            sentence=describe_difference(result, artifact_label(a, art_a), artifact_label(b, art_b))))
     return out
 
 
-def find_comparison(comps: list, a: str, b: str, a_artifact="pytorch", b_artifact="pytorch",
-                    evaluation="validation"):
-    for c in comps:
-        if (c["a"], c["a_artifact"], c["b"], c["b_artifact"], c["evaluation"]) == (a, a_artifact, b, b_artifact,
-                                                                                 evaluation):
-            return c
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Seeds and the frontier: mean and spread across training seeds; ours against the magnitude baseline
-
+# --- Seeds and the frontier: mean and spread across training seeds; ours against the magnitude baseline
 SEED_CONVENTION = (
     "Two different uncertainties. accuracy_seed_spread: mean and sample standard deviation (ddof=1) of the "
     "accuracy in points across the training seeds of one seed group (seed-to-seed variation of the training run, "
@@ -103,16 +84,11 @@ def _source_record(name: str, models: dict) -> dict:
 def _paired_vs(models: dict, a: str, b: str, seed: int) -> dict:
     result = paired_comparison(from_bits(models[a]["artifacts"]["pytorch"]["correct"]),
                                from_bits(models[b]["artifacts"]["pytorch"]["correct"]), seed=seed)
-    return {"model": a, "reference": b, "seed": models[a].get("seed"),
-            **{k: result[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
-                                      "only_b_right", "mcnemar_p", "significant")}}
+    return {"model": a, "reference": b, "seed": models[a].get("seed"), **{k: result[k] for k in DIFFERENCE_KEYS}}
 
 
 def _group_speedup(models: dict, names: list, reference: str, latency_ms: dict) -> tuple:
-    """(speed-up over `reference` per batch, how each was measured). Where every member was timed paired with
-    the reference (`speedup_vs_reference`): the mean of the members' paired speed-ups, each with its 95% interval
-    over the timed rounds; otherwise the reference's median latency over the group's mean one (same run, same
-    inputs, but timed apart)."""
+    """(speed-up over `reference` per batch, how): the members' mean paired speed-up, else the ratio of medians."""
     speed, detail = {"reference": reference}, {}
     for k, v in latency_ms.items():
         paired = [models[n].get("speedup_vs_reference", {}).get(k) for n in names]
@@ -128,46 +104,36 @@ def _group_speedup(models: dict, names: list, reference: str, latency_ms: dict) 
 
 
 def seed_groups(models: dict, seed: int) -> dict:
-    """{group: summary} for every student and pruned model, grouped with its other-seed twins (`seed_group`).
-
-    Each: members (reading order, seed SEED first when present) and their seeds; method, sparsity target and
-    stage-8 mode (a 4-bit twin's from its fp32 source); accuracy mean and seed-to-seed spread in points
-    (common.stats.seed_spread) next to each member's 95% bootstrap interval over sentences; mean GFLOPs, GFLOPs
-    cut against the student, size and latency; and for pruned groups every member paired against the student of
-    its precision (SEED_CONVENTION)."""
-    student = STAGE_FOLDERS["student"]
-    members = {}
+    """{group: summary} of every student and pruned model with its other-seed twins (`seed_group`): members (seed
+    SEED first) and seeds; method, target sparsity and mode (a 4-bit twin's from its fp32 source); accuracy mean and
+    seed-to-seed spread next to each member's 95% interval; mean GFLOPs, size, latency, speed-up over the student;
+    for pruned groups each member paired against the student of its precision (SEED_CONVENTION)."""
+    student, members, out = STAGE_FOLDERS["student"], {}, {}
     for name, r in models.items():
         if r["family"] in ("student", "pruned") and name != STAGE_FOLDERS["student_nodistill"]:
             members.setdefault(r.get("seed_group") or seed_group(name), []).append(name)
-    out = {}
     for group, names in members.items():
         rs = [models[n] for n in names]
-        first, source = rs[0], _source_record(names[0], models)
-        bits = first["bits"]
+        first, source, bits = rs[0], _source_record(names[0], models), rs[0]["bits"]
         batches = sorted({k for r in rs for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
-        entry = {
-            "members": names, "seeds": [_source_record(n, models).get("seed") for n in names],  # training seed
-            "n_seeds": len(names),
-            "family": first["family"], "bits": bits,
-            "method": source.get("pruning_method") if first["family"] == "pruned" else None,
-            "sparsity_target": source.get("sparsity_target") if first["family"] == "pruned" else None,
-            "mode": source.get("pruning_mode"),
-            "accuracy_seed_spread": seed_spread([100 * r["accuracy"] for r in rs]),
-            "accuracy_ci_per_seed": {n: [round(100 * v, 4) for v in models[n]["accuracy_ci"]] for n in names},
-            "gflops": statistics.fmean(r["gflops"] for r in rs),
-            "size_mb": statistics.fmean(r["size_mb"] for r in rs),
-            "params": statistics.fmean(r["params"] for r in rs),
-            "latency_ms": {k: statistics.fmean(r["latency_ms"][k] for r in rs if k in r["latency_ms"])
-                           for k in batches},
-        }
+        pruned = first["family"] == "pruned"
+        entry = {"members": names, "seeds": [_source_record(n, models).get("seed") for n in names],  # training seed
+                 "n_seeds": len(names), "family": first["family"], "bits": bits,
+                 "method": source.get("pruning_method") if pruned else None,
+                 "target_sparsity": source.get("target_sparsity") if pruned else None,
+                 "mode": source.get("pruning_mode"),
+                 "accuracy_seed_spread": seed_spread([100 * r["accuracy"] for r in rs]),
+                 "accuracy_ci_per_seed": {n: [round(100 * v, 4) for v in models[n]["accuracy_ci"]] for n in names},
+                 **{k: statistics.fmean(r[k] for r in rs) for k in ("gflops", "size_mb", "params")},
+                 "latency_ms": {k: statistics.fmean(r["latency_ms"][k] for r in rs if k in r["latency_ms"])
+                                for k in batches}}
         if student in models:
             entry["gflops_reduction_vs_student"] = round(1 - entry["gflops"] / models[student]["gflops"], 5)
         reference = BASELINE if bits == 4 and BASELINE in models else student
         if reference in models:
             entry["speedup_vs_student"], entry["speedup_detail"] = _group_speedup(models, names, reference,
                                                                                   entry["latency_ms"])
-        if first["family"] == "pruned" and reference in models:
+        if pruned and reference in models:
             per_seed = [_paired_vs(models, n, reference, seed) for n in names]
             entry["vs_student"] = {"reference": reference, "per_seed": per_seed,
                                    "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed])}
@@ -176,17 +142,13 @@ def seed_groups(models: dict, seed: int) -> dict:
 
 
 def _versus_rival_seeds(models: dict, row: dict, rival: dict, seed: int) -> dict:
-    """Ours against the baseline seed by seed (each of our models paired with the baseline model of the same
-    training seed, on the same sentences), and the difference of the two seed means set against the seed-to-seed
-    spread: `beats_by_more_than_seed_spread` when ours is higher by more than the larger of the two sample s.d.s
-    (needs at least two seeds on each side; None otherwise)."""
-    theirs = dict(zip(rival["seeds"], rival["members"]))
-    per_seed = [_paired_vs(models, name, theirs[s], seed) for name, s in zip(row["members"], row["seeds"])
-                if s in theirs]
-    ours_spread, their_spread = row["accuracy_seed_spread"], rival["accuracy_seed_spread"]
-    margin = ours_spread["mean"] - their_spread["mean"]
-    largest_sd = max(ours_spread["std"], their_spread["std"])
-    several = min(ours_spread["n_seeds"], their_spread["n_seeds"]) >= 2
+    """Ours against the baseline seed by seed, and the seed means' difference against the larger seed s.d."""
+    by_seed = dict(zip(rival["seeds"], rival["members"]))
+    per_seed = [_paired_vs(models, name, by_seed[s], seed) for name, s in zip(row["members"], row["seeds"])
+                if s in by_seed]
+    ours, theirs = row["accuracy_seed_spread"], rival["accuracy_seed_spread"]
+    margin, largest_sd = ours["mean"] - theirs["mean"], max(ours["std"], theirs["std"])
+    several = min(ours["n_seeds"], theirs["n_seeds"]) >= 2
     return {"per_seed": per_seed,
             "diff_points_seed_spread": seed_spread([c["diff_points"] for c in per_seed]) if per_seed else None,
             "mean_difference_points": round(margin, 4), "largest_seed_sd_points": round(largest_sd, 4),
@@ -194,113 +156,77 @@ def _versus_rival_seeds(models: dict, row: dict, rival: dict, seed: int) -> dict
 
 
 def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
-    """The accuracy-compute frontier: one row per pruned seed group with a sparsity target (ours and the magnitude
-    baseline, fp32 and 4-bit), by target; ours paired against the magnitude baseline at the same target and
-    precision; the frontier run's wall time (stage 8 metadata / models/frontier.json). None without such groups."""
-    rows = []
-    for group, g in groups.items():
-        if g["family"] != "pruned" or g["sparsity_target"] is None:
-            continue
-        rows.append({"group": group, **{k: g[k] for k in ("members", "seeds", "n_seeds", "method", "bits",
-                                                          "sparsity_target", "mode", "gflops", "latency_ms",
-                                                          "accuracy_seed_spread", "accuracy_ci_per_seed")},
-                     "gflops_reduction_vs_student": g.get("gflops_reduction_vs_student"),
-                     "speedup_vs_student": g.get("speedup_vs_student"), "speedup_detail": g.get("speedup_detail"),
-                     "vs_student": g.get("vs_student")})
+    """One row per pruned seed group with a target, ours paired against the magnitude baseline; None without any."""
+    rows = [{"group": group, **{k: g[k] for k in ("members", "seeds", "n_seeds", "method", "bits", "target_sparsity",
+                                                  "mode", "gflops", "latency_ms", "accuracy_seed_spread",
+                                                  "accuracy_ci_per_seed")},
+             **{k: g.get(k) for k in ("gflops_reduction_vs_student", "speedup_vs_student", "speedup_detail",
+                                      "vs_student")}}
+            for group, g in groups.items() if g["family"] == "pruned" and g["target_sparsity"] is not None]
     if not rows:
         return None
-    rows.sort(key=lambda r: (r["sparsity_target"], r["mode"] != "frontier", r["method"] != "taylor", r["bits"] == 4))
+    rows.sort(key=lambda r: (r["target_sparsity"], r["mode"] != "frontier", r["method"] != "taylor", r["bits"] == 4))
     for row in rows:
-        if row["method"] != "taylor":
-            continue
         rival = next((r for r in rows if r["method"] == "magnitude" and r["bits"] == row["bits"]
-                      and r["sparsity_target"] == row["sparsity_target"]), None)
-        if rival:
+                      and r["target_sparsity"] == row["target_sparsity"]), None)
+        if rival and row["method"] == "taylor":
             row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
             row["vs_magnitude_seeds"] = _versus_rival_seeds(models, row, rival, seed)
-    walls = {}
-    for name, r in models.items():
-        run = r.get("frontier_run") or {}
-        if run.get("sweep_id") and run.get("sweep_wall_time_s") is not None:
-            walls[run["sweep_id"]] = {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
-                                      "recovery_fraction": run.get("recovery_fraction")}
+    walls = {run["sweep_id"]: {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
+                               "recovery_fraction": run.get("recovery_fraction")}
+             for r in models.values() if (run := r.get("frontier_run") or {}).get("sweep_id")
+             and run.get("sweep_wall_time_s") is not None}
     return {"rows": rows, "frontier_runs": walls,
             "methods": {m: METHOD_WORDS.get(m, m) for m in sorted({r["method"] for r in rows})}}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Headline
-
-
-def headline(models: dict, comps: list = (), cpu: dict = None, baseline: str = BASELINE, final: str = FINAL,
-             deploy_timing: dict = None):
-    """(headline dict or None, reason when None): the final model against the standard quantized student, then
-    one line for deployment: the fastest artifact of the final model against the fastest of the student."""
-    missing = [n for n in (baseline, final) if n not in models]
+# --- Headline
+def headline(models: dict, comps: list = (), cpu: dict = None, deploy_timing: dict = None):
+    """(headline or None, why not): the final model against the standard quantized student, and the deployment line."""
+    missing = [n for n in (BASELINE, FINAL) if n not in models]
     if missing:
         return None, f"no headline: {' and '.join(missing)} not measured (run the stages that write them)"
-    cpu = cpu or cpu_info()
-    b, f = models[baseline], models[final]
+    cpu, b, f = cpu or cpu_info(), models[BASELINE], models[FINAL]
     batches = sorted(int(k.split("_")[1]) for k in b["latency_ms"] if k in f["latency_ms"])
     big = f"batch_{batches[-1]}" if batches else None
-    result = {
-        "baseline": baseline,
-        "final": final,
-        "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
-        "accuracy_drop_points": round((b["accuracy"] - f["accuracy"]) * 100, 2),
-        "size_reduction": round(1 - f["size_mb"] / b["size_mb"], 4),
-        "cpu": cpu_words(cpu),
-    }
-    paired = find_comparison(comps, final, baseline)
+    result = {"baseline": BASELINE, "final": FINAL, "gflops_reduction": round(1 - f["gflops"] / b["gflops"], 4),
+              "accuracy_drop_points": round((b["accuracy"] - f["accuracy"]) * 100, 2),
+              "size_reduction": round(1 - f["size_mb"] / b["size_mb"], 4), "cpu": cpu_words(cpu)}
+    paired = next((c for c in comps if (c["a"], c["a_artifact"], c["b"], c["b_artifact"], c["evaluation"])
+                   == (FINAL, "pytorch", BASELINE, "pytorch", "validation")), None)
     if paired:
-        result["paired"] = {k: paired[k] for k in ("diff_points", "ci_low_points", "ci_high_points", "only_a_right",
-                                                   "only_b_right", "mcnemar_p", "significant")}
+        result["paired"] = {k: paired[k] for k in DIFFERENCE_KEYS}
     if big:
         paired_speed = f.get("speedup_vs_reference", {}).get(big)
-        if paired_speed and paired_speed["reference"] == baseline:  # timed next to the baseline, run by run
+        if paired_speed and paired_speed["reference"] == BASELINE:  # timed next to the baseline, run by run
             result[f"latency_speedup_{big}"] = round(paired_speed["speedup"], 3)
             result["speedup_interval"] = paired_speed["ci"]
             result["paired_medians_ms"] = [paired_speed["median_ms"], paired_speed["reference_median_ms"]]
         else:
             result[f"latency_speedup_{big}"] = round(b["latency_ms"][big] / f["latency_ms"][big], 3)
     result["sentence"] = headline_sentence(result, b, f)
-    stale = [n for n in (baseline, final) if models[n].get("stale")]
+    stale = [n for n in (BASELINE, FINAL) if models[n].get("stale")]
     if stale:  # numbers of a model built from inputs that changed since: say so in the headline itself
         result["stale"] = stale
         result["sentence"] += (f" Caveat: {' and '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (built "
                                f"from inputs that changed since; see the warnings for what to rerun).")
-    deploy = deployment(models, cpu, deploy_timing)
-    if deploy:
+    if deploy := deployment(models, cpu, deploy_timing):
         result["deployment"] = deploy
     return result, None
 
 
-def fastest_artifact(models: dict, names) -> tuple | None:
-    """(model, artifact, record) with the lowest geometric-mean latency over the batch sizes timed."""
-    best = None
-    for name in names:
-        for artifact, record in models.get(name, {}).get("artifacts", {}).items():
-            times = list(record["latency_ms"].values())
-            if not times:
-                continue
-            score = statistics.geometric_mean(times)
-            if best is None or score < best[0]:
-                best = (score, name, artifact, record)
-    return best[1:] if best else None
-
-
 def deployment_pair(models: dict) -> tuple | None:
-    """((model, artifact), (model, artifact)): the final model's fastest CPU artifact (any form of pruned_model:
-    PyTorch fp32, 4-bit, ONNX) and the student's fastest (any form of student_model); None without both."""
-    final = fastest_artifact(models, [STAGE_FOLDERS["pruned"], FINAL])
-    student = fastest_artifact(models, [STAGE_FOLDERS["student"], BASELINE])
-    return ((final[0], final[1]), (student[0], student[1])) if final and student else None
+    """The fastest artifacts (geometric-mean latency) of any form of pruned_model and of student_model, or None."""
+    fastest = []
+    for names in ([STAGE_FOLDERS["pruned"], FINAL], [STAGE_FOLDERS["student"], BASELINE]):
+        timed = [(statistics.geometric_mean(a["latency_ms"].values()), (name, artifact)) for name in names
+                 for artifact, a in models.get(name, {}).get("artifacts", {}).items() if a["latency_ms"]]
+        fastest.append(min(timed, key=lambda t: t[0])[1] if timed else None)
+    return tuple(fastest) if all(fastest) else None
 
 
 def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
-    """The `deployment_pair` with accuracies and the speed-up at each batch size. `timing`: {"final", "student",
-    "speedup": {batch key: {speedup, ci, ...}}} from timing that pair again, run by run next to each other, after
-    the choice (`common.report.measure.time_pair`); without it, the ratio of the two artifacts' medians."""
+    """The `deployment_pair` and its speed-ups: from `timing` (measure.time_pair), else the ratio of medians."""
     pair = deployment_pair(models)
     if not pair:
         return None
@@ -316,31 +242,29 @@ def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
                     if k in sr["latency_ms"]}
         intervals = {}
 
-    def said(k, v):
-        medians = [paired[k]["median_ms"], paired[k]["reference_median_ms"]] if paired else None
-        return ((f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower") + f" at {k.replace('_', ' ')} ("
-                + _timing_words(intervals.get(k), medians, (fr["latency_ms"][k], sr["latency_ms"][k])) + ")")
-
-    words = ", ".join(said(k, v) for k, v in speedups.items())
+    words = ", ".join(_speed_words(v, k, "", intervals.get(k), paired and [paired[k]["median_ms"],
+                                   paired[k]["reference_median_ms"]], (fr["latency_ms"][k], sr["latency_ms"][k]))
+                      for k, v in speedups.items())
     sentence = (f"On this CPU ({cpu_words(cpu)}), the final model's fastest artifact, "
                 f"{artifact_label(fn, fa)} ({fr['accuracy']:.2%}, {fr['size_mb']:.3g} MiB), runs {words} against "
                 f"the student's fastest, {artifact_label(sn, sa)} ({sr['accuracy']:.2%}, {sr['size_mb']:.3g} MiB).")
     return {"final": {"model": fn, "artifact": fa}, "student": {"model": sn, "artifact": sa},
-            "final_accuracy": fr["accuracy"], "student_accuracy": sr["accuracy"],
-            "final_size_mb": fr["size_mb"], "student_size_mb": sr["size_mb"],
-            "speedup": speedups, "speedup_interval": intervals, "speedup_timing": "paired" if paired else "apart",
+            "final_accuracy": fr["accuracy"], "student_accuracy": sr["accuracy"], "final_size_mb": fr["size_mb"],
+            "student_size_mb": sr["size_mb"], "speedup": speedups, "speedup_interval": intervals,
+            "speedup_timing": "paired" if paired else "apart",
             "selection": "lowest geometric mean of the median latencies over the batch sizes; the speed-up is "
                          "then timed again with the two run by run next to each other",
             "sentence": sentence}
 
 
-def _timing_words(ci, paired_medians, medians) -> str:
-    """How a speed-up was timed, for a sentence: the paired run's two medians and the interval, or the two medians
-    timed apart."""
-    if paired_medians:
-        return (f"timed paired, run by run: median {paired_medians[0]:.3g} vs {paired_medians[1]:.3g} ms"
-                + (f", 95% interval of the speed-up [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
-    return f"median {medians[0]:.3g} vs {medians[1]:.3g} ms, timed apart"
+def _speed_words(v: float, batch_key: str, where: str, ci, paired_medians, medians) -> str:
+    """'2.50x as fast at batch 32 (timed paired, run by run: median 12 vs 30.5 ms, 95% interval of the speed-up
+    [2.25, 2.75])', or with the two medians timed apart."""
+    how = (f"timed paired, run by run: median {paired_medians[0]:.3g} vs {paired_medians[1]:.3g} ms"
+           + (f", 95% interval of the speed-up [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") if paired_medians
+           else f"median {medians[0]:.3g} vs {medians[1]:.3g} ms, timed apart")
+    speed = f"{v:.2f}x as fast" if v >= 1 else f"{1 / v:.2f}x slower"
+    return f"{speed} at {batch_key.replace('_', ' ')}{where} ({how})"
 
 
 def headline_sentence(h: dict, b: dict, f: dict) -> str:
@@ -355,92 +279,58 @@ def headline_sentence(h: dict, b: dict, f: dict) -> str:
             f"[{paired['ci_low_points']:+.2f}, {paired['ci_high_points']:+.2f}], {sig}, McNemar p {p})")
     else:
         acc = f"scores {f['accuracy']:.2%} vs {b['accuracy']:.2%} on SST-2 validation (no paired test)"
-    parts = [
-        f"{h['final']} needs {h['gflops_reduction']:.0%} fewer GFLOPs than {h['baseline']} "
-        f"({f['gflops']:.3g} vs {b['gflops']:.3g})",
-        acc,
-        f"is {h['size_reduction']:.0%} smaller on disk ({f['size_mb']:.3g} vs {b['size_mb']:.3g} MiB)",
-    ]
-    speed = [k for k in h if k.startswith("latency_speedup_")]
-    if speed:
-        key = speed[0]
+    parts = [f"{h['final']} needs {h['gflops_reduction']:.0%} fewer GFLOPs than {h['baseline']} "
+             f"({f['gflops']:.3g} vs {b['gflops']:.3g})", acc,
+             f"is {h['size_reduction']:.0%} smaller on disk ({f['size_mb']:.3g} vs {b['size_mb']:.3g} MiB)"]
+    key = next((k for k in h if k.startswith("latency_speedup_")), None)
+    if key:
         batch = key.replace("latency_speedup_", "")
-        speed = (f"runs {h[key]:.2f}x as fast" if h[key] >= 1 else f"runs {1 / h[key]:.2f}x slower")
-        parts.append(f"{speed} at {batch.replace('_', ' ')} in PyTorch on this CPU ({h['cpu']}) ("
-                     + _timing_words(h.get("speedup_interval"), h.get("paired_medians_ms"),
-                                     (f["latency_ms"][batch], b["latency_ms"][batch])) + ")")
+        parts.append("runs " + _speed_words(h[key], batch, f" in PyTorch on this CPU ({h['cpu']})",
+                                            h.get("speedup_interval"), h.get("paired_medians_ms"),
+                                            (f["latency_ms"][batch], b["latency_ms"][batch])))
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
 def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval_files, preset: str, quick: bool,
                  skipped: dict, notes: list, constants: dict, wall_time_s: float, deploy_timing: dict = None) -> dict:
-    """final_report.json as a dict; `sentences`: the validation sentences the models were scored on, in order;
-    `deploy_timing`: the deployment pair timed next to each other (`deployment`)."""
-    cpu = cpu_info()
-    comps = comparisons(models, eval_files, settings["seed"])
-    groups = seed_groups(models, settings["seed"])
-    frontier = frontier_summary(models, groups, settings["seed"])
+    """final_report.json as a dict (`sentences`: the validation sentences scored, in order)."""
+    seed, cpu = settings["seed"], cpu_info()
+    comps, groups = comparisons(models, eval_files, seed), seed_groups(models, seed)
+    frontier = frontier_summary(models, groups, seed)
     pruned_pairs = [(a, b) for kind, (a, _), (b, _) in comparison_pairs(models) if kind == "pruned vs student"]
     head, reason = headline(models, comps, cpu, deploy_timing=deploy_timing)
-    report = {
-        "run": {
-            "preset": preset,
-            "quick": quick,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
-            "device": device_description(),
-            "cpu": cpu,
-            "threads": torch.get_num_threads(),
-            "load_average": settings.get("load_average"),
-            "busy_cores_at_start": settings.get("busy_cores"),  # kept busy by other processes (1 s, /proc/stat)
-            "versions": library_versions(),
-            "latency": {
-                "runs": settings["latency_runs"],
-                "warmup": settings["warmup_runs"],
-                "batch_sizes": list(settings["latency_batches"]),
-                "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
-                "speedup": "each PyTorch model's timed runs alternate one by one with those of the student of its "
-                           "precision (student_model; distilled_quantized_student for 4-bit), order swapped every "
-                           "round; speed-up = median over the rounds of student time / model time, with a "
-                           "distribution-free 95% interval from order statistics (none below 6 runs)",
-                "inputs": "real validation sentences (same seeded choice for every model), padded to the "
-                          "longest in the batch; batch 1 = the median-length sentence of the sample",
-                "seed": settings["seed"],
-            },
-            "constants": constants,
-            "wall_time_s": round(wall_time_s, 1),
-        },
-        "dataset": dataset,
-        "eval_files": list(eval_files),
-        "flops_convention": flops_convention(settings["flops_seq_len"]),
+    latency = {"runs": settings["latency_runs"], "warmup": settings["warmup_runs"],
+               "batch_sizes": list(settings["latency_batches"]), "seed": seed,
+               "statistic": "median wall time of one forward pass, torch.no_grad, CPU",
+               "speedup": "each PyTorch model's timed runs alternate one by one with those of the student of its "
+                          "precision (student_model; distilled_quantized_student for 4-bit), order swapped every "
+                          "round; speed-up = median over the rounds of student time / model time, with a "
+                          "distribution-free 95% interval from order statistics (none below 6 runs)",
+               "inputs": "real validation sentences (same seeded choice for every model), padded to the "
+                         "longest in the batch; batch 1 = the median-length sentence of the sample"}
+    run = {"preset": preset, "quick": quick, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "device": f"cpu: {cpu_words(cpu)}", "cpu": cpu, "latency": latency,
+           "threads": torch.get_num_threads(), "load_average": settings.get("load_average"),
+           "versions": library_versions(),
+           "busy_cores_at_start": settings.get("busy_cores"),  # kept busy by other processes (1 s, /proc/stat)
+           "constants": constants, "wall_time_s": round(wall_time_s, 1)}
+    return {
+        "run": run, "dataset": dataset, "eval_files": list(eval_files),
+        "flops_convention": FLOPS_CONVENTION.replace("length 128", f"length {settings['flops_seq_len']}"),
         "gflops_per_sentence_convention": "mean over the validation sentences of the fvcore GFLOPs at each "
                                           "sentence's tokenized length (batch 1, [CLS] and [SEP] included); "
                                           "exact: FLOPs are quadratic in length, fitted on 3 traced lengths and "
                                           "checked against the traced reference length",
         "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB)",
         "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
-        "models": models,
-        "comparisons": comps,
+        "models": models, "comparisons": comps,
         "comparison_convention": "Paired on the same sentences: difference a - b in accuracy points, 95% "
                                  "paired-bootstrap interval (10000 resamples of the sentences, seeded), "
                                  "only_a_right / only_b_right = sentences only one of the two got right, exact "
                                  "two-sided McNemar p; accuracy_ci = 95% percentile bootstrap over sentences",
         "model_order": list(models),  # reading order (the JSON itself has sorted keys)
-        "seed_groups": groups,
-        "frontier": frontier,
-        "by_length": by_length(models, sentences, pruned_pairs, frontier, settings["seed"]),
-        "seed_convention": SEED_CONVENTION,
-        "skipped": skipped,
-        "warnings": notes,
-        "headline": head,
-    }
-    if head is None:
-        report["headline_note"] = reason
-    return report
+        "seed_groups": groups, "frontier": frontier,
+        "by_length": by_length(models, sentences, pruned_pairs, frontier, seed),
+        "seed_convention": SEED_CONVENTION, "skipped": skipped, "warnings": notes, "headline": head,
+        **({"headline_note": reason} if head is None else {})}
 
-
-def write_json(report: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    json_dump(report, tmp)
-    os.replace(tmp, path)

@@ -1,5 +1,5 @@
 """Which folders the report covers: discovery and reading order, each folder's metadata and staleness, the naming
-helpers (family, sweep target, seed group, chart label) and the preset the models were made with."""
+helpers (family, seed group, chart label), the pruning facts recorded in metadata.json, and the preset."""
 
 import json
 import logging
@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from common.modeling import LAYOUT_KEY, QUANT_KEY
-from common.paths import (PRUNED_NAME_RE, REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS, STUDENT_SEED_RE, parse_pruned_name,
-                          stage_of_folder, without_seed)
-from common.stage import METADATA, describe_stale, read_metadata, rerun_commands, stale_reasons
+from common.paths import REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS, STUDENT_SEED_RE, parse_pruned_name, stage_of_folder, \
+    without_seed
+from common.stage import METADATA, describe_stale, read_metadata, rerun_commands, resolve_upstream, stale_reasons
 
 logger = logging.getLogger("dpq")
 
@@ -25,9 +25,6 @@ FINAL = STAGE_FOLDERS["pruned_quantized"]  # pruned_quantized_final
 # Folders every full pipeline writes (a missing one is warned about), then optional ones (silently absent).
 EXPECTED = [STAGE_FOLDERS[s] for s in ("teacher", "student", "student_quantized", "pruned", "pruned_quantized")]
 OPTIONAL = [STAGE_FOLDERS["student_nodistill"]]
-# Pruned folders besides the pipeline's own (sweep and frontier points, other seeds, the magnitude baseline, and their
-# 4-bit twins): <base>[_sNN][_seedN][_quantized], base pruned_model or pruned_magnitude (common.paths.pruned_folder).
-SWEEP_RE = PRUNED_NAME_RE
 NOT_MODELS = {STAGE_FOLDERS["pretrained_teacher"], STAGE_FOLDERS["pretrained_student"]}
 
 
@@ -36,14 +33,16 @@ def report_dir(override: str = "") -> Path:
     return Path(override or os.environ.get(REPORT_DIR_ENV) or REPO_ROOT).resolve()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Which folders
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` a hidden file beside `path`, then move it there: a reader never sees half a report file."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
+# --- Which folders
 def _order_key(name: str):
-    """Fixed reading order: teacher, students (other seeds after each), the final pipeline (pruned_model's other seeds
-    after it), then the sweep / frontier by target: ours before the magnitude baseline, fp32 before 4-bit, seed SEED
-    before the others."""
+    """Teacher, students, the final pipeline, then sweep / frontier points by the target in their names."""
     fixed = ["teacher_model", "student_model", "student_model_nodistill", BASELINE, "pruned_model", FINAL]
     if name in fixed:
         return (0, fixed.index(name), -1, name)
@@ -59,49 +58,32 @@ def _order_key(name: str):
     return (2, 0, 0, name)
 
 
-def _is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: Path) -> bool:
     return folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file()
 
 
 def discover_models(models_root, names=None):
-    """The model folders to report on, in reading order, and the warnings about expected ones missing.
-
-    `names` (optional) restricts the report to those folder names. Without it: the pipeline's stage folders,
-    every pruned folder named by common.paths.pruned_folder (sweep and frontier points, other seeds, the magnitude
-    baseline; fp32 and their `_quantized` twins), students of other seeds (student_model_seed43), and any other
-    folder holding a 4-bit model (a quantized twin named differently).
-    """
-    models_root = Path(models_root)
-    found, notes = {}, []
+    """([(name, folder)] in reading order, warnings about expected ones missing): the folders `names`, else the
+    pipeline's stage folders, every pruned folder named by common.paths.pruned_folder (and its `_quantized` twin),
+    students of other seeds (student_model_seed43) and any other folder holding a 4-bit model."""
+    models_root, notes = Path(models_root), []
     if names:
-        for name in names:
-            folder = models_root / name
-            if _is_model_folder(folder):
-                found[name] = folder
-            else:
-                notes.append(f"{name}: no model folder at {folder}; skipped")
+        found = {name: models_root / name for name in names if is_model_folder(models_root / name)}
+        notes += [f"{name}: no model folder at {models_root / name}; skipped" for name in names if name not in found]
     else:
+        found = {name: models_root / name for name in EXPECTED + OPTIONAL if is_model_folder(models_root / name)}
         script = {folder: s for s, folder in STAGE_FOLDERS.items()}
-        for name in EXPECTED + OPTIONAL:
-            folder = models_root / name
-            if _is_model_folder(folder):
-                found[name] = folder
-            elif name in EXPECTED:
-                notes.append(
-                    f"{name}: not found in {models_root}; skipped (written by {STAGE_SCRIPTS[script[name]]})"
-                )
-        if models_root.is_dir():
-            for folder in sorted(models_root.iterdir()):
-                if folder.name in found or folder.name in NOT_MODELS or not _is_model_folder(folder):
-                    continue
-                if (parse_pruned_name(folder.name) or STUDENT_SEED_RE.match(folder.name)
-                        or _config_dict(folder).get(QUANT_KEY)):
-                    found[folder.name] = folder
-    ordered = sorted(found, key=_order_key)
-    return [(name, found[name]) for name in ordered], notes
+        notes += [f"{name}: not found in {models_root}; skipped (written by {STAGE_SCRIPTS[script[name]]})"
+                  for name in EXPECTED if name not in found]
+        for folder in sorted(models_root.iterdir()) if models_root.is_dir() else []:
+            if (folder.name not in found and folder.name not in NOT_MODELS and is_model_folder(folder)
+                    and (parse_pruned_name(folder.name) or STUDENT_SEED_RE.match(folder.name)
+                         or config_dict(folder).get(QUANT_KEY))):
+                found[folder.name] = folder
+    return [(name, found[name]) for name in sorted(found, key=_order_key)], notes
 
 
-def _config_dict(folder: Path) -> dict:
+def config_dict(folder: Path) -> dict:
     try:
         with open(Path(folder) / "config.json") as f:
             return json.load(f)
@@ -110,11 +92,8 @@ def _config_dict(folder: Path) -> dict:
 
 
 def folder_status(folder: Path):
-    """(metadata or {}, warnings): half-made folders (no metadata.json) and stale ones: anything they were built
-    from, directly or through their upstream folders, rebuilt, removed or (the data) changed since
-    (common.stage.stale_reasons); the warning names it and the scripts to rerun."""
-    folder = Path(folder)
-    notes = []
+    """(metadata or {}, warnings): half-made (no metadata.json) and stale folders, naming the scripts to rerun."""
+    folder, notes = Path(folder), []
     if not (folder / METADATA).is_file():
         return {}, [f"no {METADATA}: the stage that writes {folder.name} did not finish; numbers may be wrong"]
     try:
@@ -128,13 +107,9 @@ def folder_status(folder: Path):
     return meta, notes
 
 
-# ----------------------------------------------------------------------------------------------------
-# Names: family, sweep target, seed group, chart label
-
-
+# --- Names and pruning facts: family, seed group, target sparsity, chart label
 def family(name: str, config: dict, meta: dict) -> str:
-    """teacher | student | pruned: from the folder name when it is one of the pipeline's, else from the stage
-    recorded in metadata.json and the config's pruning layout."""
+    """teacher | student | pruned: from the pipeline's folder names, the config's layout, else the stage recorded."""
     if name == STAGE_FOLDERS["teacher"]:
         return "teacher"
     if name.startswith("pruned") or config.get(LAYOUT_KEY):
@@ -145,42 +120,46 @@ def family(name: str, config: dict, meta: dict) -> str:
     return "teacher" if stage == "teacher" else "pruned" if stage.startswith("pruned") else "student"
 
 
-def sweep_target(name: str):
-    parsed = parse_pruned_name(name)
-    return parsed["target"] if parsed else None
-
-
 def seed_group(name: str) -> str:
     """The folder name seed SEED gives the same model (pruned_model_s50_seed43 -> pruned_model_s50,
-    pruned_model_seed43_quantized -> pruned_quantized_final, student_model_seed43 -> student_model): the models of
-    one seed group differ only by training seed."""
+    pruned_model_seed43_quantized -> pruned_quantized_final): a seed group's models differ only by training seed."""
     base = without_seed(name)
     return FINAL if base == f"{STAGE_FOLDERS['pruned']}_quantized" else base
 
 
-def pruning_fields(name: str, meta: dict) -> dict:
-    """What a pruned folder says about how it was made: method (ours "taylor" or the "magnitude" baseline),
-    sparsity target, stage-8 mode (single / sweep / frontier), seed, and the frontier run it came from."""
-    parsed = parse_pruned_name(name) or {}
+def target_sparsity(name: str, folder: Path, meta: dict):
+    """The sparsity target stage 8 recorded (metadata.json results.target_sparsity, exact: the folder name rounds it);
+    a 4-bit twin without one takes its fp32 source's, through its upstream record. Only a half-made folder (no
+    metadata.json) falls back to its name (pruned_model_s20 -> 0.2); None when nothing records one."""
+    if not meta:
+        return (parse_pruned_name(name) or {}).get("target")
+    for source in [meta] + list(meta.get("upstream", {}).values()):
+        try:
+            recorded = source if source is meta else read_metadata(resolve_upstream(source, Path(folder).parent))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if recorded.get("results", {}).get("target_sparsity") is not None:
+            return recorded["results"]["target_sparsity"]
+    return None
+
+
+def pruning_fields(name: str, folder: Path, meta: dict) -> dict:
+    """What a folder says about how it was made: seed, seed group, pruning method (ours "taylor" or the "magnitude"
+    baseline), target sparsity, stage-8 mode (single / sweep / frontier) and the frontier run it came from."""
     results = meta.get("results", {})
     out = {"seed": meta.get("seed"), "seed_group": seed_group(name),
-           "pruning_method": parsed.get("method") or results.get("method"),
-           "sparsity_target": parsed.get("target") if parsed.get("target") is not None
-           else results.get("target_sparsity")}
+           "pruning_method": (parse_pruned_name(name) or {}).get("method") or results.get("method"),
+           "target_sparsity": target_sparsity(name, folder, meta)}
     if results.get("mode"):
         out["pruning_mode"] = results["mode"]
     if results.get("frontier"):
         out["frontier_run"] = {k: results["frontier"][k] for k in ("sweep_id", "branch_step", "recovery_fraction",
                                                                    "sweep_wall_time_s") if k in results["frontier"]}
     return out
-FIXED_LABELS = {
-    "teacher_model": "teacher",
-    "student_model": "student",
-    "student_model_nodistill": "student, no KD",
-    BASELINE: "student 4-bit (baseline)",
-    "pruned_model": "pruned",
-    FINAL: "pruned 4-bit (final)",
-}
+
+
+FIXED_LABELS = {"teacher_model": "teacher", "student_model": "student", "student_model_nodistill": "student, no KD",
+                BASELINE: "student 4-bit (baseline)", "pruned_model": "pruned", FINAL: "pruned 4-bit (final)"}
 
 
 def display_label(name: str) -> str:
@@ -200,25 +179,20 @@ def display_label(name: str) -> str:
 
 
 def recorded_preset(found, requested: str, notes: list) -> str:
-    """The preset the models were made with (results.preset in their metadata.json), not this run's PRESET: a
-    report of MiniLM models is never labelled "bert". `requested` only when no folder records one; a mismatch
-    or a mix of presets is a warning."""
+    """The preset the models were made with (`requested` only when none records one); a mismatch is a warning."""
     presets = set()
     for _, folder in found:
         try:
-            made = read_metadata(folder).get("results", {}).get("preset")
+            presets.add(read_metadata(folder).get("results", {}).get("preset"))
         except (OSError, ValueError, AttributeError):
-            made = None
-        if made:
-            presets.add(made)
+            pass
+    presets -= {None, ""}
     if not presets:
         return requested
-    note = None
-    if len(presets) > 1:
-        note = f"the models were made with different presets ({', '.join(sorted(presets))}): compare with care"
-    elif requested and requested not in presets:
-        note = f"PRESET={requested} ignored: the models were made with preset {next(iter(presets))}"
-    if note:
+    made = next(iter(presets)) if len(presets) == 1 else "mixed: " + ", ".join(sorted(presets))
+    if len(presets) > 1 or (requested and requested not in presets):
+        note = (f"the models were made with different presets ({', '.join(sorted(presets))}): compare with care"
+                if len(presets) > 1 else f"PRESET={requested} ignored: the models were made with preset {made}")
         notes.append(note)
         logger.warning(f"[report] {note}")
-    return next(iter(presets)) if len(presets) == 1 else "mixed: " + ", ".join(sorted(presets))
+    return made

@@ -1,18 +1,8 @@
-"""Accuracy by sentence length: the validation sentences in four buckets at the quartiles of their word counts,
-each model's accuracy per bucket, and pruned models paired against their student within each bucket.
-
-Why: SST-2 validation holds full sentences (median 19 words) while the training set is mostly short phrases
-(median 7 words); pruning costs accuracy mostly on the longest sentences, which one overall accuracy hides.
-
-- `word_counts`: words per sentence, `len(sentence.split())` (whitespace words, not tokens: the same for every
-  tokenizer, and what a reader counts);
-- `quartile_edges`: the three nearest-rank quartiles of the word counts (word counts that occur in the data);
-- `bucket_members`: sentence indices per bucket; a sentence goes to the first bucket whose upper edge it does
-  not exceed, so sentences of equal length always share a bucket (buckets differ in size where lengths tie at an
-  edge, and one can be empty);
-- `bucket_accuracies`, `bucket_differences`: accuracy in points per bucket; a paired difference per bucket through
-  common.stats.paired_comparison on that bucket's sentences only;
-- `by_length`: the `by_length` entry of final_report.json.
+"""Accuracy by sentence length (the report's `by_length`): the validation sentences in four buckets at the
+nearest-rank quartiles of their word counts (whitespace words, not tokens: the same for every tokenizer), each
+model's accuracy per bucket, and pruned models paired against their student within each bucket. SST-2 validation
+holds full sentences (median 19 words), its training set mostly short phrases (median 7): pruning costs accuracy
+mostly on the longest sentences, which one overall accuracy hides.
 """
 
 from bisect import bisect_left
@@ -21,8 +11,9 @@ from common.report.measure import from_bits
 from common.stats import paired_comparison
 
 BUCKET_NAMES = ("Q1", "Q2", "Q3", "Q4")  # shortest to longest
-PAIRED_KEYS = ("n", "diff_points", "ci_low_points", "ci_high_points", "only_a_right", "only_b_right", "mcnemar_p",
-               "significant")
+# what the report keeps of a paired comparison (common.stats.paired_comparison), besides the number of sentences
+DIFFERENCE_KEYS = ("diff_points", "ci_low_points", "ci_high_points", "only_a_right", "only_b_right", "mcnemar_p",
+                   "significant")
 LENGTH_CONVENTION = (
     "Validation sentences in 4 buckets by WORD count (whitespace-split words, not tokens): edges_words are the "
     "nearest-rank quartiles of the word counts (the word count of the sentence at rank ceil(k n / 4), k = 1, 2, 3, "
@@ -36,33 +27,18 @@ LENGTH_CONVENTION = (
     "the mean over its training seeds (members), vs_student is its first member (seed SEED).")
 
 
-def word_counts(sentences) -> list:
-    """Whitespace-separated words in each sentence."""
-    return [len(sentence.split()) for sentence in sentences]
-
-
-def quartile_edges(counts) -> list:
-    """[q1, q2, q3]: nearest-rank quartiles, the count at rank ceil(k n / 4) of the sorted counts (integer maths)."""
+def length_buckets(sentences) -> dict:
+    """{"edges_words", "buckets": [{"name", "n", "words": [shortest, longest] or None}], "members": indices}: edges at
+    the nearest-rank quartiles of the word counts (the count at rank ceil(k n / 4), integer maths); a sentence goes to
+    the bucket of how many edges lie strictly below its count, so equal lengths share one."""
+    counts = [len(sentence.split()) for sentence in sentences]  # whitespace-separated words
     if not counts:
-        raise ValueError("quartile_edges needs at least one sentence")
+        raise ValueError("length_buckets needs at least one sentence")
     ordered = sorted(counts)
-    n = len(ordered)
-    return [ordered[-(-k * n // 4) - 1] for k in (1, 2, 3)]
-
-
-def bucket_members(counts, edges) -> list:
-    """Sentence indices per bucket (4 lists): bucket = how many edges lie strictly below the sentence's count."""
+    edges = [ordered[-(-k * len(ordered) // 4) - 1] for k in (1, 2, 3)]
     members = [[] for _ in range(len(edges) + 1)]
     for i, count in enumerate(counts):
         members[bisect_left(edges, count)].append(i)
-    return members
-
-
-def length_buckets(sentences) -> dict:
-    """{"edges_words", "buckets": [{"name", "n", "words": [shortest, longest] or None}], "members": indices}."""
-    counts = word_counts(sentences)
-    edges = quartile_edges(counts)
-    members = bucket_members(counts, edges)
     buckets = [{"name": name, "n": len(idx), "words": [min(counts[i] for i in idx), max(counts[i] for i in idx)]
                 if idx else None} for name, idx in zip(BUCKET_NAMES, members)]
     return {"edges_words": edges, "buckets": buckets, "members": members}
@@ -74,14 +50,11 @@ def bucket_accuracies(correct, members) -> list:
 
 
 def bucket_differences(correct_a, correct_b, members, seed: int) -> list:
-    """Per bucket: a against b on that bucket's sentences (the PAIRED_KEYS of paired_comparison); None if empty."""
+    """Per bucket: a against b on that bucket's sentences (n and the DIFFERENCE_KEYS); None if empty."""
     out = []
     for idx in members:
-        if not idx:
-            out.append(None)
-            continue
-        result = paired_comparison([correct_a[i] for i in idx], [correct_b[i] for i in idx], seed=seed)
-        out.append({k: result[k] for k in PAIRED_KEYS})
+        result = paired_comparison([correct_a[i] for i in idx], [correct_b[i] for i in idx], seed=seed) if idx else None
+        out.append(result and {k: result[k] for k in ("n", *DIFFERENCE_KEYS)})
     return out
 
 
@@ -95,13 +68,9 @@ def _correct(models: dict, name: str, n: int) -> list:
 
 
 def by_length(models: dict, sentences, pairs, frontier, seed: int) -> dict:
-    """The report's `by_length` entry (LENGTH_CONVENTION). `pairs`: (model, student) pairs to compare per bucket
-    ("pruned vs student"); `frontier`: compare.frontier_summary's result or None. Each model's correctness is
-    decoded once, and each (model, reference) pair is compared once: a frontier row's first member against the
-    fp32 student is also one of `pairs`."""
-    buckets = length_buckets(sentences)
+    """The report's `by_length` (LENGTH_CONVENTION); `pairs`: (model, student) to compare per bucket."""
+    buckets, n = length_buckets(sentences), len(sentences)
     members = buckets.pop("members")
-    n = len(sentences)
     correct = {name: _correct(models, name, n) for name in models}
     accuracy = {name: bucket_accuracies(bits, members) for name, bits in correct.items()}
     compared = {}
@@ -117,16 +86,11 @@ def by_length(models: dict, sentences, pairs, frontier, seed: int) -> dict:
         per_member = [accuracy[name] for name in row["members"]]
         means = [None if values[0] is None else round(sum(values) / len(values), 4) for values in zip(*per_member)]
         reference = (row.get("vs_student") or {}).get("reference")
-        return {**{k: row[k] for k in ("group", "members", "n_seeds", "method", "bits", "sparsity_target", "mode")},
+        return {**{k: row[k] for k in ("group", "members", "n_seeds", "method", "bits", "target_sparsity", "mode")},
                 "accuracy_points_mean": means,
                 "vs_student": versus(row["members"][0], reference) if reference else None}
 
-    return {
-        "convention": LENGTH_CONVENTION,
-        "evaluation": "validation",
-        "n": n,
-        **buckets,
-        "models": {name: {"accuracy_points": values} for name, values in accuracy.items()},
-        "vs_student": [versus(a, b) for a, b in pairs],
-        "frontier_rows": [frontier_row(row) for row in frontier["rows"]] if frontier else None,
-    }
+    return {"convention": LENGTH_CONVENTION, "evaluation": "validation", "n": n, **buckets,
+            "models": {name: {"accuracy_points": values} for name, values in accuracy.items()},
+            "vs_student": [versus(a, b) for a, b in pairs],
+            "frontier_rows": [frontier_row(row) for row in frontier["rows"]] if frontier else None}

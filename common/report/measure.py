@@ -1,6 +1,7 @@
 """Measuring one saved model folder: architecture, GFLOPs (through the fp32 twin for 4-bit), accuracy on the
 validation set and extra eval files, CPU latency, ONNX exports; and the machine the latencies were taken on."""
 
+import functools
 import json
 import logging
 import os
@@ -17,11 +18,10 @@ import torch
 
 from common.data import DataError, encode, make_loader, read_glue_tsv
 from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
-from common.flops import FLOPS_CONVENTION, count_flops
+from common.flops import count_flops
 from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
-from common.modeling_dpq import FAMILIES, build_model, get_layout, head_sizes, original_sizes
-from common.report.discover import (_config_dict, _is_model_folder, display_label, family, folder_status,
-                                    pruning_fields, sweep_target)
+from common.modeling_dpq import FAMILIES, build_model, get_layout, original_sizes
+from common.report.discover import config_dict, is_model_folder, display_label, family, folder_status, pruning_fields
 from common.stage import StageError, read_metadata, resolve_upstream
 from common.stats import accuracy_interval, median_interval
 from common.training import predict_logits
@@ -33,73 +33,42 @@ class SkipModel(Exception):
     """A folder that cannot be loaded; the report lists it under "skipped" with the reason."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Architecture and size, counted from the model itself
-
-
+# --- Architecture and size, counted from the model itself
 def architecture(model) -> dict:
-    """Layers, attention heads kept, their size (dimensions per head, per layer: narrowed heads have fewer), FFN
-    neurons kept and the hidden size (stage 8's HIDDEN_STEP narrows it), counted from the modules by
-    common.modeling_dpq.get_layout (any family, pruned or not, fp32 or 4-bit: Linear4bit keeps out_features)."""
+    """Layers, heads and FFN neurons kept (from the modules, fp32 or 4-bit) and the config's hidden and head size."""
     layout = get_layout(model)
-    _, head_dim, _, hidden = original_sizes(model.config)  # of the unpruned model
-    hidden = layout.get("hidden", hidden)  # the residual stream's width now
-    return {
-        "layers": len(layout["heads"]),
-        "heads": sum(layout["heads"]),
-        "ffn_neurons": sum(layout["ffn"]),
-        "heads_per_layer": layout["heads"],
-        "ffn_per_layer": layout["ffn"],
-        "head_size_per_layer": head_sizes(model),
-        "hidden_size": hidden,
-        "head_dim": head_dim,
-    }
+    _, head_dim, _, hidden = original_sizes(model.config)
+    return {"layers": len(layout["heads"]), "heads": sum(layout["heads"]), "ffn_neurons": sum(layout["ffn"]),
+            "heads_per_layer": layout["heads"], "ffn_per_layer": layout["ffn"], "hidden_size": hidden,
+            "head_dim": head_dim}
 
 
 def architecture_signature(model_class: str, arch: dict) -> tuple:
     """Two models with equal signatures run the same matmuls (embedding lookups are not counted by fvcore)."""
     return (model_class, arch["hidden_size"], arch["head_dim"], tuple(arch["heads_per_layer"]),
-            tuple(arch["ffn_per_layer"]), tuple(arch["head_size_per_layer"]))
+            tuple(arch["ffn_per_layer"]))
 
 
 def logical_parameters(model) -> int:
     """Parameters as the model means them: a packed 4-bit weight counts as its original shape."""
-    total = 0
-    for p in model.parameters():
-        state = getattr(p, "quant_state", None)
-        total += prod(state.shape) if state is not None and getattr(state, "shape", None) else p.numel()
-    return int(total)
+    states = [(p, getattr(p, "quant_state", None)) for p in model.parameters()]
+    return int(sum(prod(s.shape) if s is not None and getattr(s, "shape", None) else p.numel() for p, s in states))
 
 
-def is_4bit(model) -> bool:
-    """Any bitsandbytes Linear4bit (or a subclass, like common.quantization's) in the model."""
-    return any(any(c.__name__ == "Linear4bit" for c in type(m).__mro__) for m in model.modules())
-
-
-# ----------------------------------------------------------------------------------------------------
-# GFLOPs (a 4-bit model is counted through its fp32 twin)
-
-
+# --- GFLOPs (a 4-bit model is counted through its fp32 twin)
 # the config entries that fix a model's shape, in every family's names (common.modeling_dpq.FAMILIES)
 SAME_SHAPE_KEYS = ("model_type", *sorted({getattr(f, k) for f in FAMILIES.values()
                                           for k in ("hidden_key", "layers_key", "heads_key", "ffn_key")}), LAYOUT_KEY)
-
-
 FIT_LENGTHS = (8, 16, 32, 48, 12, 24)  # sequence lengths traced to get a model's FLOPs as a function of length
 
 
 class FlopsCurve:
-    """FLOPs of one architecture as a function of sequence length (batch 1).
-
-    Under fvcore's convention a BERT/DistilBERT forward is exactly quadratic in the length L: the Linears and
-    LayerNorms cost a*L, the attention matmuls b*L^2, the pooler and classifier a constant (embedding lookups
-    and element-wise ops are not counted). So three traced lengths give every length; the fit is checked
-    against a fourth trace (the reference length) and, if it ever disagrees, every length is traced instead.
-    """
+    """FLOPs of one architecture as a function of sequence length (batch 1). Under fvcore's convention a forward is
+    exactly quadratic in the length (Linears a*L, attention matmuls b*L^2, classifier a constant): three traced
+    lengths give every length, checked against a fourth (the reference length); if it disagrees, each is traced."""
 
     def __init__(self, model_fn, ref_len: int):
-        self.model_fn = model_fn
-        self.traced = {}
+        self.model_fn, self.traced = model_fn, {}
         self.points = [n for n in FIT_LENGTHS if n != ref_len][:3]
         for n in self.points + [ref_len]:
             self._trace(n)
@@ -112,15 +81,9 @@ class FlopsCurve:
             self.traced[n] = count_flops(self.model_fn(), seq_len=n)
         return self.traced[n]
 
-    def _fit(self, n: int) -> Fraction:
-        total = Fraction(0)
-        for i, xi in enumerate(self.points):
-            term = Fraction(self.traced[xi])
-            for j, xj in enumerate(self.points):
-                if i != j:
-                    term *= Fraction(n - xj, xi - xj)
-            total += term
-        return total
+    def _fit(self, n: int) -> Fraction:  # the quadratic through the three traced points (Lagrange), exact
+        return sum(self.traced[xi] * prod(Fraction(n - xj, xi - xj) for xj in self.points if xj != xi)
+                   for xi in self.points)
 
     def gflops(self, n: int) -> float:
         if n in self.traced:
@@ -128,28 +91,14 @@ class FlopsCurve:
         return float(self._fit(n)) / 1e9 if self.exact else self._trace(n) / 1e9
 
 
-class FlopsCache:
-    """One FlopsCurve per architecture signature: each shape is traced a handful of times per report."""
-
-    def __init__(self, ref_len: int):
-        self.ref_len = ref_len
-        self.curves = {}
-
-    def curve(self, signature, model_fn) -> FlopsCurve:
-        if signature not in self.curves:
-            self.curves[signature] = FlopsCurve(model_fn, self.ref_len)
-        return self.curves[signature]
-
-
 def _upstream_twin(folder: Path, meta: dict, models_root: Path):
-    """The fp32 folder a 4-bit folder was made from, if its metadata names one that still matches: fresh
-    (same run_id as recorded), not 4-bit, same model type, width and pruning layout."""
-    mine = _config_dict(folder)
+    """The fresh fp32 folder of the same shape and layout a 4-bit folder's metadata names as its source, or None."""
+    mine = config_dict(folder)
     for record in meta.get("upstream", {}).values():
         source = resolve_upstream(record, models_root)  # relative to the models root (old records: by name)
-        if not _is_model_folder(source) or source.resolve() == Path(folder).resolve():
+        if not is_model_folder(source) or source.resolve() == Path(folder).resolve():
             continue
-        theirs = _config_dict(source)
+        theirs = config_dict(source)
         if theirs.get(QUANT_KEY) or any(theirs.get(k) != mine.get(k) for k in SAME_SHAPE_KEYS):
             continue
         try:
@@ -163,10 +112,7 @@ def _upstream_twin(folder: Path, meta: dict, models_root: Path):
 
 
 def rebuild_fp32_twin(folder: Path):
-    """An fp32 model of the same class and layout as a 4-bit folder (random weights: FLOPs only).
-
-    Built by the one loader's `common.modeling_dpq.build_model` with the quantization settings removed from the
-    config: unpruned skeleton shrunk to the folder's `dpq_layout`, no weights loaded."""
+    """An fp32 model of a 4-bit folder's class and layout, built from its config (random weights: FLOPs only)."""
     from transformers import AutoConfig  # in the body: transformers is slow to import
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -177,51 +123,49 @@ def rebuild_fp32_twin(folder: Path):
 
 
 def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
-    """(description, model factory) of the fp32 twin whose FLOPs a 4-bit folder reports.
+    """(description, model factory) of the fp32 twin a 4-bit folder is counted on: its source, else a rebuilt one."""
+    source, signature = _upstream_twin(folder, meta, models_root), architecture_signature(model_class, arch)
 
-    Prefers the fp32 source folder named in metadata.json "upstream" (fresh, same architecture); otherwise an
-    fp32 model rebuilt from the 4-bit folder's own config and layout.
-    """
-    signature = architecture_signature(model_class, arch)
-    source = _upstream_twin(folder, meta, models_root)
-    if source is not None:
-        twin = {}
+    @functools.cache
+    def twin():
+        if source is None:
+            return rebuild_fp32_twin(folder)
+        try:
+            model = load_model(source)
+        except StageError as err:  # passed check_loadable, failed to load: the same matmuls from config
+            logger.warning(f"[report] {folder.name}: {err}; FLOPs from the fp32 twin rebuilt from config")
+            return rebuild_fp32_twin(folder)
+        if architecture_signature(type(model).__name__, architecture(model)) != signature:
+            raise StageError(f"{source.name} does not have the layout of {folder.name}")
+        return model
 
-        def load_source():
-            if "model" not in twin:
-                try:
-                    twin["model"] = load_model(source)
-                except StageError as err:  # passed check_loadable, failed to load: same matmuls from config
-                    logger.warning(f"[report] {folder.name}: {err}; FLOPs from the fp32 twin rebuilt from config")
-                    twin["model"] = rebuild_fp32_twin(folder)
-                    return twin["model"]
-                twin_sig = architecture_signature(type(twin["model"]).__name__, architecture(twin["model"]))
-                if twin_sig != signature:
-                    raise StageError(f"{source.name} does not have the layout of {folder.name}")
-            return twin["model"]
-
-        return f"fp32 twin {source.name} (upstream of this 4-bit model)", load_source
-    twin = {}
-
-    def rebuild():
-        if "model" not in twin:
-            twin["model"] = rebuild_fp32_twin(folder)
-        return twin["model"]
-
-    return f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)", rebuild
+    if source is None:
+        return f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)", twin
+    return f"fp32 twin {source.name} (upstream of this 4-bit model)", twin
 
 
-# ----------------------------------------------------------------------------------------------------
-# Latency
+def gflops_fields(model, arch: dict, bits: int, folder: Path, meta: dict, models_root, curves: dict, ref_len: int,
+                  lengths: list) -> dict:
+    """GFLOPs at `ref_len` and per sentence at its tokenized length (`curves`: {signature: FlopsCurve})."""
+    model_class, signature = type(model).__name__, architecture_signature(type(model).__name__, arch)
+    if bits == 4:
+        source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
+    else:
+        source, model_fn = "measured on this model", (lambda: model)
+    if signature not in curves:
+        curves[signature] = FlopsCurve(model_fn, ref_len)
+    curve = curves[signature]
+    gflops = curve.gflops(ref_len)
+    per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
+    per_sentence = sum(per_length[n] for n in lengths) / len(lengths)
+    return {"gflops": round(gflops, 6), "gflops_per_sentence": round(per_sentence, 6), "gflops_source": source,
+            "gflops_length_fit_exact": curve.exact}
 
 
+# --- Latency
 def latency_indices(sentences, batch_size: int, seed: int):
-    """Row indices of the sentences timed at this batch size: the same for every model.
-
-    A seeded permutation; batch b takes its first b rows (cycling when the data is smaller than b); batch 1
-    takes the median-length sentence (in characters, so independent of the tokenizer) of the first 32 rows,
-    so a single very short or very long sentence does not decide the batch-1 number.
-    """
+    """Row indices of the sentences timed at this batch size, the same for every model: batch b takes the first b rows
+    of a seeded permutation (cycling), batch 1 the median-length (in characters) of its first 32 rows."""
     order = list(range(len(sentences)))
     random.Random(seed).shuffle(order)
     if batch_size == 1:
@@ -230,61 +174,35 @@ def latency_indices(sentences, batch_size: int, seed: int):
     return [order[i % len(order)] for i in range(batch_size)]
 
 
-def latency_inputs(tokenizer, sentences, max_length: int) -> dict:
-    """Real sentences, padded to the longest in the batch (no token_type_ids: DistilBERT has none)."""
-    enc = tokenizer(list(sentences), padding="longest", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+@torch.no_grad()
+def _timed_rounds(runners: list, runs: int, warmup: int) -> list:
+    """Times (ms) of each (model, inputs) over `runs` rounds after `warmup`: in turn, reversed in odd rounds."""
+    for model, _ in runners:
+        getattr(model, "eval", lambda: None)()
+    for _ in range(warmup):
+        for model, inputs in runners:
+            model(**inputs)
+    times = [[] for _ in runners]
+    for i in range(runs):
+        turns = list(zip(runners, times))
+        for (model, inputs), out in (turns if i % 2 == 0 else turns[::-1]):
+            start = time.perf_counter()
+            model(**inputs)
+            out.append((time.perf_counter() - start) * 1000.0)
+    return times
 
 
 def _timing(times: list, runs: int, warmup: int, inputs: dict) -> dict:
-    return {
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        "runs": runs,
-        "warmup": warmup,
-        "seq_len": int(inputs["input_ids"].shape[1]),
-        "batch_size": int(inputs["input_ids"].shape[0]),
-    }
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": runs,
+            "warmup": warmup, "seq_len": int(inputs["input_ids"].shape[1]),
+            "batch_size": int(inputs["input_ids"].shape[0])}
 
 
-@torch.no_grad()
-def time_forward(model, inputs: dict, runs: int, warmup: int) -> dict:
-    """Median wall time of `runs` forward passes after `warmup` untimed ones, in milliseconds (a PyTorch model or a
-    common.export.OnnxClassifier: both are called as model(input_ids=..., attention_mask=...))."""
-    if hasattr(model, "eval"):
-        model.eval()
-    for _ in range(warmup):
-        model(**inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(**inputs)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return _timing(times, runs, warmup, inputs)
-
-
-@torch.no_grad()
 def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: int, warmup: int) -> dict:
-    """`time_forward` of `model`, each of its timed runs next to one of `reference` (the same sentences, tokenized
-    for the reference), in alternating order (model first in even rounds, reference first in odd ones), so that a
-    slow stretch of the machine falls on both. Adds the reference's median and the speed-up: the median over the
-    rounds of (reference time / model time), with its distribution-free 95% interval (common.stats.median_interval;
-    None below 6 rounds)."""
-    for m in (model, reference):
-        if hasattr(m, "eval"):
-            m.eval()
-    for _ in range(warmup):
-        model(**inputs)
-        reference(**reference_inputs)
-    times, reference_times = [], []
-    for i in range(runs):
-        pair = ((model, inputs, times), (reference, reference_inputs, reference_times))
-        for runner, x, out in (pair if i % 2 == 0 else pair[::-1]):
-            start = time.perf_counter()
-            runner(**x)
-            out.append((time.perf_counter() - start) * 1000.0)
+    """`model` timed with each run next to one of `reference` (the same sentences, tokenized for it), the order
+    alternating, so that a slow stretch of the machine falls on both; speed-up = median over the rounds of reference
+    time / model time, with its distribution-free 95% interval (common.stats.median_interval; None below 6 rounds)."""
+    times, reference_times = _timed_rounds([(model, inputs), (reference, reference_inputs)], runs, warmup)
     speed = median_interval([r / t for r, t in zip(reference_times, times)])
     return dict(_timing(times, runs, warmup, inputs), reference_median_ms=statistics.median(reference_times),
                 speedup=speed["median"], speedup_ci=[speed["ci_low"], speed["ci_high"]] if speed["coverage"] else None,
@@ -292,8 +210,7 @@ def time_paired(model, inputs: dict, reference, reference_inputs: dict, runs: in
 
 
 def speedup_record(detail: dict) -> dict:
-    """What the report keeps of a `time_paired` result: speed-up, its interval and coverage, runs, and the two
-    medians of that paired run (rounded)."""
+    """What the report keeps of a `time_paired` result (speedup_vs_reference), rounded."""
     return {"speedup": round(detail["speedup"], 4),
             "ci": [round(v, 4) for v in detail["speedup_ci"]] if detail["speedup_ci"] else None,
             "coverage": detail["speedup_coverage"] and round(detail["speedup_coverage"], 4), "runs": detail["runs"],
@@ -301,19 +218,20 @@ def speedup_record(detail: dict) -> dict:
 
 
 class TimingReference(NamedTuple):
-    """The model every other model of its precision is timed next to (`time_paired`): its folder name, the loaded
-    model, and its timed inputs by batch size."""
+    """The model the others of its precision are timed next to: folder name, loaded model, timed inputs by batch."""
     name: str
     model: object
     inputs: dict
 
 
-def timed_inputs(tokenizer, sentences, settings: dict) -> dict:
-    """{batch size: tokenized inputs} of the sentences timed at each batch size (`latency_indices`)."""
-    return {batch: latency_inputs(tokenizer, [sentences[i] for i in latency_indices(sentences, batch,
-                                                                                    settings["seed"])],
-                                  settings["max_length"])
-            for batch in settings["latency_batches"]}
+def timed_inputs(tokenizer, validation, settings: dict) -> dict:
+    """{batch size: the validation sentences timed at it (`latency_indices`), padded to the longest in the batch}."""
+    sentences, out = [s for s, _ in validation], {}
+    for batch in settings["latency_batches"]:
+        enc = tokenizer([sentences[i] for i in latency_indices(sentences, batch, settings["seed"])], padding="longest",
+                        truncation=True, max_length=settings["max_length"], return_tensors="pt")
+        out[batch] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # DistilBERT: no types
+    return out
 
 
 def artifact_runner(folder, artifact: str):
@@ -323,28 +241,19 @@ def artifact_runner(folder, artifact: str):
     return OnnxClassifier(exported_artifacts(folder)[artifact], threads=torch.get_num_threads())
 
 
-def folder_timed_inputs(folder, validation, settings: dict) -> dict:
-    """`timed_inputs` of the validation rows, tokenized by the folder's own tokenizer."""
-    return timed_inputs(load_tokenizer(Path(folder)), [s for s, _ in validation], settings)
-
-
 def time_pair(final: tuple, student: tuple, validation, settings: dict) -> dict:
-    """The deployment pair ((folder, artifact) of the final model, of the student), timed again run by run next to
-    each other (`time_paired`): {"speedup": {batch key: {speedup, ci, coverage, runs}}}."""
-    (final_folder, final_artifact), (student_folder, student_artifact) = final, student
-    runner, reference = artifact_runner(final_folder, final_artifact), artifact_runner(student_folder, student_artifact)
-    inputs = folder_timed_inputs(final_folder, validation, settings)
-    reference_inputs = folder_timed_inputs(student_folder, validation, settings)
-    return {"speedup": {f"batch_{batch}": speedup_record(time_paired(runner, inputs[batch], reference,
-                                                                     reference_inputs[batch],
-                                                                     settings["latency_runs"], settings["warmup_runs"]))
-                        for batch in settings["latency_batches"]}}
+    """The deployment pair ((folder, artifact) of the final model, of the student) timed again, paired."""
+    runner, reference = artifact_runner(*final), artifact_runner(*student)
+    inputs, reference_inputs = (timed_inputs(load_tokenizer(Path(folder)), validation, settings)
+                                for folder, _ in (final, student))
+    return {"speedup": {f"batch_{b}": speedup_record(time_paired(runner, inputs[b], reference, reference_inputs[b],
+                                                                 settings["latency_runs"], settings["warmup_runs"]))
+                        for b in settings["latency_batches"]}}
 
 
 def timing_references(name: str, folder, validation, settings: dict, bits: int) -> dict:
-    """Load `folder` once more and keep it, with its timed inputs, as the timing reference of its precision
-    ({bits: reference}), and each ONNX export it ships as the reference of that artifact ({"onnx_int8": ...})."""
-    inputs = folder_timed_inputs(folder, validation, settings)
+    """{bits or ONNX artifact: TimingReference}: `folder` loaded once more, and each ONNX export it ships."""
+    inputs = timed_inputs(load_tokenizer(Path(folder)), validation, settings)
     artifacts = {bits: "pytorch", **{artifact: artifact for artifact in exported(folder, [])}}
     return {key: TimingReference(name, artifact_runner(folder, artifact), inputs)
             for key, artifact in artifacts.items()}
@@ -356,18 +265,14 @@ def _reference_for(references: dict, name: str, *keys):
     return None if reference is None or reference.name == name else reference
 
 
-# ----------------------------------------------------------------------------------------------------
-# Accuracy
-
-
+# --- Accuracy
 def load_eval_files(paths) -> dict:
     """Read and validate every --eval-file before any model is loaded: {path as given: rows}."""
     rows = {}
-    for path in paths:
+    for path in map(str, paths):
         if not Path(path).is_file():
             raise DataError(f"--eval-file {path}: no such file (expected a GLUE-format TSV: sentence<TAB>label)")
-        rows[str(path)] = read_glue_tsv(path)
-        if not rows[str(path)]:
+        if not rows.setdefault(path, read_glue_tsv(path)):
             raise DataError(f"--eval-file {path}: no rows to evaluate")
     return rows
 
@@ -381,9 +286,8 @@ def eval_loader(tokenizer, rows, batch_size: int, max_length: int):
 
 def correct_on(runner, loader) -> list:
     """Per sentence (dataset order): did the model (PyTorch, or an ONNX classifier) predict its label?"""
-    logits = onnx_predict_logits(runner, loader) if isinstance(runner, OnnxClassifier) else predict_logits(runner,
-                                                                                                           loader)
-    return (logits.argmax(-1) == loader.dataset.labels).tolist()
+    predict = onnx_predict_logits if isinstance(runner, OnnxClassifier) else predict_logits
+    return (predict(runner, loader).argmax(-1) == loader.dataset.labels).tolist()
 
 
 def as_bits(correct) -> str:
@@ -395,44 +299,55 @@ def from_bits(bits: str) -> list:
     return [c == "1" for c in bits]
 
 
-# ----------------------------------------------------------------------------------------------------
-# One model
+# --- One folder: each artifact (the PyTorch model, each ONNX file) on the same inputs, then the folder's record
+class FolderInputs(NamedTuple):
+    """What every artifact of a folder runs on, tokenized by the folder's tokenizer."""
+    loader: object
+    lengths: list
+    file_loaders: dict
+    timed: dict
 
 
-def measure_runner(runner, loader, file_loaders: dict, timed: dict, settings: dict,
-                   reference: TimingReference = None) -> dict:
-    """Accuracy (with its 95% bootstrap interval and per-sentence correctness), accuracy on each extra file,
-    and latency at each batch size, of one runnable artifact on the same loaders and timed inputs as the others.
-    With a `reference`, every batch size it has is timed paired with it (`time_paired`), and
-    speedup_vs_reference holds the speed-up and its interval per batch size."""
-    correct = correct_on(runner, loader)
+def measure_runner(runner, inputs: FolderInputs, settings: dict, reference, size: int, **about) -> dict:
+    """Accuracy (95% bootstrap interval, per-sentence correctness), accuracy on each extra file and latency at each
+    batch size of one runnable artifact; with a `reference` (TimingReference), timed paired with it
+    (speedup_vs_reference); its `size` in bytes and what it is (`about`: runtime, precision, file)."""
+    correct = correct_on(runner, inputs.loader)
     interval = accuracy_interval(correct, seed=settings["seed"])
-    record = {
-        "accuracy": round(interval["accuracy"], 6),
-        "accuracy_ci": [round(interval["ci_low"], 6), round(interval["ci_high"], 6)],
-        "correct": as_bits(correct),
-        "eval_files": {},
-        "eval_files_correct": {},
-        "latency_ms": {},
-        "latency_detail": {},
-        "speedup_vs_reference": {},
-    }
-    for path, file_loader in file_loaders.items():
+    record = {"accuracy": round(interval["accuracy"], 6),
+              "accuracy_ci": [round(interval["ci_low"], 6), round(interval["ci_high"], 6)],
+              "correct": as_bits(correct), "eval_files": {}, "eval_files_correct": {}, "latency_ms": {},
+              "latency_detail": {}, "speedup_vs_reference": {}, "size_bytes": size, "size_mb": round(size / 2**20, 3),
+              **about}
+    for path, file_loader in inputs.file_loaders.items():
         file_correct = correct_on(runner, file_loader)
         record["eval_files"][path] = round(sum(file_correct) / len(file_correct), 6)
         record["eval_files_correct"][path] = as_bits(file_correct)
-    for batch, inputs in timed.items():
+    runs, warmup = settings["latency_runs"], settings["warmup_runs"]
+    for batch, timed in inputs.timed.items():
         if reference is not None and batch in reference.inputs:
-            detail = time_paired(runner, inputs, reference.model, reference.inputs[batch], settings["latency_runs"],
-                                 settings["warmup_runs"])
+            detail = time_paired(runner, timed, reference.model, reference.inputs[batch], runs, warmup)
             record["speedup_vs_reference"][f"batch_{batch}"] = {"reference": reference.name,
                                                                 **speedup_record(detail)}
         else:
-            detail = time_forward(runner, inputs, settings["latency_runs"], settings["warmup_runs"])
+            detail = _timing(_timed_rounds([(runner, timed)], runs, warmup)[0], runs, warmup, timed)
         record["latency_ms"][f"batch_{batch}"] = round(detail["median_ms"], 3)
         record["latency_detail"][f"batch_{batch}"] = {k: round(v, 3) if isinstance(v, float) else v
                                                      for k, v in detail.items()}
     return record
+
+
+def measure_pytorch(model, folder: Path, bits: int, inputs: FolderInputs, settings: dict, reference) -> dict:
+    """The PyTorch model as loaded, sized by its weight files."""
+    return measure_runner(model, inputs, settings, reference, weight_bytes(folder), runtime="pytorch",
+                          precision="bnb 4-bit" if bits == 4 else "fp32", file="model*.safetensors")
+
+
+def measure_onnx(folder: Path, artifact: str, path: Path, inputs: FolderInputs, settings: dict, reference) -> dict:
+    """One ONNX export the folder ships (`artifact`, e.g. onnx_int8, at `path`), run in ONNX Runtime."""
+    return measure_runner(OnnxClassifier(path, threads=torch.get_num_threads()), inputs, settings, reference,
+                          path.stat().st_size, runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
+                          file=str(path.relative_to(folder)))
 
 
 def exported(folder, notes: list) -> dict:
@@ -444,120 +359,65 @@ def exported(folder, notes: list) -> dict:
         return {}
 
 
-def measure_model(name: str, folder, *, validation, eval_files, settings, flops_cache, models_root,
+def measure_model(name: str, folder, *, validation, eval_files, settings, flops_curves: dict, models_root,
                   references: dict = None) -> dict:
-    """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len,
-    latency_batches, latency_runs, warmup_runs, seed. `references` (`timing_references`): {bits or ONNX artifact:
-    TimingReference}; the PyTorch model is timed paired with the one of its precision (a 4-bit model with the fp32
-    one when there is no 4-bit one), each ONNX export with the reference's export of the same kind, unless this
-    folder is that reference itself."""
-    folder = Path(folder)
+    """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len, latency_batches,
+    latency_runs, warmup_runs, seed; `flops_curves`: see gflops_fields; `references` ({bits or ONNX artifact:
+    TimingReference}): the PyTorch model is timed paired with the one of its precision (else the fp32 one), each
+    ONNX export with the reference's export of the same kind, unless this folder is that reference."""
+    folder, references = Path(folder), references or {}
     meta, notes = folder_status(folder)
-    config = _config_dict(folder)
+    config = config_dict(folder)
     started = time.time()
     logger.info(f"[report] {name}: loading {folder}")
     try:
-        model = load_model(folder)
-        tokenizer = load_tokenizer(folder)
+        model, tokenizer = load_model(folder), load_tokenizer(folder)
     except Exception as err:  # a half-made or corrupt folder: skip it, say why; measuring errors still raise
         raise SkipModel(f"could not be loaded: {type(err).__name__}: {err}" + (f" ({notes[0]})" if notes else ""))
     arch = architecture(model)
-    model_class = type(model).__name__
-    bits = 4 if (config.get(QUANT_KEY) or is_4bit(model)) else 32
-
+    linear4bit = any(c.__name__ == "Linear4bit" for m in model.modules() for c in type(m).__mro__)  # or a subclass
+    bits = 4 if config.get(QUANT_KEY) or linear4bit else 32
     layout = config.get(LAYOUT_KEY)
-    if layout and (list(layout.get("heads", [])) != arch["heads_per_layer"]
-                   or list(layout.get("ffn", [])) != arch["ffn_per_layer"]
-                   or head_sizes(layout, config) != arch["head_size_per_layer"]):
+    kept = [arch["heads_per_layer"], arch["ffn_per_layer"]]
+    if layout and [list(layout.get("heads", [])), list(layout.get("ffn", []))] != kept:
         notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
-                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']}, "
-                     f"head size {arch['head_size_per_layer']})")
+                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
 
-    sentences = [s for s, _ in validation]
-    loader, lengths = eval_loader(tokenizer, validation, settings["batch_size"], settings["max_length"])
-    file_loaders = {path: eval_loader(tokenizer, rows, settings["batch_size"], settings["max_length"])[0]
-                    for path, rows in eval_files.items()}
-    timed = timed_inputs(tokenizer, sentences, settings)
-    references = references or {}
-    pytorch = measure_runner(model, loader, file_loaders, timed, settings, _reference_for(references, name, bits, 32))
-    artifacts = {"pytorch": dict(pytorch, runtime="pytorch", precision="bnb 4-bit" if bits == 4 else "fp32",
-                                 size_bytes=weight_bytes(folder), file="model*.safetensors")}
+    batch, length = settings["batch_size"], settings["max_length"]
+    inputs = FolderInputs(*eval_loader(tokenizer, validation, batch, length), {
+        path: eval_loader(tokenizer, rows, batch, length)[0] for path, rows in eval_files.items()},
+        timed_inputs(tokenizer, validation, settings))
+    artifacts = {"pytorch": measure_pytorch(model, folder, bits, inputs, settings,
+                                            _reference_for(references, name, bits, 32))}
     for artifact, path in exported(folder, notes).items():
-        runner = OnnxClassifier(path, threads=torch.get_num_threads())
-        artifacts[artifact] = dict(measure_runner(runner, loader, file_loaders, timed, settings,
-                                                  _reference_for(references, name, artifact)),
-                                   runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
-                                   size_bytes=path.stat().st_size, file=str(path.relative_to(folder)))
-    for record in artifacts.values():
-        record["size_mb"] = round(record["size_bytes"] / 2**20, 3)
-    accuracy, file_accuracy = pytorch["accuracy"], pytorch["eval_files"]
-    latency, latency_detail = pytorch["latency_ms"], pytorch["latency_detail"]
-
-    signature = architecture_signature(model_class, arch)
-    if bits == 4:
-        gflops_source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
-    else:
-        gflops_source, model_fn = "measured on this model", (lambda: model)
-    curve = flops_cache.curve(signature, model_fn)
-    gflops = curve.gflops(flops_cache.ref_len)
-    per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
-    gflops_per_sentence = sum(per_length[n] for n in lengths) / len(lengths)
-
-    size = weight_bytes(folder)
-    record = {
-        "accuracy": round(accuracy, 6),
-        "eval_files": {p: round(a, 6) for p, a in file_accuracy.items()},
-        "gflops": round(gflops, 6),
-        "gflops_per_sentence": round(gflops_per_sentence, 6),
-        "gflops_source": gflops_source,
-        "gflops_length_fit_exact": curve.exact,
-        "params": logical_parameters(model),
-        "size_bytes": size,
-        "size_mb": round(size / 2**20, 3),
-        "bits": bits,
-        "latency_ms": latency,
-        "latency_detail": latency_detail,
-        "speedup_vs_reference": pytorch["speedup_vs_reference"],
-        "accuracy_ci": artifacts["pytorch"]["accuracy_ci"],
-        "artifacts": artifacts,
-        "torch_threads": torch.get_num_threads(),
-        "layers": arch["layers"],
-        "heads": arch["heads"],
-        "ffn_neurons": arch["ffn_neurons"],
-        "heads_per_layer": arch["heads_per_layer"],
-        "ffn_per_layer": arch["ffn_per_layer"],
-        "head_size_per_layer": arch["head_size_per_layer"],
-        "label": display_label(name),
-        "model_class": model_class,
-        "family": family(name, config, meta),
-        "stage": meta.get("stage"),
-        "run_id": meta.get("run_id"),
+        artifacts[artifact] = measure_onnx(folder, artifact, path, inputs, settings,
+                                           _reference_for(references, name, artifact))
+    pytorch = artifacts["pytorch"]
+    record = {k: pytorch[k] for k in ("accuracy", "accuracy_ci", "eval_files", "latency_ms", "latency_detail",
+                                      "speedup_vs_reference", "size_bytes", "size_mb")}
+    record.update(gflops_fields(model, arch, bits, folder, meta, models_root, flops_curves, settings["flops_seq_len"],
+                                inputs.lengths))
+    record.update({k: arch[k] for k in ("layers", "heads", "ffn_neurons", "heads_per_layer", "ffn_per_layer")})
+    record.update({
+        "params": logical_parameters(model), "bits": bits, "artifacts": artifacts,
+        "torch_threads": torch.get_num_threads(), "label": display_label(name), "model_class": type(model).__name__,
+        "family": family(name, config, meta), "stage": meta.get("stage"), "run_id": meta.get("run_id"),
         "upstream": sorted(Path(r.get("folder", "")).name for r in meta.get("upstream", {}).values()),
-        "folder": str(folder),
-        "stale": any(n.startswith("stale") for n in notes),
-        "complete": bool(meta),
-        "warnings": notes,
-        "measure_time_s": round(time.time() - started, 1),
-    }
+        "folder": str(folder), "stale": any(n.startswith("stale") for n in notes), "complete": bool(meta),
+        "warnings": notes, "measure_time_s": round(time.time() - started, 1)})
     if config.get(QUANT_KEY):
         record["quantization"] = config[QUANT_KEY]
-    if sweep_target(name) is not None:
-        record["sweep_target"] = sweep_target(name)
-    record.update(pruning_fields(name, meta))
+    record.update(pruning_fields(name, folder, meta))
     for note in notes:
         logger.warning(f"[report] {name}: {note}")
-    logger.info(
-        f"[report] {name}: acc {accuracy:.4f}, {gflops:.3f} GFLOPs ({gflops_source}), {record['size_mb']:.1f} MiB, "
-        f"{bits}-bit, latency {latency}, {arch['layers']} layers / {arch['heads']} heads / "
-        f"{arch['ffn_neurons']} FFN neurons"
-    )
+    logger.info(f"[report] {name}: acc {record['accuracy']:.4f}, {record['gflops']:.3f} GFLOPs "
+                f"({record['gflops_source']}), {record['size_mb']:.1f} MiB, {bits}-bit, latency "
+                f"{record['latency_ms']}, {arch['layers']} layers / {arch['heads']} heads / {arch['ffn_neurons']} FFN "
+                f"neurons")
     return record
 
 
-# ----------------------------------------------------------------------------------------------------
-# The machine the latencies are measured on
-
-
+# --- The machine the latencies are measured on
 def load_average():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -566,49 +426,33 @@ def load_average():
 
 
 def busy_cores(window_s: float = 1.0):
-    """How many cores other processes kept busy over the next `window_s` seconds (this one sleeps meanwhile), from
-    /proc/stat; None where there is no /proc/stat. Unlike the 1-minute load average, it does not count a job that
-    has just ended (the previous stage of `make frontier`)."""
+    """Cores other processes keep busy over the next `window_s` s (/proc/stat; unlike the load average, not a job that
+    has just ended, like the previous stage of `make frontier`); None without /proc/stat."""
     def sample():
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
+        return sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # - idle, iowait
     try:
-        busy0, total0 = sample()
-        time.sleep(window_s)
-        busy1, total1 = sample()
+        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(window_s), sample()
     except (OSError, ValueError, IndexError):
         return None
-    cores = os.cpu_count() or 1
-    return round(cores * (busy1 - busy0) / max(total1 - total0, 1), 2)
+    return round((os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1), 2)
 
 
 def machine_busy(load, busy=None) -> str:
-    """A warning when other processes compete for the CPU: latency medians are then not comparable. `busy` (cores
-    kept busy by others right now, `busy_cores`) decides where it was measured; the load average only without it."""
+    """A warning when other processes compete for the CPU (`busy_cores`, else the load average), else ""."""
     cores = os.cpu_count() or 1
-    if busy is not None:
-        why = f"other processes kept {busy:.1f} of {cores} cores busy" if busy > cores * 0.5 else ""
-    else:
-        why = f"load average {load[0]:.1f} on {cores} cores" if load and load[0] > cores * 0.75 else ""
-    if not why:
-        return ""
-    return (f"machine busy at the start ({why}): latency numbers are inflated by other processes; rerun on an idle "
-            f"machine (or with THREADS=1 to avoid thread oversubscription) before quoting them")
-
-
-def flops_convention(seq_len: int) -> str:
-    return FLOPS_CONVENTION.replace("sequence length 128", f"sequence length {seq_len}")
+    why = ((f"other processes kept {busy:.1f} of {cores} cores busy" if busy > cores * 0.5 else "") if busy is not None
+           else f"load average {load[0]:.1f} on {cores} cores" if load and load[0] > cores * 0.75 else "")
+    return why and (f"machine busy at the start ({why}): latency numbers are inflated by other processes; rerun on "
+                    f"an idle machine (or with THREADS=1 to avoid thread oversubscription) before quoting them")
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_info() -> dict:
-    """The CPU the latencies were measured on: model name, logical cores, the instruction-set flags that decide
-    int8/bf16 speed, and whether bf16 matmuls are native (AVX512-BF16 or AMX), which is what makes
-    bitsandbytes 4-bit fast or slow on a CPU."""
+    """The CPU: name, cores, the flags that decide int8/bf16 speed, native bf16 (what makes bnb 4-bit fast on CPU)."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -619,8 +463,7 @@ def cpu_info() -> dict:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    present = [f for f in CPU_FLAGS if f in flags]
-    return {"name": name, "logical_cores": os.cpu_count(), "flags": present,
+    return {"name": name, "logical_cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
             "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 
@@ -629,7 +472,3 @@ def cpu_words(cpu: dict) -> str:
     isa = "AVX-512" if "avx512f" in cpu["flags"] else "AVX2 only" if "avx2" in cpu["flags"] else "no AVX2"
     bf16 = "native bf16" if cpu["bf16_native"] else "no native bf16"
     return f"{cpu['name']}, {cpu['logical_cores']} logical cores, {isa}, {bf16}"
-
-
-def device_description() -> str:
-    return f"cpu: {cpu_words(cpu_info())}"
