@@ -66,7 +66,7 @@ def build_tiny_pipeline(root):
     from transformers import BertForSequenceClassification
 
     from common.modeling import load_model, load_tokenizer
-    from common.pruning import prune_units
+    from common.pruning.selection import prune_units
     from common.quantization import quantize_model, save_quantized
 
     models = root / "models"
@@ -159,7 +159,7 @@ def test_report_json_has_the_issue_shape_and_plausible_values(pipeline):
         a, b = models[fp32], models[q4]
         assert (a["bits"], b["bits"]) == (32, 4)
         assert b["size_mb"] < a["size_mb"]
-        assert b["gflops"] == a["gflops"] and fp32 in b["gflops_source"]  # counted on its fp32 twin
+        assert b["gflops"] == a["gflops"] and b["gflops_source"].startswith(f"fp32 twin rebuilt from {q4}")
         assert b["params"] == a["params"]  # logical count, not the packed 4-bit storage
         assert (b["heads_per_layer"], b["ffn_per_layer"]) == (a["heads_per_layer"], a["ffn_per_layer"])
     # the target recorded in metadata.json, not the one the folder name rounds it to; the 4-bit twin's through its
@@ -310,7 +310,7 @@ def test_architecture_and_flops_curve_on_pruned_distilbert():
     from transformers import DistilBertForSequenceClassification
 
     from common.flops import count_flops
-    from common.pruning import prune_units
+    from common.pruning.selection import prune_units
     from common.report.measure import FlopsCurve, architecture, latency_indices
 
     torch.manual_seed(0)
@@ -327,18 +327,14 @@ def test_architecture_and_flops_curve_on_pruned_distilbert():
     assert len(latency_indices(sentences, 1, seed=0)) == 1
 
 
-def test_fp32_twin_rebuilt_from_config_when_no_upstream(pipeline):
-    """Without a usable upstream folder, a 4-bit folder's FLOPs come from an fp32 model rebuilt from its config."""
+def test_fp32_twin_is_rebuilt_from_the_4bit_folders_config(pipeline):
+    """A 4-bit folder's FLOPs come from an fp32 model rebuilt from its config: the same matmuls as its fp32 source."""
     from common.flops import count_flops
     from common.modeling import load_model
     from common.report.measure import architecture, fp32_twin
 
     models = pipeline["root"] / "models"
-    folder = models / "pruned_quantized_final"
-    model = load_model(folder)
-    source, build = fp32_twin(folder, {}, models, architecture(model), type(model).__name__)
-    assert source.startswith("fp32 twin rebuilt from pruned_quantized_final")
-    twin = build()
+    twin = fp32_twin(models / "pruned_quantized_final")
     assert architecture(twin)["heads_per_layer"] == [3, 4]
     assert count_flops(twin, seq_len=20) == count_flops(load_model(models / "pruned_model"), seq_len=20)
 

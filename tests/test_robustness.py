@@ -215,7 +215,8 @@ def test_a_copied_models_folder_is_judged_on_its_own_folders(tmp_path):
 
 
 def test_staleness_passes_down_the_whole_chain(tmp_path):
-    from common.report import folder_status, headline
+    from common.report.compare import headline
+    from common.report.discover import folder_status
 
     root = tmp_path / "models"
     folders = _chain(root)

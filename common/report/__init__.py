@@ -42,7 +42,7 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
     if busy:
         notes.append(busy)
         logger.warning(f"[report] {busy}")
-    measured, skipped = measure_all(found, models_root, validation, eval_files, settings)
+    measured, skipped = measure_all(found, validation, eval_files, settings)
     models = {name: measured[name] for name, _ in found if name in measured}  # in discovery order
     if not models:
         raise StageError(f"none of the model folders in {models_root} could be measured: {skipped}")
@@ -72,14 +72,14 @@ def generate(models_root, *, validation, dataset: dict, eval_files: dict, settin
     return report
 
 
-def measure_all(found, models_root, validation, eval_files: dict, settings: dict):
+def measure_all(found, validation, eval_files: dict, settings: dict):
     """({name: record}, {name: why skipped}): the students first (fp32, then 4-bit), each kept loaded as the timing
     reference of its precision while the rest are measured."""
     refs, flops_curves, measured, skipped, references = {STAGE_FOLDERS["student"]: 32, BASELINE: 4}, {}, {}, {}, {}
     for name, folder in sorted(found, key=lambda item: list(refs).index(item[0]) if item[0] in refs else len(refs)):
         try:
             measured[name] = measure_model(name, folder, validation=validation, eval_files=eval_files,
-                                           settings=settings, flops_curves=flops_curves, models_root=models_root,
+                                           settings=settings, flops_curves=flops_curves,
                                            references=references)
         except SkipModel as err:
             logger.warning(f"[report] {name}: skipped, {err}")

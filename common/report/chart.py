@@ -156,8 +156,9 @@ def _speedup_panel(ax, report: dict, big: str) -> tuple:
     ax.axvline(1.0, color="#999999", lw=0.8, ls=":", zorder=0)
     left_out = [n for n in models if model_x(n) is None]
     if left_out:
-        ax.text(0.01, 0.01, _wrap("not placed (no paired speed-up over the student of its precision): "
-                                  + ", ".join(left_out), 110), transform=ax.transAxes, fontsize=6.5, color="#555555")
+        ax.text(0.01, 0.01, textwrap.fill("not placed (no paired speed-up over the student of its precision): "
+                                          + ", ".join(left_out), 110), transform=ax.transAxes, fontsize=6.5,
+                color="#555555")
     threads = report["run"]["threads"]
     ax.set_xlabel(f"speed-up over the student (paired, {big.replace('_', ' ')}; {threads} thread"
                   f"{'s' if threads != 1 else ''}; triangles: ONNX int8 vs the student's)"
@@ -268,43 +269,9 @@ def _length_panel(ax, by_length: dict, method: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _size_panel(ax, models: dict) -> None:
-    """Size on disk per model, in table order (top to bottom), hatched for 4-bit."""
-    names, rows = list(models), list(range(len(models)))[::-1]
-    sizes = [models[n]["size_mb"] for n in names]
-    bars = ax.barh(rows, sizes, color=[_color(models[n]) for n in names], alpha=0.85, edgecolor="white", height=0.7)
-    for bar, n, y, v in zip(bars, names, rows, sizes):
-        bar.set_hatch("////" if models[n]["bits"] == 4 else None)
-        ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
-    ax.set_yticks(rows)
-    ax.set_yticklabels([f"{_label(models[n])}\n{n}" if _label(models[n]) != n else n for n in names], fontsize=8)
-    ax.set(ylim=(-0.6, len(names) - 0.4), xlim=(0, max(sizes) * 1.25), xlabel="weight files on disk (MiB)")
-    ax.set_title("Size on disk (hatched = 4-bit)", fontsize=11)
-    ax.grid(axis="x", alpha=0.3)
-
-
-def _latency_panel(ax, models: dict, batch_keys: list, threads: int) -> None:
-    """Median latency per model (PyTorch, timed apart) at each batch size, one shade per batch size."""
-    names, rows = list(models), list(range(len(models)))[::-1]
-    height, shades, longest = 0.7 / max(len(batch_keys), 1), [0.4, 0.95, 0.7, 0.25], 0.0
-    for i, key in enumerate(batch_keys):
-        offset = ((len(batch_keys) - 1) / 2 - i) * height
-        values = [models[n]["latency_ms"].get(key, 0.0) for n in names]
-        longest = max([longest] + values)
-        ax.barh([y + offset for y in rows], values, height=height, color=[_color(models[n]) for n in names],
-                alpha=shades[i % len(shades)], edgecolor="white")
-        for y, v in zip(rows, values):
-            ax.text(v, y + offset, f" {v:.3g}", va="center", fontsize=7)
-    ax.set_xlim(0, (longest or 1.0) * 1.25)
-    ax.tick_params(axis="y", labelleft=False)
-    ax.set_xlabel(f"CPU latency, median ms per forward pass ({threads} thread{'s' if threads != 1 else ''})")
-    ax.set_title("Latency: " + ", ".join(f"{k.replace('_', ' ')} ({'light' if i == 0 else 'dark'})"
-                                         for i, k in enumerate(batch_keys)), fontsize=11)
-    ax.grid(axis="x", alpha=0.3)
-
-
 def plot_report(report: dict, path) -> None:
-    """Accuracy vs GFLOPs and vs paired speed-up; accuracy by length (frontier reports); size and latency bars."""
+    """Accuracy vs GFLOPs and vs paired speed-up, and accuracy by length (frontier reports). Sizes and latencies are
+    in final_report.md's tables."""
     import matplotlib  # in the body: matplotlib is slow to import and only the chart needs it
 
     matplotlib.use("Agg")
@@ -314,10 +281,9 @@ def plot_report(report: dict, path) -> None:
     batch_keys = sorted({k for r in models.values() for k in r["latency_ms"]}, key=lambda k: int(k.split("_")[1]))
     methods = [m for m in METHOD_COLORS if any(r["method"] == m and r["bits"] == 32
                                                for r in length.get("frontier_rows") or [])]
-    # in inches: title, the two accuracy panels, their legend, accuracy by length, the bars (one row per model)
+    # in inches: title, the two accuracy panels, their legend, accuracy by length
     title_h, top_h, legend_h, length_h = 1.2, 4.8, 1.6, 4.2 if methods else 0.0
-    bar_h, bottom_h = max(2.6, 0.32 * len(models)), 0.6
-    height = title_h + top_h + legend_h + length_h + bar_h + bottom_h
+    height = title_h + top_h + legend_h + length_h + 0.3
     fig = plt.figure(figsize=(16, height))
     top = fig.add_gridspec(1, 2, left=0.05, right=0.99, top=1 - title_h / height,
                            bottom=1 - (title_h + top_h) / height, wspace=0.16)
@@ -326,25 +292,17 @@ def plot_report(report: dict, path) -> None:
                                   bottom=1 - (title_h + top_h + legend_h + length_h - 0.9) / height, wspace=0.16)
         for i, method in enumerate(methods):
             _length_panel(fig.add_subplot(middle[i]), length, method)
-    bottom = fig.add_gridspec(1, 2, left=0.17, right=0.99, top=(bar_h + bottom_h) / height, bottom=bottom_h / height,
-                              wspace=0.05)
-    ax_flops, ax_speed, ax_size = fig.add_subplot(top[0]), fig.add_subplot(top[1]), fig.add_subplot(bottom[0])
+    ax_flops, ax_speed = fig.add_subplot(top[0]), fig.add_subplot(top[1])
     flops_items = _gflops_panel(ax_flops, report)
     speed_items, onnx = _speedup_panel(ax_speed, report, batch_keys[-1]) if batch_keys else ([], False)
     _legend(fig, report, onnx, 1 - (title_h + top_h + 0.5) / height)
-    _size_panel(ax_size, models)
-    _latency_panel(fig.add_subplot(bottom[1], sharey=ax_size), models, batch_keys, report["run"]["threads"])
     head = report.get("headline")
     quick = "   [QUICK run: smoke numbers, not a benchmark]" if report["run"]["quick"] else ""
     fig.suptitle("Distill-Prune-Quantize on SST-2" + quick, fontsize=13, y=1 - 0.15 / height)
-    fig.text(0.5, 1 - 0.5 / height, _wrap(head["sentence"] if head else report.get("headline_note", ""), 190),
+    fig.text(0.5, 1 - 0.5 / height, textwrap.fill(head["sentence"] if head else report.get("headline_note", ""), 190),
              ha="center", va="top", fontsize=9.5, style="italic")
     fig.canvas.draw()  # labels are placed against the final layout
     _place_labels(ax_flops, fig, flops_items)
     _place_labels(ax_speed, fig, speed_items)
     write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-
-
-def _wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width))

@@ -1,5 +1,5 @@
 """Comparisons across the measured models: paired tests, seed groups, the frontier summary, the headline, the
-deployment pick, and the assembled report (`build_report`, `write_json`)."""
+deployment pick, and the assembled report (`build_report`)."""
 
 import statistics
 from datetime import datetime, timezone
@@ -173,7 +173,7 @@ def frontier_summary(models: dict, groups: dict, seed: int) -> dict | None:
             row["vs_magnitude"] = _paired_vs(models, row["members"][0], rival["members"][0], seed)
             row["vs_magnitude_seeds"] = _versus_rival_seeds(models, row, rival, seed)
     walls = {run["sweep_id"]: {"seed": r.get("seed"), "wall_time_s": run["sweep_wall_time_s"],
-                               "recovery_fraction": run.get("recovery_fraction")}
+                               "recovery_epochs": run.get("recovery_epochs")}
              for r in models.values() if (run := r.get("frontier_run") or {}).get("sweep_id")
              and run.get("sweep_wall_time_s") is not None}
     return {"rows": rows, "frontier_runs": walls,

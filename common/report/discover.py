@@ -6,13 +6,13 @@ import logging
 import os
 from pathlib import Path
 
-from common.modeling import LAYOUT_KEY, QUANT_KEY
+from common.modeling_dpq import LAYOUT_KEY
+from common.modeling_dpq_4bit import QUANT_KEY
 from common.paths import REPO_ROOT, STAGE_FOLDERS, STAGE_SCRIPTS, STUDENT_SEED_RE, parse_pruned_name, stage_of_folder, \
     without_seed
 from common.stage import METADATA, describe_stale, read_metadata, rerun_commands, resolve_upstream, stale_reasons
 
 logger = logging.getLogger("dpq")
-
 
 REPORT_JSON = "final_report.json"
 REPORT_PNG = "final_report.png"
@@ -153,7 +153,7 @@ def pruning_fields(name: str, folder: Path, meta: dict) -> dict:
     if results.get("mode"):
         out["pruning_mode"] = results["mode"]
     if results.get("frontier"):
-        out["frontier_run"] = {k: results["frontier"][k] for k in ("sweep_id", "branch_step", "recovery_fraction",
+        out["frontier_run"] = {k: results["frontier"][k] for k in ("sweep_id", "branch_step", "recovery_epochs",
                                                                    "sweep_wall_time_s") if k in results["frontier"]}
     return out
 

@@ -119,19 +119,14 @@ def _row_speedup(row: dict, big: str) -> str:
 
 
 FRONTIER_TEXT = (
-    "One row per pruned model (seed group) with a sparsity target: ours = gradual Taylor pruning (a frontier branch, "
-    "or a full stage-8 run), baseline = one-shot weight-magnitude pruning with the same short recovery. GFLOPs cut: "
-    "measured, against student_model. Accuracy: mean ± sample s.d. ACROSS TRAINING SEEDS where a group has several "
-    "(seed-to-seed spread); the bracketed interval next to it is the 95% bootstrap interval OVER SENTENCES of the "
-    "first seed's model (sentence sampling). vs student: paired on the same sentences against student_model (fp32 "
-    "rows) or distilled_quantized_student (4-bit rows): difference in points [95% paired-bootstrap interval], exact "
-    "McNemar p. ours - magnitude: the same paired test against the baseline at the same target and precision (with "
-    "several seeds: mean ± s.d. of the per-seed differences, each seed paired with the baseline of the same seed, and "
-    "whether the difference of the seed means exceeds the larger seed-to-seed s.d.). Latency: PyTorch, as in the "
-    "table above; speed-up at the largest batch over the student of the same precision: each model's timed runs "
-    "alternate one by one with the student's, and the speed-up is the median of the per-run ratios (mean ± s.d. over "
-    "seeds); the bracket is its distribution-free 95% interval over the timed runs, for the first seed's model "
-    "(timing noise on this machine, not seed spread).")
+    "One row per pruned seed group with a target: ours = gradual Taylor pruning, baseline = one-shot weight magnitude "
+    "with the same recovery. GFLOPs cut: measured, against student_model. Accuracy: mean ± s.d. ACROSS TRAINING SEEDS "
+    "(seed-to-seed spread); [interval]: 95% bootstrap OVER SENTENCES of the first seed's model. vs student / ours - "
+    "magnitude: paired on the same sentences against the student of the row's precision / the baseline at the same "
+    "target (each seed against the same seed): difference in points [95% paired-bootstrap interval], exact McNemar "
+    "p; with several seeds, mean ± s.d. of the per-seed differences and whether the means differ by more than the "
+    "larger seed s.d. Speed-up at the largest batch over the student of the same precision, timed paired run by run: "
+    "median ratio (mean ± s.d. over seeds) [distribution-free 95% interval over the first seed's timed runs].")
 
 
 def frontier_table(report: dict, batch_keys) -> list:
@@ -158,7 +153,7 @@ def frontier_table(report: dict, batch_keys) -> list:
                                                                                             kv[0])):
             lines.append(f"\nFrontier run {sweep_id} (seed {run['seed']}): {run['wall_time_s']:.0f} s wall time for "
                          f"the whole sweep (one gradual run with a branch per target, plus the baseline), "
-                         f"{run.get('recovery_fraction')} epoch of recovery per point; details in "
+                         f"{run.get('recovery_epochs')} epoch of recovery per point; details in "
                          f"models/frontier.json.")
         lines.append("")
     several = {g: e for g, e in groups.items() if e["n_seeds"] >= 2}

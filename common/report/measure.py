@@ -1,8 +1,6 @@
 """Measuring one saved model folder: architecture, GFLOPs (through the fp32 twin for 4-bit), accuracy on the
 validation set and extra eval files, CPU latency, ONNX exports; and the machine the latencies were taken on."""
 
-import functools
-import json
 import logging
 import os
 import platform
@@ -19,10 +17,10 @@ import torch
 from common.data import DataError, encode, make_loader, read_glue_tsv
 from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
 from common.flops import count_flops
-from common.modeling import LAYOUT_KEY, QUANT_KEY, check_loadable, load_model, load_tokenizer, weight_bytes
-from common.modeling_dpq import FAMILIES, build_model, get_layout, original_sizes
-from common.report.discover import config_dict, is_model_folder, display_label, family, folder_status, pruning_fields
-from common.stage import StageError, read_metadata, resolve_upstream
+from common.modeling import load_model, load_tokenizer, weight_bytes
+from common.modeling_dpq import build_model, get_layout, original_sizes
+from common.modeling_dpq_4bit import QUANT_KEY
+from common.report.discover import config_dict, display_label, family, folder_status, pruning_fields
 from common.stats import accuracy_interval, median_interval
 from common.training import predict_logits
 
@@ -56,9 +54,6 @@ def logical_parameters(model) -> int:
 
 
 # --- GFLOPs (a 4-bit model is counted through its fp32 twin)
-# the config entries that fix a model's shape, in every family's names (common.modeling_dpq.FAMILIES)
-SAME_SHAPE_KEYS = ("model_type", *sorted({getattr(f, k) for f in FAMILIES.values()
-                                          for k in ("hidden_key", "layers_key", "heads_key", "ffn_key")}), LAYOUT_KEY)
 FIT_LENGTHS = (8, 16, 32, 48, 12, 24)  # sequence lengths traced to get a model's FLOPs as a function of length
 
 
@@ -91,28 +86,9 @@ class FlopsCurve:
         return float(self._fit(n)) / 1e9 if self.exact else self._trace(n) / 1e9
 
 
-def _upstream_twin(folder: Path, meta: dict, models_root: Path):
-    """The fresh fp32 folder of the same shape and layout a 4-bit folder's metadata names as its source, or None."""
-    mine = config_dict(folder)
-    for record in meta.get("upstream", {}).values():
-        source = resolve_upstream(record, models_root)  # relative to the models root (old records: by name)
-        if not is_model_folder(source) or source.resolve() == Path(folder).resolve():
-            continue
-        theirs = config_dict(source)
-        if theirs.get(QUANT_KEY) or any(theirs.get(k) != mine.get(k) for k in SAME_SHAPE_KEYS):
-            continue
-        try:
-            if read_metadata(source).get("run_id") != record.get("run_id"):
-                continue  # rebuilt since: not the twin of this 4-bit model any more
-            check_loadable(source)  # unreadable (truncated weights, ...): the twin is rebuilt from config instead
-        except (OSError, json.JSONDecodeError, StageError):
-            continue
-        return source
-    return None
-
-
-def rebuild_fp32_twin(folder: Path):
-    """An fp32 model of a 4-bit folder's class and layout, built from its config (random weights: FLOPs only)."""
+def fp32_twin(folder: Path):
+    """An fp32 model of a 4-bit folder's class and layout, built from its config (random weights: it runs the same
+    matmuls, so it has the same FLOPs; fvcore cannot trace bitsandbytes' 4-bit matmuls)."""
     from transformers import AutoConfig  # in the body: transformers is slow to import
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -122,38 +98,13 @@ def rebuild_fp32_twin(folder: Path):
     return build_model(config).eval()
 
 
-def fp32_twin(folder: Path, meta: dict, models_root: Path, arch: dict, model_class: str):
-    """(description, model factory) of the fp32 twin a 4-bit folder is counted on: its source, else a rebuilt one."""
-    source, signature = _upstream_twin(folder, meta, models_root), architecture_signature(model_class, arch)
-
-    @functools.cache
-    def twin():
-        if source is None:
-            return rebuild_fp32_twin(folder)
-        try:
-            model = load_model(source)
-        except StageError as err:  # passed check_loadable, failed to load: the same matmuls from config
-            logger.warning(f"[report] {folder.name}: {err}; FLOPs from the fp32 twin rebuilt from config")
-            return rebuild_fp32_twin(folder)
-        if architecture_signature(type(model).__name__, architecture(model)) != signature:
-            raise StageError(f"{source.name} does not have the layout of {folder.name}")
-        return model
-
-    if source is None:
-        return f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)", twin
-    return f"fp32 twin {source.name} (upstream of this 4-bit model)", twin
-
-
-def gflops_fields(model, arch: dict, bits: int, folder: Path, meta: dict, models_root, curves: dict, ref_len: int,
-                  lengths: list) -> dict:
+def gflops_fields(model, arch: dict, bits: int, folder: Path, curves: dict, ref_len: int, lengths: list) -> dict:
     """GFLOPs at `ref_len` and per sentence at its tokenized length (`curves`: {signature: FlopsCurve})."""
-    model_class, signature = type(model).__name__, architecture_signature(type(model).__name__, arch)
-    if bits == 4:
-        source, model_fn = fp32_twin(folder, meta, models_root, arch, model_class)
-    else:
-        source, model_fn = "measured on this model", (lambda: model)
+    signature = architecture_signature(type(model).__name__, arch)
+    source = (f"fp32 twin rebuilt from {folder.name}/config.json (same class and layout)" if bits == 4
+              else "measured on this model")
     if signature not in curves:
-        curves[signature] = FlopsCurve(model_fn, ref_len)
+        curves[signature] = FlopsCurve((lambda: fp32_twin(folder)) if bits == 4 else (lambda: model), ref_len)
     curve = curves[signature]
     gflops = curve.gflops(ref_len)
     per_length = {n: curve.gflops(n) for n in sorted(set(lengths))}
@@ -359,7 +310,7 @@ def exported(folder, notes: list) -> dict:
         return {}
 
 
-def measure_model(name: str, folder, *, validation, eval_files, settings, flops_curves: dict, models_root,
+def measure_model(name: str, folder, *, validation, eval_files, settings, flops_curves: dict,
                   references: dict = None) -> dict:
     """Every number of one saved model folder. `settings`: batch_size, max_length, flops_seq_len, latency_batches,
     latency_runs, warmup_runs, seed; `flops_curves`: see gflops_fields; `references` ({bits or ONNX artifact:
@@ -374,14 +325,8 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
         model, tokenizer = load_model(folder), load_tokenizer(folder)
     except Exception as err:  # a half-made or corrupt folder: skip it, say why; measuring errors still raise
         raise SkipModel(f"could not be loaded: {type(err).__name__}: {err}" + (f" ({notes[0]})" if notes else ""))
-    arch = architecture(model)
-    linear4bit = any(c.__name__ == "Linear4bit" for m in model.modules() for c in type(m).__mro__)  # or a subclass
-    bits = 4 if config.get(QUANT_KEY) or linear4bit else 32
-    layout = config.get(LAYOUT_KEY)
-    kept = [arch["heads_per_layer"], arch["ffn_per_layer"]]
-    if layout and [list(layout.get("heads", [])), list(layout.get("ffn", []))] != kept:
-        notes.append(f"config {LAYOUT_KEY} {layout} differs from the loaded modules "
-                     f"(heads {arch['heads_per_layer']}, ffn {arch['ffn_per_layer']})")
+    arch = architecture(model)  # the loader built the layout of the config and loaded the weights strictly into it
+    bits = 4 if config.get(QUANT_KEY) else 32
 
     batch, length = settings["batch_size"], settings["max_length"]
     inputs = FolderInputs(*eval_loader(tokenizer, validation, batch, length), {
@@ -395,7 +340,7 @@ def measure_model(name: str, folder, *, validation, eval_files, settings, flops_
     pytorch = artifacts["pytorch"]
     record = {k: pytorch[k] for k in ("accuracy", "accuracy_ci", "eval_files", "latency_ms", "latency_detail",
                                       "speedup_vs_reference", "size_bytes", "size_mb")}
-    record.update(gflops_fields(model, arch, bits, folder, meta, models_root, flops_curves, settings["flops_seq_len"],
+    record.update(gflops_fields(model, arch, bits, folder, flops_curves, settings["flops_seq_len"],
                                 inputs.lengths))
     record.update({k: arch[k] for k in ("layers", "heads", "ffn_neurons", "heads_per_layer", "ffn_per_layer")})
     record.update({
