@@ -282,6 +282,26 @@ def read_manifest(folder) -> dict | None:
         raise ExportError(f"{path} is unreadable ({err}): run `python 9_quantize_pruned_model.py` again") from None
 
 
+def onnx_bytes_by_part(path) -> dict:
+    """{"embeddings", "encoder", "rest": bytes of the initializers (weights, quantization scales) the graph's nodes of
+    that part read}: a node's name carries its module path (`/bert/embeddings/...`, `/bert/encoder/layer.0/...`)."""
+    import onnx  # in the body: slow to import, only ONNX work needs it
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    out = dict.fromkeys(("embeddings", "encoder", "rest"), 0)
+    for init in graph.initializer:
+        names = " ".join(readers.get(init.name, []))
+        part = ("embeddings" if "/embeddings/" in names else
+                "encoder" if "/encoder/" in names or "/transformer/" in names else "rest")
+        out[part] += numpy_helper.to_array(init).nbytes
+    return out
+
+
 def exported_artifacts(folder) -> dict:
     """{artifact name: path} of the ONNX files a folder ships (checked: each listed file must exist)."""
     manifest = read_manifest(folder)

@@ -24,12 +24,14 @@ the same logits. Unpruned fp32 folders get neither: plain `from_pretrained` load
 
 import copy
 import importlib
+import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from common.modeling_dpq import LAYOUT_KEY, build_model, config_is_pruned, load_folder, quiet_transformers, ship_code
+from common.modeling_dpq import (LAYOUT_KEY, build_model, config_is_pruned, encoder_module_name, load_folder,
+                                 quiet_transformers, ship_code, word_embedding_name)
 from common.modeling_dpq_4bit import QUANT_KEY, check_settings
 from common.quantization import load_quantized
 from common.stage import StageError, is_main_process, writer_script
@@ -215,3 +217,18 @@ def count_parameters(model) -> int:
 def weight_bytes(folder) -> int:
     """Bytes on disk of a folder's weight files."""
     return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
+
+
+def weight_bytes_by_part(folder, model) -> dict:
+    """{"embeddings", "encoder", "rest": bytes of the tensors stored in the folder's weight files}, from the files'
+    headers (4-bit codes and their statistics count with their module): where the bytes of a folder are."""
+    encoder, embeddings = encoder_module_name(model) + ".", word_embedding_name(model).rsplit(".", 1)[0] + "."
+    out = dict.fromkeys(("embeddings", "encoder", "rest"), 0)
+    for path in sorted(Path(folder).glob("model*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                part = "embeddings" if key.startswith(embeddings) else "encoder" if key.startswith(encoder) else "rest"
+                out[part] += entry["data_offsets"][1] - entry["data_offsets"][0]
+    return out

@@ -355,6 +355,17 @@ def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
         assert record["accuracy"] == pytest.approx(record["correct"].count("1") / len(record["correct"]), abs=1e-6)
         if artifact != "pytorch":
             assert record["size_bytes"] == (folder / record["file"]).stat().st_size
+        # where the bytes are: every stored tensor in one part; the files add only a header / the graph's structure
+        parts = record["size_by_part"]
+        assert set(parts) == {"embeddings", "encoder", "rest"} and all(v > 0 for v in parts.values())
+        if artifact == "pytorch":  # safetensors: 8 bytes of header length, the header, then the tensors
+            weights = folder / "model.safetensors"
+            header = int.from_bytes(weights.read_bytes()[:8], "little")
+            assert sum(parts.values()) == weights.stat().st_size - 8 - header
+        else:
+            assert sum(parts.values()) < record["size_bytes"]
+    int8, fp32 = (final["artifacts"][a]["size_by_part"] for a in ("onnx_int8", "onnx_fp32"))
+    assert int8["embeddings"] < fp32["embeddings"] / 3 and int8["encoder"] < fp32["encoder"] / 3  # int8 weights
     assert final["artifacts"]["onnx_int8"]["size_bytes"] < final["artifacts"]["onnx_fp32"]["size_bytes"]
     # each export timed run by run next to the student's export of the same kind; the student's own exports alone
     for artifact in ("onnx_fp32", "onnx_int8"):
@@ -365,7 +376,7 @@ def test_every_artifact_is_measured_and_compared_with_its_source(pipeline):
     assert final["artifacts"]["pytorch"]["speedup_vs_reference"]["batch_32"]["reference"] == \
         "distilled_quantized_student"
     markdown = (pipeline["out"] / "final_report.md").read_text()
-    assert "vs `distilled_quantized_student [onnx_int8]` |" in markdown
+    assert "vs `distilled_quantized_student [onnx_int8]` |" in markdown and "embeddings / encoder / rest" in markdown
     # the fp32 export predicts what its PyTorch source predicts: the paired test finds no disagreement
     fp32 = [c for c in report["comparisons"] if (c["a"], c["a_artifact"], c["evaluation"])
             == ("pruned_quantized_final", "onnx_fp32", "validation")]

@@ -234,14 +234,10 @@ def deployment(models: dict, cpu: dict, timing: dict = None) -> dict | None:
     fr, sr = models[fn]["artifacts"][fa], models[sn]["artifacts"][sa]
     paired = timing["speedup"] if timing and (timing["final"], timing["student"]) == (
         {"model": fn, "artifact": fa}, {"model": sn, "artifact": sa}) else None
-    if paired:
-        speedups = {k: round(v["speedup"], 2) for k, v in paired.items()}
-        intervals = {k: v["ci"] for k, v in paired.items()}
-    else:
-        speedups = {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"]
-                    if k in sr["latency_ms"]}
-        intervals = {}
-
+    speedups = ({k: round(v["speedup"], 2) for k, v in paired.items()} if paired else
+                {k: round(sr["latency_ms"][k] / fr["latency_ms"][k], 2) for k in fr["latency_ms"]
+                 if k in sr["latency_ms"]})
+    intervals = {k: v["ci"] for k, v in paired.items()} if paired else {}
     words = ", ".join(_speed_words(v, k, "", intervals.get(k), paired and [paired[k]["median_ms"],
                                    paired[k]["reference_median_ms"]], (fr["latency_ms"][k], sr["latency_ms"][k]))
                       for k, v in speedups.items())
@@ -311,8 +307,7 @@ def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval
     run = {"preset": preset, "quick": quick, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "device": f"cpu: {cpu_words(cpu)}", "cpu": cpu, "latency": latency,
            "threads": torch.get_num_threads(), "load_average": settings.get("load_average"),
-           "versions": library_versions(),
-           "busy_cores_at_start": settings.get("busy_cores"),  # kept busy by other processes (1 s, /proc/stat)
+           "versions": library_versions(), "busy_cores_at_start": settings.get("busy_cores"),  # 1 s, /proc/stat
            "constants": constants, "wall_time_s": round(wall_time_s, 1)}
     return {
         "run": run, "dataset": dataset, "eval_files": list(eval_files),
@@ -321,7 +316,8 @@ def build_report(models: dict, *, sentences, settings: dict, dataset: dict, eval
                                           "sentence's tokenized length (batch 1, [CLS] and [SEP] included); "
                                           "exact: FLOPs are quadratic in length, fitted on 3 traced lengths and "
                                           "checked against the traced reference length",
-        "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB)",
+        "size_convention": "size_mb = bytes of the model*.safetensors files / 2**20 (MiB); size_by_part (each "
+                           "artifact): bytes of the embeddings, the encoder and the rest, from the tensors stored",
         "params_convention": "logical parameters (a packed 4-bit weight counts as its unpacked shape)",
         "models": models, "comparisons": comps,
         "comparison_convention": "Paired on the same sentences: difference a - b in accuracy points, 95% "

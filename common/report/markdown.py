@@ -220,22 +220,24 @@ def artifact_table(report: dict, batch_keys) -> list:
     """Every runnable artifact of every model, timed on the same inputs and threads in this run."""
     run, big = report["run"], batch_keys[-1] if batch_keys else None
     rows = [[f"`{name}`", a["precision"], a["runtime"], f"{a['accuracy'] * 100:.2f}",
-             f"[{a['accuracy_ci'][0] * 100:.1f}, {a['accuracy_ci'][1] * 100:.1f}]", f"{a['size_mb']:.4g}"]
+             f"[{a['accuracy_ci'][0] * 100:.1f}, {a['accuracy_ci'][1] * 100:.1f}]", f"{a['size_mb']:.4g}",
+             " / ".join(f"{v / 2**20:.3g}" for v in a["size_by_part"].values())]
             + [f"{a['latency_ms'].get(k, float('nan')):.4g}" for k in batch_keys]
             + ([_speedup(p["speedup"], p["ci"]) + f" vs `{artifact_label(p['reference'], artifact)}`"
                 if (p := a.get("speedup_vs_reference", {}).get(big)) else ""] if big else [])
             for name, r in report["models"].items() for artifact, a in r.get("artifacts", {}).items()]
-    header = (["model", "artifact", "runtime", "accuracy (%)", "95% interval", "size (MiB)"]
+    header = (["model", "artifact", "runtime", "accuracy (%)", "95% interval", "size (MiB)",
+               "of it: embeddings / encoder / rest"]
               + [f"latency {k.replace('_', ' ')} (ms)" for k in batch_keys]
               + ([f"speed-up at {big.replace('_', ' ')}"] if big else []))
     return ["## Deployment artifacts", "",
             f"Each artifact measured by running it: accuracy on the same {report['dataset']['n']} sentences (95% "
-            f"bootstrap interval), size of its weight file(s), CPU latency on the same inputs with {run['threads']} "
-            f"threads" + (f" on {cpu_words(run['cpu'])}" if run.get("cpu") else "") + ". PyTorch 4-bit is "
-            "bitsandbytes NF4 (dequantized to the compute dtype on every forward); ONNX int8 is ONNX Runtime dynamic "
-            "quantization. Speed-up: timed paired, run by run, next to the artifact named (the student of the same "
-            "precision, or the student's export of the same kind): the median ratio of their times "
-            "[distribution-free 95% interval over the runs].", ""] + _table(header, "lllrrr" + "r" * len(batch_keys)
+            f"bootstrap interval), size of its weight file(s) and where those bytes are, CPU latency on the same "
+            f"inputs with {run['threads']} threads" + (f" on {cpu_words(run['cpu'])}" if run.get("cpu") else "")
+            + ". PyTorch 4-bit is bitsandbytes NF4 (dequantized to the compute dtype on every forward); ONNX int8 is "
+            "ONNX Runtime dynamic quantization. Speed-up: timed paired, run by run, next to the artifact named (the "
+            "student of the same precision, or the student's export of the same kind): the median ratio of their times "
+            "[distribution-free 95% interval over the runs].", ""] + _table(header, "lllrrrr" + "r" * len(batch_keys)
                                                                             + ("l" if big else ""), rows) + [""]
 
 

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 
 from common.data import DataError, encode, make_loader, read_glue_tsv
-from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_predict_logits
+from common.export import ExportError, OnnxClassifier, exported_artifacts, onnx_bytes_by_part, onnx_predict_logits
 from common.flops import count_flops
-from common.modeling import load_model, load_tokenizer, weight_bytes
+from common.modeling import load_model, load_tokenizer, weight_bytes, weight_bytes_by_part
 from common.modeling_dpq import build_model, get_layout, original_sizes
 from common.modeling_dpq_4bit import QUANT_KEY
 from common.report.discover import config_dict, display_label, family, folder_status, pruning_fields
@@ -289,16 +289,17 @@ def measure_runner(runner, inputs: FolderInputs, settings: dict, reference, size
 
 
 def measure_pytorch(model, folder: Path, bits: int, inputs: FolderInputs, settings: dict, reference) -> dict:
-    """The PyTorch model as loaded, sized by its weight files."""
+    """The PyTorch model as loaded, sized by its weight files (and where their bytes are)."""
     return measure_runner(model, inputs, settings, reference, weight_bytes(folder), runtime="pytorch",
-                          precision="bnb 4-bit" if bits == 4 else "fp32", file="model*.safetensors")
+                          precision="bnb 4-bit" if bits == 4 else "fp32", file="model*.safetensors",
+                          size_by_part=weight_bytes_by_part(folder, model))
 
 
 def measure_onnx(folder: Path, artifact: str, path: Path, inputs: FolderInputs, settings: dict, reference) -> dict:
     """One ONNX export the folder ships (`artifact`, e.g. onnx_int8, at `path`), run in ONNX Runtime."""
     return measure_runner(OnnxClassifier(path, threads=torch.get_num_threads()), inputs, settings, reference,
                           path.stat().st_size, runtime="onnxruntime", precision=artifact.replace("onnx_", ""),
-                          file=str(path.relative_to(folder)))
+                          file=str(path.relative_to(folder)), size_by_part=onnx_bytes_by_part(path))
 
 
 def exported(folder, notes: list) -> dict:
