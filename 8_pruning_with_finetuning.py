@@ -29,7 +29,7 @@ import time
 
 from common.config import (LEARNING_RATE, ConfigError, Rule, apply_defaults, as_dict, at_least, check_constants,
                            constants, each, env_flag, env_preset, in_range, one_of, parse_overrides)
-from common.data import encoded_splits, split_loaders
+from common.data import encoded_splits, load_sst2_splits, split_loaders
 from common.distillation import kd_loss_fn, teacher_logits_for, with_joined_inputs
 from common.flops import SEQ_LEN, measure_encoder_gflops
 from common.modeling import check_loadable, load_model, load_tokenizer
@@ -41,6 +41,7 @@ from common.pruning.selection import FFN_FLOOR, ffn_granularity, reachable_spars
 from common.stage import (StageError, check_preset, logger, require_fresh, require_stage, run_main, set_seed,
                           setup_logging)
 from common.training import evaluate
+from common.vocab import select_vocabulary
 
 # -----------------------------------------------------------------------------
 PRESET = env_preset()
@@ -57,6 +58,8 @@ RECOVERY_KEEP = "best"     # "best" held-out check, or "last" step unless anothe
 TEMPERATURE = 2.0          # of the teacher's soft targets, as in 2_distill_student.py
 ALPHA = 0.5                # weight of the soft-target loss; 1 - ALPHA on the hard labels
 AUGMENT_PAIRS = 0          # extra inputs, each two training rows (5+ tokens) joined, labelled by the teacher; 0 = none
+VOCAB = "full"             # "train": keep only the training text's tokens, every character piece and VOCAB_EXTRA more
+VOCAB_EXTRA = 0            # with VOCAB="train", this many of the lowest other ids too (BERT's rough frequency order)
 BATCH_SIZE = 32
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
@@ -101,6 +104,8 @@ def rules(cfg) -> dict:
         "RECOVERY_LR": LEARNING_RATE,
         "RECOVERY_KEEP": one_of("best", "last"),
         "AUGMENT_PAIRS": at_least(0, "extra teacher-labelled inputs of two joined training rows, 0 = none"),
+        "VOCAB": one_of("full", "train"),
+        "VOCAB_EXTRA": at_least(0, "ids kept besides the training text's and the character pieces"),
         "FRONTIER_TARGETS": targets,
         "FRONTIER_METHODS": each(one_of(*PRUNING_BASES), distinct=True),
     }
@@ -149,6 +154,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(student_dir)
     data = encoded_splits(tokenizer, cfg.TRAIN_LIMIT, cfg.MAX_LENGTH)
     loaders = split_loaders(data, cfg.BATCH_SIZE, cfg.SEED, tokenizer.pad_token_id)
+    vocab = select_vocabulary(tokenizer, data["train"].input_ids, cfg.VOCAB_EXTRA) if cfg.VOCAB == "train" else None
     logits = teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
     if cfg.AUGMENT_PAIRS:
         data["train"], logits = with_joined_inputs(data, logits, teacher_dir, models_root() / "cache",
@@ -161,8 +167,9 @@ def main(argv=None):
     settings = PruneSettings(cfg.PRUNE_EPOCHS, cfg.PRUNE_STEPS, cfg.PRUNE_END_FRACTION, cfg.PRUNE_LR,
                              cfg.RECOVERY_EPOCHS, cfg.RECOVERY_LR, cfg.RECOVERY_KEEP, cfg.WEIGHT_DECAY,
                              cfg.WARMUP_RATIO, cfg.EVALS_PER_EPOCH)
+    rows = load_sst2_splits(train_limit=cfg.TRAIN_LIMIT or None)
     job = Job(settings, as_dict(cfg), data, kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA), tokenizer, student_dir,
-              teacher_dir, reference)
+              teacher_dir, reference, {split: rows[split] for split in ("heldout", "validation")}, vocab)
 
     started = time.time()
     results, summaries = {}, []

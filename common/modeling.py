@@ -35,6 +35,7 @@ from common.modeling_dpq import (LAYOUT_KEY, build_model, config_is_pruned, enco
 from common.modeling_dpq_4bit import QUANT_KEY, check_settings
 from common.quantization import load_quantized
 from common.stage import StageError, is_main_process, writer_script
+from common.vocab import check_vocabulary
 
 NUM_LABELS = 2
 ID2LABEL = {0: "negative", 1: "positive"}
@@ -102,7 +103,8 @@ def _unreadable(folder, err) -> UnreadableModel:
 def load_model(folder, device=None):
     """Load any model folder the pipeline writes (plain, pruned or 4-bit), in eval mode.
 
-    A folder that cannot be read raises UnreadableModel (one line: the folder and the script that writes it)."""
+    A folder that cannot be read raises UnreadableModel, one whose config, tokenizer and embeddings disagree on the
+    vocabulary VocabularyError (one line: the folder and the script that writes it)."""
     folder = Path(folder)
     try:
         model, config = _load(folder)
@@ -110,6 +112,8 @@ def load_model(folder, device=None):
         raise
     except _load_errors() as err:
         raise _unreadable(folder, err) from err
+    if (folder / "tokenizer.json").is_file():  # every folder the pipeline writes carries its tokenizer
+        check_vocabulary(folder)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -137,7 +141,8 @@ def check_loadable(folder) -> None:
     """What `load_model(folder)` needs, checked cheaply (no weights read), for stages to run before heavy work:
     config.json readable with 2 labels, every model*.safetensors complete (header and data span), the model
     skeleton buildable from the config (an impossible `dpq_layout` fails here), and for fp32 folders every weight
-    the skeleton has, saved with its shape. Raises UnreadableModel naming the folder and the script that writes it.
+    the skeleton has, saved with its shape; then the vocabulary (common.vocab.check_vocabulary). Raises
+    UnreadableModel or VocabularyError, one line naming the folder and the script that writes it.
     """
     folder = Path(folder)
     try:
@@ -146,6 +151,7 @@ def check_loadable(folder) -> None:
         raise
     except _load_errors() as err:
         raise _unreadable(folder, err) from err
+    check_vocabulary(folder)  # config, tokenizer and embedding rows agree (a pruned vocabulary above all)
 
 
 def _check_loadable(folder: Path) -> None:

@@ -418,7 +418,7 @@ def test_recovery_keeps_the_last_state_unless_another_is_significantly_better(ti
                              recovery_lr=1e-2, recovery_keep="last", weight_decay=0.0, warmup_ratio=0.0,
                              evals_per_epoch=2)
     job = Job(settings, constants={}, data={}, loss_fn=loss_fn, tokenizer=None, student_dir=None, teacher_dir=None,
-              reference={})
+              reference={}, rows={})
     torch.manual_seed(0)
     loaders = {"heldout": make_loader(data, 32)}
     out = recover(job, tiny_bert, loaders, make_loader(data, 8, shuffle=True, seed=1), 2, "test")

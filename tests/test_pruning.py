@@ -352,3 +352,36 @@ def test_a_folder_with_a_retired_layout_is_refused_naming_the_tag(tiny_bert, tmp
     with pytest.raises(ValueError, match="git tag screens-2026-12"):
         shrink_to_layout(tiny_bert, {"heads": [4, 4], "ffn": [64, 64], "head_size": [8, 4]})
 
+
+
+def test_stage_with_the_training_vocabulary_writes_a_smaller_folder_that_stage_9_serves(pipeline, workspace):
+    """VOCAB="train": the folder keeps the training text's ids (plus specials, character pieces, VOCAB_EXTRA more),
+    its tokenizer and embeddings agree, it is paired against the same model with the full vocabulary, and stage 9's
+    4-bit and ONNX forms of it run."""
+    import json
+
+    from common.modeling import load_tokenizer
+    from common.stage import read_metadata
+    from common.vocab import check_vocabulary
+    from conftest import VOCAB, run_script
+
+    pipeline("bert")
+    r = run_script(STAGE, "TARGET_SPARSITY=0.3", "VOCAB=train", "VOCAB_EXTRA=2", *FAST)
+    folder = workspace / "models" / "pruned_model"
+    vocab = r["vocabulary"]
+    kept = json.loads((folder / "kept_units.json").read_text())["vocab"]
+    assert vocab["original_size"] == len(VOCAB) and vocab["kept_size"] == len(kept) < len(VOCAB)
+    assert vocab["kept_by_reason"]["extra"] == 2 and kept == sorted(kept) and len(VOCAB) - 1 not in kept  # "noir"
+    assert check_vocabulary(folder) == len(kept) == len(load_tokenizer(folder))
+    assert load_model(folder).config.vocab_size == len(kept)
+    for split in ("validation", "heldout"):
+        versus = vocab[f"{split}_vs_full_vocabulary"]
+        assert 0 <= versus["mcnemar_p"] <= 1 and versus["accuracy_a"] == pytest.approx(
+            versus["accuracy_b"] + versus["diff_points"] / 100)
+    assert r["validation_accuracy"] == pytest.approx(vocab["validation_vs_full_vocabulary"]["accuracy_a"])
+    assert read_metadata(folder)["config"]["VOCAB"] == "train"
+    run_script("9_quantize_pruned_model.py", 'QUANTIZE=("pruned",)')
+    final = workspace / "models" / "pruned_quantized_final"
+    assert check_vocabulary(final) == len(kept) == len(load_tokenizer(final / "onnx"))  # the serving tokenizer
+    served = read_metadata(final)["results"]
+    assert served["onnx"]["artifacts"]["onnx_fp32"]["accuracy"] == pytest.approx(r["validation_accuracy"])

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.data import encode, make_loader
 from common.flops import FLOPS_CONVENTION, SEQ_LEN, measure_encoder_gflops, measure_gflops
 from common.modeling import count_parameters, load_model, save_and_reload
 from common.modeling_dpq import get_layout
@@ -18,6 +19,7 @@ from common.pruning.selection import kept_units
 from common.stage import json_dump, logger, set_seed, stage_output
 from common.stats import paired_comparison
 from common.training import correct_rows, evaluate, train
+from common.vocab import VocabSelection, prune_vocabulary, write_pruned_tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Job:
     student_dir: Path
     teacher_dir: Path
     reference: dict  # the student's validation accuracy and encoder GFLOPs, the teacher's validation accuracy
+    rows: dict  # the held-out and validation sentences, (sentence, label): a pruned vocabulary tokenizes them anew
+    vocab: VocabSelection | None = None  # VOCAB="train": the vocabulary every folder keeps; None: all of it
 
 
 def recovery_seed(seed: int, target: float) -> int:
@@ -128,18 +132,43 @@ def pruned_output(job: Job, folder, seed: int):
         yield out
 
 
+def _with_pruned_vocabulary(job: Job, model, loaders, out) -> tuple:
+    """(model copy with only the kept vocabulary, its tokenizer saved in the folder, its validation loader, record):
+    the copy is compared with `model` (full vocabulary) on the same held-out and validation sentences, paired."""
+    pruned, selection = copy.deepcopy(model), job.vocab
+    tokenizer = write_pruned_tokenizer(job.tokenizer, selection.kept, out.dir)
+    prune_vocabulary(pruned, job.tokenizer, selection.kept)
+    record, new_loaders = selection.record(), {}
+    for split in ("heldout", "validation"):
+        new_loaders[split] = make_loader(encode(tokenizer, job.rows[split]), 128, pad_id=tokenizer.pad_token_id)
+        versus = paired_comparison(correct_rows(pruned, new_loaders[split]).numpy(),
+                                   correct_rows(model, loaders[split]).numpy())
+        record[f"{split}_vs_full_vocabulary"] = {k: versus[k] for k in (
+            "accuracy_a", "accuracy_b", "diff_points", "ci_low_points", "ci_high_points", "only_a_right",
+            "only_b_right", "mcnemar_p")}
+    logger.info(f"vocabulary: {record['kept_size']:,} of {record['original_size']:,} ids kept; against the full "
+                f"vocabulary {record['validation_vs_full_vocabulary']['diff_points']:+.2f} points on validation, "
+                f"{record['heldout_vs_full_vocabulary']['diff_points']:+.2f} on held-out")
+    return pruned, tokenizer, new_loaders["validation"], record
+
+
 def finish(job: Job, loaders, model, out, target: float, start: dict, extra: dict) -> dict:
-    """Save `model` into the stage output, reload it from disk and measure it: the results every pruned folder
-    records (`extra` added). `target` is the folder's sparsity target: recorded here, the one place it is stored."""
-    reference = job.reference
-    reloaded = save_and_reload(model.cpu(), job.tokenizer, out.dir)
+    """Save `model` (with VOCAB="train", a copy keeping only `job.vocab`) into the stage output, reload it from disk
+    and measure it: the results every pruned folder records (`extra` added). `target` is the folder's sparsity
+    target: recorded here, the one place it is stored."""
+    reference, model, tokenizer, validation, vocab = (job.reference, model.cpu(), job.tokenizer, loaders["validation"],
+                                                      None)
     units = kept_units(model)
+    if job.vocab is not None:
+        model, tokenizer, validation, vocab = _with_pruned_vocabulary(job, model, loaders, out)
+        units["vocab"] = job.vocab.kept
+    reloaded = save_and_reload(model, tokenizer, out.dir)
     json_dump(units, out.dir / "kept_units.json")
     if get_layout(reloaded) != get_layout(model):
         raise RuntimeError(f"reloaded layout {get_layout(reloaded)} differs from the saved {get_layout(model)}")
     encoder_after = measure_encoder_gflops(reloaded, SEQ_LEN)
     sparsity = 1 - encoder_after / reference["encoder_gflops"]
-    accuracy = evaluate(reloaded, loaders["validation"])
+    accuracy = evaluate(reloaded, validation)
     drop = 100 * (reference["validation_accuracy"] - accuracy)
     logger.info(f"{out.final_dir.name}: validation accuracy (reloaded from disk) {accuracy:.4f} (student "
                 f"{reference['validation_accuracy']:.4f}, drop {drop:.2f} points); encoder GFLOPs "
@@ -153,7 +182,7 @@ def finish(job: Job, loaders, model, out, target: float, start: dict, extra: dic
             "kept_heads": units["heads"], "validation_accuracy": accuracy,
             "student_validation_accuracy": reference["validation_accuracy"],
             "teacher_validation_accuracy": reference["teacher_validation_accuracy"], "drop_points": round(drop, 3),
-            "preset": job.constants["PRESET"], "quick": job.constants["QUICK"],
+            "preset": job.constants["PRESET"], "quick": job.constants["QUICK"], "vocabulary": vocab,
             "model_class": type(reloaded).__name__, "train_sentences": len(job.data["train"]), **extra}
 
 
