@@ -354,7 +354,8 @@ def test_a_folder_with_a_retired_layout_is_refused_naming_the_tag(tiny_bert, tmp
 
 
 
-def test_stage_with_the_training_vocabulary_writes_a_smaller_folder_that_stage_9_serves(pipeline, workspace):
+def test_stage_with_the_training_vocabulary_writes_a_smaller_folder_that_stage_9_serves(pipeline, workspace,
+                                                                                        monkeypatch):
     """VOCAB="train": the folder keeps the training text's ids (plus specials, character pieces, VOCAB_EXTRA more),
     its tokenizer and embeddings agree, it is paired against the same model with the full vocabulary, and stage 9's
     4-bit and ONNX forms of it run."""
@@ -385,3 +386,7 @@ def test_stage_with_the_training_vocabulary_writes_a_smaller_folder_that_stage_9
     assert check_vocabulary(final) == len(kept) == len(load_tokenizer(final / "onnx"))  # the serving tokenizer
     served = read_metadata(final)["results"]
     assert served["onnx"]["artifacts"]["onnx_fp32"]["accuracy"] == pytest.approx(r["validation_accuracy"])
+    monkeypatch.setenv("REPORT_DIR", str(workspace / "report"))
+    report = run_script("7_evaluate_and_generate_report.py", "QUICK=True", "LATENCY_RUNS=2", "WARMUP_RUNS=1",
+                        "MAX_LENGTH=64", "FLOPS_SEQ_LEN=64", "THREADS=1", "MODELS=pruned_model")
+    assert report["models"]["pruned_model"]["vocabulary"] == vocab  # the report says what the vocabulary cost

@@ -144,10 +144,10 @@ def target_sparsity(name: str, folder: Path, meta: dict):
 
 
 def pruning_fields(name: str, folder: Path, meta: dict) -> dict:
-    """What a folder says about how it was made: seed, seed group, pruning method (ours "taylor" or the "magnitude"
-    baseline), target sparsity, stage-8 mode (single / sweep / frontier) and the frontier run it came from."""
+    """What a folder says about how it was made: seed, seed group, a pruned vocabulary (and its paired cost), pruning
+    method (ours "taylor" or the "magnitude" baseline), target sparsity, stage-8 mode and the frontier run."""
     results = meta.get("results", {})
-    out = {"seed": meta.get("seed"), "seed_group": seed_group(name),
+    out = {"seed": meta.get("seed"), "seed_group": seed_group(name), "vocabulary": results.get("vocabulary"),
            "pruning_method": (parse_pruned_name(name) or {}).get("method") or results.get("method"),
            "target_sparsity": target_sparsity(name, folder, meta)}
     if results.get("mode"):

@@ -47,7 +47,9 @@ def model_table(report: dict, batch_keys) -> list:
     for name, r in report["models"].items():
         notes = ([r["gflops_source"]] if r["bits"] == 4 else []) + (["STALE (upstream rebuilt)"] if r.get("stale")
                                                                     else [])
-        notes += [] if r.get("complete", True) else ["INCOMPLETE (no metadata.json)"]
+        notes += ([] if r.get("complete", True) else ["INCOMPLETE (no metadata.json)"]) + ([
+            f"vocabulary {v['kept_size']:,} of {v['original_size']:,} ids: {_versus(v['validation_vs_full_vocabulary'])}"
+            " vs the full one"] if (v := r.get("vocabulary")) else [])
         low, high = (100 * v for v in r["accuracy_ci"])
         rows.append([f"`{name}`" + (f": {r['label']}" if r["label"] != name else ""), str(r["bits"]),
                      f"{r['accuracy'] * 100:.2f}", f"[{low:.1f}, {high:.1f}]"]
@@ -96,8 +98,7 @@ def _versus_rival(row: dict) -> str:
             f"{several['largest_seed_sd_points']:.2f}: {verdict}")
 
 
-def _more_seeds(n_seeds: int) -> str:
-    """' (+2 seeds)' after a seed group's first model; '' for one seed."""
+def _more_seeds(n_seeds: int) -> str:  # ' (+2 seeds)' after a seed group's first model; '' for one seed
     return f" (+{n_seeds - 1} seed{'s' if n_seeds > 2 else ''})" if n_seeds > 1 else ""
 
 
