@@ -45,11 +45,11 @@ def model_table(report: dict, batch_keys) -> list:
     """One row per model: accuracy, GFLOPs, size, latency, what is kept, and notes."""
     files, rows = report.get("eval_files", []), []
     for name, r in report["models"].items():
-        notes = ([r["gflops_source"]] if r["bits"] == 4 else []) + (["STALE (upstream rebuilt)"] if r.get("stale")
-                                                                    else [])
-        notes += ([] if r.get("complete", True) else ["INCOMPLETE (no metadata.json)"]) + ([
-            f"vocabulary {v['kept_size']:,} of {v['original_size']:,} ids: {_versus(v['validation_vs_full_vocabulary'])}"
-            " vs the full one"] if (v := r.get("vocabulary")) else [])
+        vocab, notes = r.get("vocabulary"), [r["gflops_source"]] if r["bits"] == 4 else []
+        notes += ["STALE (upstream rebuilt)"] if r.get("stale") else []
+        notes += [] if r.get("complete", True) else ["INCOMPLETE (no metadata.json)"]
+        notes += [f"vocabulary {vocab['kept_size']:,} of {vocab['original_size']:,} ids: "
+                  f"{_versus(vocab['validation_vs_full_vocabulary'])} vs the full one"] if vocab else []
         low, high = (100 * v for v in r["accuracy_ci"])
         rows.append([f"`{name}`" + (f": {r['label']}" if r["label"] != name else ""), str(r["bits"]),
                      f"{r['accuracy'] * 100:.2f}", f"[{low:.1f}, {high:.1f}]"]
