@@ -8,10 +8,12 @@ batch at run time, integer matmuls) is the fastest form measured on AVX2 CPUs (s
 What is written (`export_folder`), inside a model folder under `onnx/`:
   model.onnx         fp32 graph of the PyTorch model (legacy TorchScript exporter, opset 18: it exports pruned
                      models with uneven heads and layers that kept no head; outputs equal PyTorch to ~1e-6)
-  model_int8.onnx    ONNX Runtime dynamic quantization (`quantize_dynamic`, signed int8 weights per channel; the word
-                     embeddings (Gather) become int8 too; LayerNorms, softmax and the classifier bias stay fp32)
-  model_int4.onnx    optional: ONNX Runtime weight-only 4-bit (`MatMulNBits`, symmetric, one scale per 32 weights);
-                     embeddings stay fp32, activations fp32
+  model_int8.onnx    ONNX Runtime dynamic quantization (`quantize_dynamic`, signed int8 weights per channel); the
+                     embedding tables (Gather) in `embedding_bits`: 8 (int8, `quantize_dynamic`), 4 (ONNX Runtime's
+                     `GatherBlockQuantized`: 4-bit rows, one scale and zero point per `EMBEDDING_BLOCK` values) or 32
+                     (left fp32); LayerNorms, softmax and the classifier bias stay fp32
+  model_int4.onnx    optional: ONNX Runtime weight-only 4-bit, every weight: MatMuls as `MatMulNBits` (symmetric, one
+                     scale per 32 weights), embedding tables as `GatherBlockQuantized` (as above); activations fp32
   tokenizer files, config.json (labels), and export.json: the files, the inputs, the opset, library versions,
                      and the checks below (also recorded in the stage's metadata.json).
 
@@ -47,6 +49,8 @@ OPSET = 18
 INPUTS = ("input_ids", "attention_mask")
 FP32_TOLERANCE = 1e-3  # max |logit difference| of the fp32 export against PyTorch (seen: ~1e-6)
 INT4_BLOCK = 32
+EMBEDDING_BLOCK = 128  # 4-bit embedding values per scale (ONNX Runtime's default): 4.3 bits a value
+EMBEDDING_BITS = (8, 4, 32)
 
 
 class ExportError(RuntimeError):
@@ -107,31 +111,46 @@ def empty_weight_nodes(path) -> list:
     return [node.name for node in graph.node if empty.intersection(node.input)]
 
 
-def quantize_int8(src, dst) -> None:
+def quantize_int8(src, dst, embedding_bits: int = 8) -> None:
     """ONNX Runtime dynamic quantization: int8 weights with one scale per output channel (per tensor, the 20%-pruned
     MiniLM agreed with its fp32 source on 96.8% of the validation predictions, per channel on 98.7%, at the same
-    speed), activations quantized per batch at run time."""
+    speed), activations quantized per batch at run time; the embedding tables in `embedding_bits` (8, 4, 32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic  # in the body: slow to import, only needed here
 
+    if embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"embedding_bits {embedding_bits!r}: use one of {EMBEDDING_BITS}")
     _quiet_onnxruntime()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a generic "consider pre-processing" hint on the root logger
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gather"] if embedding_bits == 8 else ["MatMul"],
                          nodes_to_exclude=empty_weight_nodes(src))
     finally:
         root.setLevel(level)
+    if embedding_bits == 4:
+        _weight_only_4bit(dst, dst, ("Gather",), EMBEDDING_BLOCK)
 
 
 def quantize_int4(src, dst, block_size: int = INT4_BLOCK) -> None:
-    """ONNX Runtime weight-only 4-bit: every MatMul weight as `MatMulNBits`, one fp32 scale per block."""
+    """ONNX Runtime weight-only 4-bit: every MatMul weight as `MatMulNBits` (one fp32 scale per `block_size`), every
+    embedding table as `GatherBlockQuantized` (one scale and zero point per `EMBEDDING_BLOCK` values)."""
+    _weight_only_4bit(src, dst, ("MatMul",), block_size, symmetric=True)
+    _weight_only_4bit(dst, dst, ("Gather",), EMBEDDING_BLOCK)
+
+
+def _weight_only_4bit(src, dst, op_types: tuple, block_size: int, symmetric: bool = False) -> None:
+    """The weights that `op_types` nodes read from initializers, in 4 bits (ONNX Runtime's MatMulNBitsQuantizer:
+    MatMul -> MatMulNBits, Gather over axis 1, i.e. each row in blocks -> GatherBlockQuantized)."""
     import onnx  # in the body: slow to import, only needed here
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     _quiet_onnxruntime()
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=True)
-    quantizer.process()
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=symmetric,
+                                     op_types_to_quantize=op_types)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a block of equal values has scale 0: stored as zero point
+        quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
@@ -211,9 +230,10 @@ def check_artifact(kind: str, path, reference_logits: torch.Tensor, labels: torc
 
 
 def export_folder(model, tokenizer, folder, kinds, *, reference_logits, labels, loader, min_agreement: float,
-                  threads: int = 0, log=print) -> dict:
+                  embedding_bits: int = 8, threads: int = 0, log=print) -> dict:
     """Write `folder/onnx/` for a CPU PyTorch model: every kind in `kinds` ("fp32" is always made: the others
-    are quantized from it), each checked against `reference_logits` (the PyTorch model's logits on `loader`).
+    are quantized from it; the int8 export's embedding tables in `embedding_bits`), each checked against
+    `reference_logits` (the PyTorch model's logits on `loader`).
     Returns the record stored in export.json and metadata.json; raises ExportError when the fp32 export does
     not match its source (nothing is left behind then)."""
     unknown = [k for k in kinds if k not in KINDS]
@@ -224,7 +244,8 @@ def export_folder(model, tokenizer, folder, kinds, *, reference_logits, labels, 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     record = {"opset": OPSET, "inputs": list(INPUTS), "outputs": ["logits"], "versions": _versions(),
-              "fp32_tolerance": FP32_TOLERANCE, "min_agreement": min_agreement, "artifacts": {}, "rejected": {}}
+              "fp32_tolerance": FP32_TOLERANCE, "min_agreement": min_agreement, "embedding_bits": embedding_bits,
+              "artifacts": {}, "rejected": {}}
     try:
         export_fp32(model, out / FILES["fp32"])
         checked = {"fp32": check_artifact("fp32", out / FILES["fp32"], reference_logits, labels, loader, threads)}
@@ -235,7 +256,10 @@ def export_folder(model, tokenizer, folder, kinds, *, reference_logits, labels, 
             if kind == "fp32":
                 continue
             path = out / FILES[kind]
-            (quantize_int8 if kind == "int8" else quantize_int4)(out / FILES["fp32"], path)
+            if kind == "int8":
+                quantize_int8(out / FILES["fp32"], path, embedding_bits)
+            else:
+                quantize_int4(out / FILES["fp32"], path)
             result = check_artifact(kind, path, reference_logits, labels, loader, threads)
             if result["prediction_agreement"] < min_agreement:
                 path.unlink()
@@ -298,7 +322,8 @@ def onnx_bytes_by_part(path) -> dict:
         names = " ".join(readers.get(init.name, []))
         part = ("embeddings" if "/embeddings/" in names else
                 "encoder" if "/encoder/" in names or "/transformer/" in names else "rest")
-        out[part] += numpy_helper.to_array(init).nbytes
+        # the stored bytes: 4-bit tensors are packed two values a byte, but unpacked by numpy_helper.to_array
+        out[part] += len(init.raw_data) if init.HasField("raw_data") else numpy_helper.to_array(init).nbytes
     return out
 
 

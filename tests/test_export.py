@@ -84,6 +84,42 @@ def test_export_folder_checks_int8_and_int4_against_the_source(models, kind, tok
         logits = export.onnx_predict_logits(export.OnnxClassifier(onnx_dir / result["file"]), loader)
         assert (logits.argmax(-1) == loader.dataset.labels).float().mean().item() == pytest.approx(result["accuracy"])
     assert export.exported_artifacts(tmp_path) == {n: onnx_dir / r["file"] for n, r in record["artifacts"].items()}
+    assert record["embedding_bits"] == 8
+
+
+def _embedding_storage(path) -> dict:
+    """{op type of the node that reads the word-embedding table: dtype of that table} of an ONNX file."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized") and "word_embeddings" in node.name:
+            table = inits.get(node.input[0])
+            if table is not None:
+                out[node.op_type] = onnx.helper.tensor_dtype_to_np_dtype(table.data_type).name
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_embedding_bits_set_how_the_int8_export_stores_the_embeddings(models, kind, tmp_path):
+    model = models[kind, True]
+    export.export_fp32(model, tmp_path / "model.onnx")
+    sizes, embedding_bytes = {}, {}
+    for bits, storage in ((8, {"Gather": "uint8"}), (4, {"GatherBlockQuantized": "uint4"}),
+                          (32, {"Gather": "float32"})):
+        path = tmp_path / f"model_int8_e{bits}.onnx"
+        export.quantize_int8(tmp_path / "model.onnx", path, embedding_bits=bits)
+        assert _embedding_storage(path) == storage
+        sizes[bits], embedding_bytes[bits] = path.stat().st_size, export.onnx_bytes_by_part(path)["embeddings"]
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert embedding_bytes[32] > embedding_bytes[8] > embedding_bytes[4] >= vocab * hidden // 2
+    assert sizes[32] > sizes[8] > sizes[4]
+    export.quantize_int4(tmp_path / "model.onnx", tmp_path / "model_int4.onnx")
+    assert _embedding_storage(tmp_path / "model_int4.onnx") == {"GatherBlockQuantized": "uint4"}
+    with pytest.raises(ValueError, match="embedding_bits 6"):
+        export.quantize_int8(tmp_path / "model.onnx", tmp_path / "x.onnx", embedding_bits=6)
 
 
 def test_exports_that_do_not_match_are_not_kept(models, tokenizer_dir, tmp_path, monkeypatch):
