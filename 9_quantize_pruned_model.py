@@ -49,14 +49,13 @@ QUANT_TYPE = "nf4"         # "nf4" (4-bit NormalFloat, QLoRA) | "fp4"
 DOUBLE_QUANT = False       # also quantize the per-block absmax to 8 bits (QLoRA's double quantization)
 BLOCKSIZE = 32             # weights per absmax; 32 | 64 | 128 | 256. 32: the 50%-pruned MiniLM kept 98.6% of its
                            # fp32 predictions (max logit error 1.3) vs 93.1% (4.1) at 64, for +1% size
-EMBEDDING_BITS = 8         # embeddings of the 4-bit folder and the ONNX int8 export: 8 (int8 rows), 4 (4-bit blocks:
-                           # QUANT_TYPE in the folder, ONNX Runtime's GatherBlockQuantized in ONNX), 32 (left fp32)
+EMBEDDING_BITS = 8         # word embeddings: 8 (int8 rows), 4 (QUANT_TYPE, blockwise), 32 (left fp32)
 QUANTIZE_HEAD = True       # BERT pooler dense / DistilBERT pre_classifier in 4-bit too (the classifier stays fp32)
 COMPUTE_DTYPE = "auto"     # matmuls of the 4-bit layers (weights dequantized to it on the fly): float32 | bfloat16 |
                            # auto = bfloat16 where the device has native bf16 matmuls (AVX512-BF16 CPU, GPU)
 DEVICE = "auto"            # where to quantize and evaluate: auto (cuda if available) | cpu | cuda
 ONNX = ("fp32", "int8")   # CPU serving artifacts of each source, written to <folder>/onnx/: fp32 (ONNX Runtime),
-                           # int8 (ONNX Runtime dynamic quantization), int4 (every weight 4-bit, weight-only); () = none
+                           # int8 (ONNX Runtime dynamic quantization), int4 (every weight 4-bit: smallest, slower); () = none
 ONNX_MIN_AGREEMENT = 0.97  # an int8/int4 export agreeing with its fp32 source on fewer validation predictions is
                            # removed (and the reason recorded); the fp32 export must match to 1e-3 in the logits
 EVAL_BATCH_SIZE = 128
@@ -223,8 +222,7 @@ def export_onnx(cfg, source, tokenizer, loader, fp32_logits, folder) -> dict:
     try:
         return export.export_folder(model, tokenizer, folder, cfg.ONNX, reference_logits=fp32_logits,
                                     labels=loader.dataset.labels, loader=loader,
-                                    min_agreement=cfg.ONNX_MIN_AGREEMENT, embedding_bits=cfg.EMBEDDING_BITS,
-                                    log=logger.info)
+                                    min_agreement=cfg.ONNX_MIN_AGREEMENT, log=logger.info)
     except export.ExportError as err:
         logger.warning(f"WARNING: no ONNX export for {source.name}: {err}")
         return {"error": str(err), "artifacts": {}}

@@ -84,7 +84,6 @@ def test_export_folder_checks_int8_and_int4_against_the_source(models, kind, tok
         logits = export.onnx_predict_logits(export.OnnxClassifier(onnx_dir / result["file"]), loader)
         assert (logits.argmax(-1) == loader.dataset.labels).float().mean().item() == pytest.approx(result["accuracy"])
     assert export.exported_artifacts(tmp_path) == {n: onnx_dir / r["file"] for n, r in record["artifacts"].items()}
-    assert record["embedding_bits"] == 8
 
 
 def _embedding_storage(path) -> dict:
@@ -103,23 +102,21 @@ def _embedding_storage(path) -> dict:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_embedding_bits_set_how_the_int8_export_stores_the_embeddings(models, kind, tmp_path):
+def test_int4_export_holds_the_embedding_tables_in_4_bits(models, kind, tmp_path):
     model = models[kind, True]
     export.export_fp32(model, tmp_path / "model.onnx")
-    sizes, embedding_bytes = {}, {}
-    for bits, storage in ((8, {"Gather": "uint8"}), (4, {"GatherBlockQuantized": "uint4"}),
-                          (32, {"Gather": "float32"})):
-        path = tmp_path / f"model_int8_e{bits}.onnx"
-        export.quantize_int8(tmp_path / "model.onnx", path, embedding_bits=bits)
-        assert _embedding_storage(path) == storage
-        sizes[bits], embedding_bytes[bits] = path.stat().st_size, export.onnx_bytes_by_part(path)["embeddings"]
-    vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    assert embedding_bytes[32] > embedding_bytes[8] > embedding_bytes[4] >= vocab * hidden // 2
-    assert sizes[32] > sizes[8] > sizes[4]
+    export.quantize_int8(tmp_path / "model.onnx", tmp_path / "model_int8.onnx")
     export.quantize_int4(tmp_path / "model.onnx", tmp_path / "model_int4.onnx")
+    assert _embedding_storage(tmp_path / "model.onnx") == {"Gather": "float32"}
+    assert _embedding_storage(tmp_path / "model_int8.onnx") == {"Gather": "uint8"}
     assert _embedding_storage(tmp_path / "model_int4.onnx") == {"GatherBlockQuantized": "uint4"}
-    with pytest.raises(ValueError, match="embedding_bits 6"):
-        export.quantize_int8(tmp_path / "model.onnx", tmp_path / "x.onnx", embedding_bits=6)
+    parts = {name: export.onnx_bytes_by_part(tmp_path / f"{name}.onnx") for name in ("model", "model_int8", "model_int4")}
+    rows = model.config.vocab_size + model.config.max_position_embeddings
+    # stored bytes: 4 per fp32 value, 1 per int8 value (+ scales), half a byte per 4-bit value (+ scales)
+    assert parts["model"]["embeddings"] >= 4 * rows * model.config.hidden_size
+    assert parts["model"]["embeddings"] > parts["model_int8"]["embeddings"] > parts["model_int4"]["embeddings"]
+    assert parts["model_int4"]["embeddings"] < 0.75 * rows * model.config.hidden_size
+    assert parts["model_int4"]["encoder"] < parts["model_int8"]["encoder"]
 
 
 def test_exports_that_do_not_match_are_not_kept(models, tokenizer_dir, tmp_path, monkeypatch):
