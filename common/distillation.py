@@ -4,8 +4,12 @@
   (DistilBERT took every other layer of BERT), copying embeddings, those layers, pooler and classifier, and checks
   the copy.
 - `kd_loss`: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * cross-entropy.
-- `with_joined_inputs`: the training set plus longer inputs made of two training rows joined end to end, labelled by
-  the teacher (stage 8: AUGMENT_PAIRS).
+- `kd_loss_fn` with an `IntermediateDistillation` adds TinyBERT's task-distillation terms (stage 2:
+  INTERMEDIATE_WEIGHT): each student layer's hidden states and attention probabilities against those of the teacher
+  layer it maps to (`intermediate_layer_map`), the teacher running live on every batch with eager attention.
+- `with_teacher_labels`: the training set plus extra inputs labelled by the teacher (its logits, cached; its argmax
+  as the hard label): `with_joined_inputs` (two training rows joined end to end, stage 8: AUGMENT_PAIRS) and
+  `common.augment.with_word_replacements` (stage 2: AUGMENT_COPIES).
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
   tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
@@ -15,16 +19,19 @@
 import hashlib
 import json
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common.config import ConfigError
 from common.data import concatenated_pairs, joined, make_loader, model_inputs
 from common.modeling import load_model
 from common.modeling_dpq import config_sizes, family_of
 from common.stage import is_main_process, logger
-from common.training import make_accelerator, predict_logits
+from common.training import make_accelerator, model_device, predict_logits
 
 
 def student_from_teacher_layers(teacher, layers):
@@ -67,15 +74,92 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, al
     return soft
 
 
-def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float):
-    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]."""
+def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float,
+               intermediate: "IntermediateDistillation | None" = None):
+    """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]; with
+    `intermediate`, plus its weighted hidden-state and attention terms (the teacher runs on the batch)."""
 
     def loss_fn(model, batch):
-        logits = model(**model_inputs(batch)).logits
+        if intermediate is None:
+            logits = model(**model_inputs(batch)).logits
+        else:
+            out = model(**model_inputs(batch), output_hidden_states=True, output_attentions=True)
+            logits = out.logits
         target = teacher_logits[batch["idx"].cpu()].to(logits.device)
-        return kd_loss(logits, target, batch["labels"], temperature, alpha)
+        loss = kd_loss(logits, target, batch["labels"], temperature, alpha)
+        return loss if intermediate is None else loss + intermediate.loss(out, model_inputs(batch))
 
     return loss_fn
+
+
+def intermediate_layer_map(student, teacher) -> list:
+    """Student layer i <- teacher layer map[i]: the teacher layers a student of `student_from_teacher_layers` was
+    built from (config.dpq_student_layers, the minilm preset's (0, 2, 4)); otherwise evenly spaced, ending at the
+    teacher's last layer ((i + 1) * n_teacher // n_student - 1: 6 of 12 layers -> 1, 3, ..., 11, the bert preset).
+    Hidden size and heads must match the teacher's (both presets do: 384/12 and 768/12): no learned projection."""
+    student_sizes, teacher_sizes = config_sizes(student.config), config_sizes(teacher.config)
+    for key in ("hidden", "heads"):
+        if student_sizes[key] != teacher_sizes[key]:
+            raise ConfigError(f"intermediate-layer distillation needs the student's {key} ({student_sizes[key]}) to "
+                             f"equal the teacher's ({teacher_sizes[key]}); set INTERMEDIATE_WEIGHT=0")
+    n_student, n_teacher = student_sizes["layers"], teacher_sizes["layers"]
+    layers = getattr(student.config, "dpq_student_layers", None)
+    layers = list(layers) if layers else [(i + 1) * n_teacher // n_student - 1 for i in range(n_student)]
+    if len(layers) != n_student or not all(0 <= j < n_teacher for j in layers):
+        raise ValueError(f"teacher layers {layers} for a {n_student}-layer student of a {n_teacher}-layer teacher")
+    return layers
+
+
+def intermediate_loss(student_out, teacher_out, layer_map, attention_mask) -> torch.Tensor:
+    """Sum over student layers i, against teacher layer layer_map[i], of the MSE between their hidden states (over
+    non-pad tokens) plus the MSE between their attention probabilities (over the rows of non-pad tokens; pad
+    columns are 0 in both). MSE rather than KL for the attention maps: TinyBERT's loss, on the probabilities
+    transformers returns (not the raw scores); in training they carry the student's attention dropout. Both
+    outputs need output_hidden_states and output_attentions (eager attention: `eager_attention`)."""
+    if not student_out.attentions or not teacher_out.attentions:
+        raise ValueError("no attention maps in the model outputs: run both models with eager attention")
+    mask = attention_mask.to(student_out.hidden_states[0].dtype).unsqueeze(-1)  # [batch, tokens, 1]
+    tokens = mask.sum()
+    total = 0.0
+    for i, j in enumerate(layer_map):
+        student_hidden, teacher_hidden = student_out.hidden_states[i + 1], teacher_out.hidden_states[j + 1]
+        total = total + ((student_hidden - teacher_hidden) ** 2 * mask).sum() / (tokens * student_hidden.shape[-1])
+        student_attn, teacher_attn = student_out.attentions[i], teacher_out.attentions[j]  # [batch, heads, T, T]
+        per_row = student_attn.shape[1] * student_attn.shape[-1]
+        total = total + ((student_attn - teacher_attn) ** 2 * mask.unsqueeze(1)).sum() / (tokens * per_row)
+    return total
+
+
+@dataclass
+class IntermediateDistillation:
+    """`weight` * `intermediate_loss` against `teacher` (in eval mode, no gradient), run on each training batch."""
+
+    teacher: torch.nn.Module
+    layer_map: list
+    weight: float
+
+    def loss(self, student_out, inputs: dict) -> torch.Tensor:
+        device = student_out.logits.device
+        if model_device(self.teacher) != device:
+            self.teacher.to(device)
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs, output_hidden_states=True, output_attentions=True)
+        return self.weight * intermediate_loss(student_out, teacher_out, self.layer_map, inputs["attention_mask"])
+
+
+@contextmanager
+def eager_attention(*models):
+    """Eager attention in `models` for the block (sdpa returns no attention maps in transformers 5), their own
+    implementation back afterwards (it is not saved in config.json either way)."""
+    before = [model.config._attn_implementation for model in models]
+    for model in models:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for model, implementation in zip(models, before):
+            model.set_attn_implementation(implementation)
 
 
 def folder_fingerprint(folder) -> str:
@@ -141,16 +225,27 @@ def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokeniz
     return logits
 
 
-def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int) -> tuple:
-    """(training set + `n` joined pairs of training rows, the teacher logits of both): the pairs
-    (`common.data.concatenated_pairs`, drawn with `seed`, the same for every training seed) are labelled by the
-    teacher, its argmax as the hard label, their logits cached like the training set's. `data` is
-    `encoded_splits(...)`, `logits` the teacher's on `data["train"]`."""
-    extra = concatenated_pairs(data["train"], n, seed, max_length)
-    key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=seed)
+def with_teacher_labels(data: dict, logits, extra, teacher_folder, cache_dir, augment: dict, what: str) -> tuple:
+    """(training set + the rows of `extra`, the teacher logits of both): `extra` is labelled by the teacher, its
+    argmax as the hard label, its logits cached like the training set's under a key that adds `augment` (what made
+    `extra`: kind, settings, seed) to the tokenization settings. `data` is `encoded_splits(...)`, `logits` the
+    teacher's on `data["train"]`."""
+    if not len(extra):
+        logger.info(f"training set: {len(data['train'])} rows, no {what} to add")
+        return data["train"], logits
+    key = dict(data["tokenization"], **augment)
     extra_logits = teacher_logits_for(teacher_folder, extra, cache_dir, tokenization=key)
     extra.labels = extra_logits.argmax(-1)
-    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} joined pairs, labelled by the teacher "
+    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} {what}, labelled by the teacher "
                 f"(median {sorted(extra.lengths)[len(extra) // 2]} tokens; {100 * extra.labels.float().mean():.1f}% "
                 f"positive)")
     return joined(data["train"], extra), torch.cat([logits, extra_logits])
+
+
+def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int) -> tuple:
+    """(training set + `n` joined pairs of training rows, the teacher logits of both): the pairs
+    (`common.data.concatenated_pairs`, drawn with `seed`, the same for every training seed) are labelled by the
+    teacher (`with_teacher_labels`)."""
+    extra = concatenated_pairs(data["train"], n, seed, max_length)
+    return with_teacher_labels(data, logits, extra, teacher_folder, cache_dir,
+                               {"augment": "concatenated_pairs", "augment_seed": seed}, "joined pairs")
