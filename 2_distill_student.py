@@ -11,6 +11,8 @@ Writes  models/student_model/            (DISTILL=True, the default)
 Student: for `minilm`, a BERT with every other teacher layer (0, 2, 4) plus the teacher's embeddings,
 pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`, distilbert-base-uncased.
 Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy. The best held-out state is kept.
+Options, off by default (TinyBERT's): AUGMENT_COPIES word-replaced copies of each sentence, teacher-labelled
+(common/augment.py); INTERMEDIATE_WEIGHT, hidden + attention MSE to mapped teacher layers (common/distillation.py).
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
@@ -22,11 +24,14 @@ Override any constant below as KEY=VALUE.
 
 import json
 import sys
+from contextlib import nullcontext
 
+from common.augment import AugmentSettings, with_word_replacements
 from common.config import (ConfigError, apply_defaults, as_dict, at_least, check_constants, constants, each, env_flag,
-                           env_preset, parse_overrides)
+                           env_preset, in_range, parse_overrides)
 from common.data import encoded_splits, split_loaders
-from common.distillation import kd_loss_fn, student_from_teacher_layers, teacher_logits_for
+from common.distillation import (IntermediateDistillation, eager_attention, intermediate_layer_map, kd_loss_fn,
+                                 student_from_teacher_layers, teacher_logits_for)
 from common.modeling import check_loadable, count_parameters, load_model, load_tokenizer, save_and_reload
 from common.modeling_dpq import config_sizes
 from common.paths import models_root, seeded_stage_dir, stage_dir
@@ -52,11 +57,20 @@ TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
 SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
                                # others -> student_model_seed43, ...; () = only SEED
+AUGMENT_COPIES = 0             # word-replaced copies of each training sentence, teacher-labelled (seed SEED); 0 = off
+AUGMENT_PROB = 0.4             # chance that each whole word of a copy is replaced
+AUGMENT_NEIGHBOURS = 15        # ... by one of its this many nearest words in the teacher's word embeddings
+INTERMEDIATE_WEIGHT = 0.0      # weight of hidden-state + attention MSE to mapped teacher layers; 0 = off. Costs a
+                               # live teacher forward per step, eager attention in both: roughly 1.5-2x step time
 # -----------------------------------------------------------------------------
 DEFAULTS_FOR = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2},  # by situation (common.config.apply_defaults)
                 "quick": {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}}
 _RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, SEEDS, ...)
     "STUDENT_LAYERS": each(at_least(0, "teacher layer indices"), distinct=True),
+    "AUGMENT_COPIES": at_least(0, "word-replaced copies of each training sentence, 0 = none"),
+    "AUGMENT_PROB": in_range(0, 1, low_open=True, what="chance that a word is replaced, e.g. 0.4"),
+    "AUGMENT_NEIGHBOURS": at_least(1, "nearest words a replacement is drawn from, e.g. 15"),
+    "INTERMEDIATE_WEIGHT": at_least(0.0, "weight of the intermediate-layer loss, 0 = off"),
 }
 
 
@@ -94,6 +108,9 @@ def main(argv=None):
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_defaults(cfg, DEFAULTS_FOR)
     check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
+    if not cfg.DISTILL and (cfg.AUGMENT_COPIES or cfg.INTERMEDIATE_WEIGHT):
+        raise ConfigError("AUGMENT_COPIES and INTERMEDIATE_WEIGHT distil from the teacher: leave them 0 with "
+                          "DISTILL=False")
     teacher_dir = stage_dir("teacher")
     teacher_meta = check_inputs(cfg, teacher_dir)
     seeds = list(cfg.SEEDS) or [cfg.SEED]
@@ -103,6 +120,13 @@ def main(argv=None):
     teacher = load_model(teacher_dir)
     logits = (teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
               if cfg.DISTILL else None)
+    train_sentences, augmentation = len(data["train"]), None
+    if cfg.AUGMENT_COPIES:  # one augmented set, drawn with SEED, for every student seed
+        settings = AugmentSettings(cfg.AUGMENT_COPIES, cfg.AUGMENT_PROB, cfg.AUGMENT_NEIGHBOURS, cfg.SEED)
+        data["train"], logits, augmentation = with_word_replacements(data, logits, teacher, tokenizer, teacher_dir,
+                                                                     models_root() / "cache", settings)
+    data["record"] = {"train_sentences": train_sentences, "augmented_rows": len(data["train"]) - train_sentences,
+                      "augmentation": augmentation}
     results = {}
     for seed in seeds:  # seed SEED -> student_model (today's name), others -> student_model_seed43, ...
         folder = seeded_stage_dir("student" if cfg.DISTILL else "student_nodistill", seed, cfg.SEED)
@@ -119,7 +143,9 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
     logger.info(f"student: {type(student).__name__}, {count_parameters(student):,} parameters "
                 f"(teacher {count_parameters(teacher):,}), seed {seed}")
 
-    loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA) if cfg.DISTILL else None
+    intermediate = (IntermediateDistillation(teacher, intermediate_layer_map(student, teacher), cfg.INTERMEDIATE_WEIGHT)
+                    if cfg.INTERMEDIATE_WEIGHT else None)
+    loss_fn = kd_loss_fn(logits, cfg.TEMPERATURE, cfg.ALPHA, intermediate) if cfg.DISTILL else None
     stage = "student" if cfg.DISTILL else "student_nodistill"
     with stage_output(folder, stage, as_dict(cfg), seed) as out:
         out.add_upstream(teacher_dir, "teacher")
@@ -127,9 +153,10 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
             out.add_upstream(stage_dir("pretrained_student"), "pretrained_student")
         out.add_data()
         kwargs = {"loss_fn": loss_fn} if loss_fn else {}
-        result = train(student, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
-                       weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
-                       evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=folder.name, **kwargs)
+        with eager_attention(student, teacher) if intermediate else nullcontext():
+            result = train(student, loaders["train"], loaders["heldout"], epochs=cfg.EPOCHS, lr=cfg.LR,
+                           weight_decay=cfg.WEIGHT_DECAY, warmup_ratio=cfg.WARMUP_RATIO,
+                           evals_per_epoch=cfg.EVALS_PER_EPOCH, desc=folder.name, **kwargs)
         reloaded = save_and_reload(student.cpu(), tokenizer, out.dir)
         accuracy = evaluate(reloaded, loaders["validation"])
         teacher_accuracy = teacher_meta["results"]["validation_accuracy"]
@@ -142,7 +169,8 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
                        "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
                        "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
                        "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None,
-                       "seed": seed, "train_sentences": len(data["train"])}
+                       "seed": seed, **data["record"],
+                       "intermediate_layer_map": intermediate.layer_map if intermediate else None}
     return out.results
 
 
