@@ -11,8 +11,8 @@ Writes  models/student_model/            (DISTILL=True, the default)
 Student: for `minilm`, a BERT with every other teacher layer (0, 2, 4) plus the teacher's embeddings,
 pooler and classifier, the way DistilBERT was initialised from BERT; for `bert`, distilbert-base-uncased.
 Loss: alpha * T^2 * KL(teacher soft targets) + (1 - alpha) * cross-entropy. The best held-out state is kept.
-Options, off by default (TinyBERT's): AUGMENT_COPIES word-replaced copies of each sentence, teacher-labelled
-(common/augment.py); INTERMEDIATE_WEIGHT, hidden + attention MSE to mapped teacher layers (common/distillation.py).
+Option, off by default (TinyBERT's): INTERMEDIATE_WEIGHT, hidden + attention MSE to mapped teacher layers
+(common/distillation.py).
 
 Run:    python 2_distill_student.py
 Quick:  QUICK=1 python 2_distill_student.py
@@ -26,9 +26,8 @@ import json
 import sys
 from contextlib import nullcontext
 
-from common.augment import AugmentSettings, with_word_replacements
 from common.config import (ConfigError, apply_defaults, as_dict, at_least, check_constants, constants, each, env_flag,
-                           env_preset, in_range, parse_overrides)
+                           env_preset, parse_overrides)
 from common.data import encoded_splits, split_loaders
 from common.distillation import (IntermediateDistillation, eager_attention, intermediate_layer_map, kd_loss_fn,
                                  student_from_teacher_layers, teacher_logits_for)
@@ -57,10 +56,6 @@ TRAIN_LIMIT = 0                # 0 = all training sentences
 SEED = 42
 SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
                                # others -> student_model_seed43, ...; () = only SEED
-AUGMENT_COPIES = 0             # word-replaced copies of each training sentence, teacher-labelled (seed SEED); 0 = off.
-                               # 1 with EPOCHS=1 (same steps): +0.72 points (3 seeds, none significant)
-AUGMENT_PROB = 0.4             # chance that each whole word of a copy is replaced
-AUGMENT_NEIGHBOURS = 15        # ... by one of its this many nearest words in the teacher's word embeddings
 INTERMEDIATE_WEIGHT = 0.0      # weight of hidden-state + attention MSE to mapped teacher layers; 0 = off. 1.0: +1.72
                                # points (3 seeds, docs/experiments.md), 1.27x this stage's time (a live teacher)
 # -----------------------------------------------------------------------------
@@ -68,9 +63,6 @@ DEFAULTS_FOR = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2},  # by s
                 "quick": {"EPOCHS": 1, "TRAIN_LIMIT": 2000, "EVALS_PER_EPOCH": 2, "LR": 2e-4}}
 _RULES = {  # besides the shared ones (common.config.RULES: EPOCHS, LR, BATCH_SIZE, TEMPERATURE, ALPHA, SEEDS, ...)
     "STUDENT_LAYERS": each(at_least(0, "teacher layer indices"), distinct=True),
-    "AUGMENT_COPIES": at_least(0, "word-replaced copies of each training sentence, 0 = none"),
-    "AUGMENT_PROB": in_range(0, 1, low_open=True, what="chance that a word is replaced, e.g. 0.4"),
-    "AUGMENT_NEIGHBOURS": at_least(1, "nearest words a replacement is drawn from, e.g. 15"),
     "INTERMEDIATE_WEIGHT": at_least(0.0, "weight of the intermediate-layer loss, 0 = off"),
 }
 
@@ -109,9 +101,8 @@ def main(argv=None):
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_defaults(cfg, DEFAULTS_FOR)
     check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
-    if not cfg.DISTILL and (cfg.AUGMENT_COPIES or cfg.INTERMEDIATE_WEIGHT):
-        raise ConfigError("AUGMENT_COPIES and INTERMEDIATE_WEIGHT distil from the teacher: leave them 0 with "
-                          "DISTILL=False")
+    if not cfg.DISTILL and cfg.INTERMEDIATE_WEIGHT:
+        raise ConfigError("INTERMEDIATE_WEIGHT distils from the teacher: leave it 0 with DISTILL=False")
     teacher_dir = stage_dir("teacher")
     teacher_meta = check_inputs(cfg, teacher_dir)
     seeds = list(cfg.SEEDS) or [cfg.SEED]
@@ -121,13 +112,6 @@ def main(argv=None):
     teacher = load_model(teacher_dir)
     logits = (teacher_logits_for(teacher_dir, data["train"], models_root() / "cache", tokenization=data["tokenization"])
               if cfg.DISTILL else None)
-    train_sentences, augmentation = len(data["train"]), None
-    if cfg.AUGMENT_COPIES:  # one augmented set, drawn with SEED, for every student seed
-        settings = AugmentSettings(cfg.AUGMENT_COPIES, cfg.AUGMENT_PROB, cfg.AUGMENT_NEIGHBOURS, cfg.SEED)
-        data["train"], logits, augmentation = with_word_replacements(data, logits, teacher, tokenizer, teacher_dir,
-                                                                     models_root() / "cache", settings)
-    data["record"] = {"train_sentences": train_sentences, "augmented_rows": len(data["train"]) - train_sentences,
-                      "augmentation": augmentation}
     results = {}
     for seed in seeds:  # seed SEED -> student_model (today's name), others -> student_model_seed43, ...
         folder = seeded_stage_dir("student" if cfg.DISTILL else "student_nodistill", seed, cfg.SEED)
@@ -170,7 +154,7 @@ def distil_one(cfg, seed, folder, data, tokenizer, teacher, teacher_dir, teacher
                        "teacher_parameters": count_parameters(teacher), "preset": cfg.PRESET,
                        "quick": cfg.QUICK, "distilled": cfg.DISTILL, "model_class": type(reloaded).__name__,
                        "student_layers": list(cfg.STUDENT_LAYERS) if cfg.PRESET == "minilm" else None,
-                       "seed": seed, **data["record"],
+                       "seed": seed, "train_sentences": len(data["train"]),
                        "intermediate_layer_map": intermediate.layer_map if intermediate else None}
     return out.results
 

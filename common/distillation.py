@@ -7,9 +7,8 @@
 - `kd_loss_fn` with an `IntermediateDistillation` adds TinyBERT's task-distillation terms (stage 2:
   INTERMEDIATE_WEIGHT): each student layer's hidden states and attention probabilities against those of the teacher
   layer it maps to (`intermediate_layer_map`), the teacher running live on every batch with eager attention.
-- `with_teacher_labels`: the training set plus extra inputs labelled by the teacher (its logits, cached; its argmax
-  as the hard label): `with_joined_inputs` (two training rows joined end to end, stage 8: AUGMENT_PAIRS) and
-  `common.augment.with_word_replacements` (stage 2: AUGMENT_COPIES).
+- `with_joined_inputs`: the training set plus longer inputs made of two training rows joined end to end, labelled by
+  the teacher (stage 8: AUGMENT_PAIRS).
 - `teacher_logits_for`: the teacher's logits on a dataset, computed once and cached on disk under a key made
   of the teacher folder's content (sha256 of its weights and config), the token ids and labels, and the
   tokenization settings. A cache whose key or shape does not match, or that cannot be read, is rebuilt with
@@ -225,27 +224,16 @@ def _teacher_logits(teacher_folder, encoded, cache_dir, batch_size: int, tokeniz
     return logits
 
 
-def with_teacher_labels(data: dict, logits, extra, teacher_folder, cache_dir, augment: dict, what: str) -> tuple:
-    """(training set + the rows of `extra`, the teacher logits of both): `extra` is labelled by the teacher, its
-    argmax as the hard label, its logits cached like the training set's under a key that adds `augment` (what made
-    `extra`: kind, settings, seed) to the tokenization settings. `data` is `encoded_splits(...)`, `logits` the
-    teacher's on `data["train"]`."""
-    if not len(extra):
-        logger.info(f"training set: {len(data['train'])} rows, no {what} to add")
-        return data["train"], logits
-    key = dict(data["tokenization"], **augment)
-    extra_logits = teacher_logits_for(teacher_folder, extra, cache_dir, tokenization=key)
-    extra.labels = extra_logits.argmax(-1)
-    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} {what}, labelled by the teacher "
-                f"(median {sorted(extra.lengths)[len(extra) // 2]} tokens; {100 * extra.labels.float().mean():.1f}% "
-                f"positive)")
-    return joined(data["train"], extra), torch.cat([logits, extra_logits])
-
-
 def with_joined_inputs(data: dict, logits, teacher_folder, cache_dir, n: int, seed: int, max_length: int) -> tuple:
     """(training set + `n` joined pairs of training rows, the teacher logits of both): the pairs
     (`common.data.concatenated_pairs`, drawn with `seed`, the same for every training seed) are labelled by the
-    teacher (`with_teacher_labels`)."""
+    teacher, its argmax as the hard label, their logits cached like the training set's. `data` is
+    `encoded_splits(...)`, `logits` the teacher's on `data["train"]`."""
     extra = concatenated_pairs(data["train"], n, seed, max_length)
-    return with_teacher_labels(data, logits, extra, teacher_folder, cache_dir,
-                               {"augment": "concatenated_pairs", "augment_seed": seed}, "joined pairs")
+    key = dict(data["tokenization"], augment="concatenated_pairs", augment_seed=seed)
+    extra_logits = teacher_logits_for(teacher_folder, extra, cache_dir, tokenization=key)
+    extra.labels = extra_logits.argmax(-1)
+    logger.info(f"training set: {len(data['train'])} rows + {len(extra)} joined pairs, labelled by the teacher "
+                f"(median {sorted(extra.lengths)[len(extra) // 2]} tokens; {100 * extra.labels.float().mean():.1f}% "
+                f"positive)")
+    return joined(data["train"], extra), torch.cat([logits, extra_logits])
