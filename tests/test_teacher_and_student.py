@@ -130,6 +130,7 @@ def test_distill_and_ablation_write_their_own_folders(downloaded):
     run_script("2_distill_student.py", "DISTILL=False", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1", *FAST)
     ablation = read_metadata(downloaded / "models" / "student_model_nodistill")
     assert ablation["results"]["distilled"] is False
+    assert ablation["config"]["INTERMEDIATE_WEIGHT"] == 0.0  # the default's teacher terms are off in the ablation
     assert read_metadata(folder)["run_id"] == meta["run_id"]  # the real student was not overwritten
 
 
@@ -141,7 +142,8 @@ def test_bert_preset_with_a_distilbert_student(workspace, glue_dir, monkeypatch,
     run_script("2_distill_student.py", "EPOCHS=1", *FAST)
     student = load_model(workspace / "models" / "student_model")
     assert type(student).__name__ == "DistilBertForSequenceClassification"
-    assert read_metadata(workspace / "models" / "student_model")["results"]["preset"] == "bert"
+    meta = read_metadata(workspace / "models" / "student_model")
+    assert meta["results"]["preset"] == "bert" and meta["config"]["INTERMEDIATE_WEIGHT"] == 0.0
 
     monkeypatch.setenv("PRESET", "minilm")  # a teacher made for another preset is refused
     with pytest.raises(StageError, match="preset 'bert'"):
@@ -155,7 +157,7 @@ def test_distill_with_intermediate_layers_records_what_it_used(downloaded, monke
     real_loss = common.distillation.intermediate_loss
     monkeypatch.setattr(common.distillation, "intermediate_loss", lambda *a: calls.append(1) or real_loss(*a))
     run_script("1_train_teacher.py", "EPOCHS=1", *FAST)
-    results = run_script("2_distill_student.py", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1", "INTERMEDIATE_WEIGHT=1.0", *FAST)
+    results = run_script("2_distill_student.py", "STUDENT_LAYERS=(0, 2)", "EPOCHS=1", *FAST)  # on by default
     folder = downloaded / "models" / "student_model"
     meta = read_metadata(folder)
     config, recorded = meta["config"], meta["results"]
