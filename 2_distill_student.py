@@ -57,7 +57,7 @@ SEED = 42
 SEEDS = ()                     # several students in one run, e.g. (42, 43, 44): seed SEED -> student_model, the
                                # others -> student_model_seed43, ...; () = only SEED
 INTERMEDIATE_WEIGHT = 1.0      # weight of hidden-state + attention MSE to mapped teacher layers; 0 = off. 1.0 vs 0:
-                               # +1.72 points (3 seeds, docs/experiments.md), 1.27x this stage's time (a live teacher)
+                               # +1.72 points (3 seeds, docs/experiments.md), 1.23x this stage's time (a live teacher)
 # -----------------------------------------------------------------------------
 DEFAULTS_FOR = {"bert": {"EPOCHS": 3, "LR": 5e-5, "EVALS_PER_EPOCH": 2,  # by situation (common.config.apply_defaults)
                          "INTERMEDIATE_WEIGHT": 0.0},  # measured on minilm only: =1.0 turns it on
