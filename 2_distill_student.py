@@ -102,10 +102,10 @@ def main(argv=None):
     cfg = parse_overrides(constants(globals()), sys.argv[1:] if argv is None else argv)
     apply_defaults(cfg, DEFAULTS_FOR)
     check_constants(cfg, _RULES)  # before anything is loaded: a nonsense value never replaces a student
-    if not cfg.DISTILL and "INTERMEDIATE_WEIGHT" not in cfg.OVERRIDDEN:
-        cfg.INTERMEDIATE_WEIGHT = 0.0  # the ablation learns from the labels alone
-    if not cfg.DISTILL and cfg.INTERMEDIATE_WEIGHT:
-        raise ConfigError("INTERMEDIATE_WEIGHT distils from the teacher: leave it 0 with DISTILL=False")
+    if not cfg.DISTILL:  # the ablation learns from the labels alone: no teacher terms unless asked for (refused)
+        if cfg.INTERMEDIATE_WEIGHT and "INTERMEDIATE_WEIGHT" in cfg.OVERRIDDEN:
+            raise ConfigError("INTERMEDIATE_WEIGHT distils from the teacher: leave it 0 with DISTILL=False")
+        cfg.INTERMEDIATE_WEIGHT = 0.0
     teacher_dir = stage_dir("teacher")
     teacher_meta = check_inputs(cfg, teacher_dir)
     seeds = list(cfg.SEEDS) or [cfg.SEED]

@@ -78,15 +78,14 @@ def kd_loss_fn(teacher_logits: torch.Tensor, temperature: float, alpha: float,
     """A training loss_fn(model, batch) that looks up the cached teacher logits by batch["idx"]; with
     `intermediate`, plus its weighted hidden-state and attention terms (the teacher runs on the batch)."""
 
+    extra = {"output_hidden_states": True, "output_attentions": True} if intermediate else {}
+
     def loss_fn(model, batch):
-        if intermediate is None:
-            logits = model(**model_inputs(batch)).logits
-        else:
-            out = model(**model_inputs(batch), output_hidden_states=True, output_attentions=True)
-            logits = out.logits
-        target = teacher_logits[batch["idx"].cpu()].to(logits.device)
-        loss = kd_loss(logits, target, batch["labels"], temperature, alpha)
-        return loss if intermediate is None else loss + intermediate.loss(out, model_inputs(batch))
+        inputs = model_inputs(batch)
+        out = model(**inputs, **extra)
+        target = teacher_logits[batch["idx"].cpu()].to(out.logits.device)
+        loss = kd_loss(out.logits, target, batch["labels"], temperature, alpha)
+        return loss + intermediate.loss(out, inputs) if intermediate else loss
 
     return loss_fn
 
